@@ -1,0 +1,163 @@
+"""The library functions behind every CLI command."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitconvert.convert import ConversionReport, convert_to_bitnet
+from bitconvert.export.card import render_card, write_card
+from bitconvert.export.packed import export_ternary, read_manifest
+from bitconvert.recipes.loading import dump_recipe, save_recipe
+from bitconvert.recipes.schema import Recipe
+from bitconvert.sources import load_model, resolve
+from bitconvert.train.loop import TrainResult
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class QuantizeResult:
+    output: Path
+    report: ConversionReport
+    train: TrainResult | None = None
+    exports: dict[str, Path] = field(default_factory=dict)
+    evaluation: Any = None
+
+    @property
+    def interrupted(self) -> bool:
+        return bool(self.train and self.train.interrupted)
+
+
+def default_device(requested: str | None = None) -> str:
+    if requested:
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+
+    device = default_device(recipe.device)
+    on_gpu = device.startswith("cuda")
+    if on_gpu and ":" in device:
+        torch.cuda.set_device(torch.device(device))
+    # bf16 autocast only pays off on GPUs; on CPU it is slower and no more accurate.
+    return Accelerator(cpu=not on_gpu, mixed_precision=recipe.train.mixed_precision if on_gpu else "no")
+
+
+def quantize(recipe: Recipe, *, resume: bool = False, accelerator=None) -> QuantizeResult:
+    """Convert ``recipe.model`` to BitNet b1.58, train it as the recipe says, and export it.
+
+    Training state (checkpoints, metrics, curves) lives in ``<output>/training``; with
+    ``resume=True`` a stopped run continues from its newest checkpoint.
+    """
+    from bitconvert.train.data import build_training_data
+    from bitconvert.train.loop import train
+
+    out = Path(recipe.output)
+    run_dir = out / "training"
+    resolve(recipe.model)  # fail on a bad model spec before anything else
+    accelerator = accelerator or make_accelerator(recipe)
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, out / "recipe.yaml")
+    start = time.perf_counter()
+
+    original, tokenizer = load_model(recipe.model, dtype=torch.float32, device="cpu")
+    mode = recipe.train.mode
+    teacher = original if mode == "distill" else None
+    student = copy.deepcopy(original) if teacher is not None else original
+    report = convert_to_bitnet(student, recipe.convert.quant_spec(), recipe.convert.skip)
+    result = QuantizeResult(output=out, report=report)
+
+    if mode != "none":
+        device = accelerator.device
+        if teacher is not None and device.type == "cuda":
+            teacher.to(dtype=torch.bfloat16)
+        if teacher is not None:
+            teacher.to(device)
+        data = build_training_data(recipe.data, tokenizer, seed=recipe.train.seed, cache_dir=run_dir / "data",
+                                   teacher=teacher, device=device, is_main=main, wait=accelerator.wait_for_everyone)
+        result.train = train(student, teacher, data, recipe.train, run_dir, accelerator=accelerator, resume=resume,
+                             eval_batch_size=recipe.eval.batch_size)
+        student = accelerator.unwrap_model(student)
+        if result.train.interrupted:
+            return result
+    if main:
+        result.exports = export_all(student, tokenizer, recipe, result, seconds=time.perf_counter() - start)
+    accelerator.wait_for_everyone()
+    if recipe.eval.tasks or recipe.eval.perplexity:
+        from bitconvert.eval import evaluate
+
+        if main:
+            result.evaluation = evaluate(out, baseline=recipe.model, tasks=recipe.eval.tasks,
+                                         perplexity_files=recipe.eval.perplexity, limit=recipe.eval.limit,
+                                         batch_size=recipe.eval.batch_size, device=str(accelerator.device),
+                                         data_dir=recipe.eval.data_dir)
+    return result
+
+
+def export_all(student, tokenizer, recipe: Recipe, result: QuantizeResult, seconds: float) -> dict[str, Path]:
+    """Write every export format the recipe asks for, plus curves and the model card."""
+    from bitconvert.export import EXPORTERS
+    from bitconvert.utils.plots import plot_training_curves
+
+    out = Path(recipe.output)
+    spec = recipe.convert.quant_spec()
+    student = student.to("cpu").float()
+    provenance = {"source": recipe.model, "export_dir": str(out), "conversion": result.report.summary()}
+    exports = {"packed": export_ternary(student, tokenizer, out, spec, dtype=DTYPES[recipe.export.dtype],
+                                        provenance=provenance)}
+    for name in recipe.export.formats:
+        if name != "packed":
+            exports[name] = EXPORTERS[name](student, tokenizer, out, spec)
+    summary = None
+    if result.train is not None:
+        curves = plot_training_curves(out / "training" / "metrics.jsonl", out / "training_curves.png",
+                                      title=f"{recipe.model} -> BitNet b1.58")
+        summary = {"mode": recipe.train.mode, "steps": result.train.steps, "tokens": result.train.tokens,
+                   "seconds": result.train.seconds, "curves": curves.name if curves else None}
+    manifest = read_manifest(out, verify=False)
+    write_card(out, render_card(manifest, dump_recipe(recipe), summary))
+    log.info("done in %.0f s: %s", seconds, out)
+    return exports
+
+
+def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+             chat: bool = False, device: str | None = None, on_text=None) -> str:
+    """Continue ``prompt`` with a ternary export (or any model ``load_model`` accepts).
+
+    ``on_text`` receives the new text piece by piece as it is generated.
+    """
+    from transformers import TextStreamer
+
+    device = default_device(device)
+    loaded, tokenizer = load_model(model, dtype=torch.float32 if device == "cpu" else torch.bfloat16, device=device)
+    if chat and tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = prompt
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(device)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    streamer = None
+    if on_text is not None:
+        class _Callback(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                on_text(text)
+
+        streamer = _Callback(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.no_grad():
+        output = loaded.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 streamer=streamer, **sampling)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

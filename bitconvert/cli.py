@@ -1,0 +1,186 @@
+"""The ``bitconvert`` command line: parse, validate, call the library, print."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from bitconvert.utils.io import DiskFullError
+
+log = logging.getLogger("bitconvert")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from bitconvert.convert import UnsupportedModuleError
+    from bitconvert.export.packed import ExportError
+    from bitconvert.recipes.loading import RecipeError
+    from bitconvert.sources import ModelSourceError
+    from bitconvert.train.data import DataError
+    from bitconvert.train.loop import ResumeError
+
+    errors = [ModelSourceError, RecipeError, UnsupportedModuleError, DataError, ExportError, ResumeError, DiskFullError]
+    try:
+        from bitconvert.eval import EvalError
+
+        errors.append(EvalError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+class BitconvertGroup(click.Group):
+    """Turns the library's user-facing errors into one clear line and exit status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _user_errors() as err:
+            click.secho(f"error: {err}", fg="red", err=True)
+            ctx.exit(2)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                click.secho(f"error: disk full: {err}", fg="red", err=True)
+                ctx.exit(2)
+            raise
+
+
+@click.group(cls=BitconvertGroup)
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def main(verbose: int, quiet: bool) -> None:
+    """Turn a Hugging Face causal LM into a BitNet b1.58 model (ternary weights, int8 activations)."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    if level > logging.DEBUG:
+        for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3", "lm_eval"):
+            logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _report(result) -> None:
+    if result.interrupted:
+        click.echo(f"stopped at step {result.train.steps}; checkpoint saved in {result.train.checkpoint}. "
+                   "Continue with the same command and --resume.")
+        return
+    click.echo(f"{result.report.summary()}")
+    if result.train:
+        click.echo(f"trained {result.train.steps} steps, {result.train.tokens:,} tokens in {result.train.seconds:.0f} s")
+    for name, path in result.exports.items():
+        click.echo(f"exported {name}: {path}")
+    if result.evaluation is not None:
+        click.echo(result.evaluation.table())
+
+
+@main.command()
+@click.argument("model")
+@click.option("--out", "output", required=True, type=click.Path(file_okay=False), help="Export folder.")
+@click.option("--recipe", type=click.Path(exists=True, dir_okay=False), help="Start from this recipe YAML.")
+@click.option("--mode", type=click.Choice(["distill", "pretrain", "none"]), help="Training objective ('none' = no training).")
+@click.option("--steps", type=int, help="Training budget in optimizer steps.")
+@click.option("--tokens", type=int, help="Training budget in tokens.")
+@click.option("--minutes", type=float, help="Training budget in wall-clock minutes.")
+@click.option("--data", "data", multiple=True, help="Training text: file, folder or saved dataset (repeatable).")
+@click.option("--eval-data", help="Held-out text for perplexity during training.")
+@click.option("--seq-len", type=int, help="Tokens per training sequence.")
+@click.option("--batch-size", type=int, help="Sequences per device per micro-batch.")
+@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.")
+@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--weight-scale", type=click.Choice(["tensor", "channel", "group"]), help="Absmean scale granularity.")
+@click.option("--group-size", type=int, help="Inputs per scale with --weight-scale group.")
+@click.option("--skip", multiple=True, help="Module name/suffix/regex to keep in full precision (repeatable).")
+@click.option("--format", "formats", multiple=True, type=click.Choice(["packed", "gguf-tq2_0", "gguf-tq1_0"]),
+              help="Export format (repeatable; packed is always written).")
+@click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any recipe key, e.g. train.lr=3e-4.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT/training.")
+def quantize(model, output, recipe, mode, steps, tokens, minutes, data, eval_data, seq_len, batch_size, grad_accum, lr,
+             weight_scale, group_size, skip, formats, device, overrides, resume):
+    """Convert MODEL (embedded name, folder, .gguf file or hub id) to BitNet b1.58 and export it to OUT."""
+    import yaml
+
+    from bitconvert.api import quantize as run_quantize
+    from bitconvert.recipes.loading import recipe_from_dict
+
+    base = yaml.safe_load(Path(recipe).read_text()) if recipe else {}
+    sets = [f"model={model}", f"output={output}"]
+    if mode:
+        sets.append(f"train.mode={mode}")
+    budgets = {"steps": steps, "tokens": tokens, "minutes": minutes}
+    if any(v is not None for v in budgets.values()):
+        sets += [f"train.{k}={'null' if v is None else v}" for k, v in budgets.items()]
+    for key, value in {"data.eval": None, "data.sequence_length": seq_len, "train.batch_size": batch_size,
+                       "train.grad_accum": grad_accum, "train.lr": lr, "convert.weight_scale": weight_scale,
+                       "convert.group_size": group_size, "device": device}.items():
+        if value is not None:
+            sets.append(f"{key}={value}")
+    if data:
+        base.setdefault("data", {})["train"] = [{"path": p} for p in data]
+    if eval_data:
+        base.setdefault("data", {})["eval"] = {"path": eval_data}
+    if skip:
+        base.setdefault("convert", {})["skip"] = list(skip)
+    if formats:
+        base.setdefault("export", {})["formats"] = sorted(set(formats) | {"packed"})
+    resolved = recipe_from_dict(base, [*sets, *overrides], source="options")
+    _report(run_quantize(resolved, resume=resume))
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. train.lr=3e-4.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint.")
+@click.option("--dry-run", is_flag=True, help="Validate and print the resolved recipe; run nothing.")
+def run(recipe, overrides, resume, dry_run):
+    """Run a recipe YAML: convert, train, export and evaluate as it says."""
+    from bitconvert.api import quantize as run_quantize
+    from bitconvert.recipes.loading import dump_recipe, load_recipe
+
+    resolved = load_recipe(recipe, list(overrides))
+    if dry_run:
+        click.echo(dump_recipe(resolved), nl=False)
+        return
+    _report(run_quantize(resolved, resume=resume))
+
+
+@main.command()
+@click.argument("model_dir")
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@click.option("--device", help="cpu, cuda ... (default: cuda if available).")
+def generate(model_dir, prompt, max_new_tokens, temperature, chat, device):
+    """Generate text from MODEL_DIR (a ternary export, or any model) after PROMPT."""
+    from bitconvert.api import generate as run_generate
+
+    click.echo(prompt, nl=False)
+    run_generate(model_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, chat=chat,
+                 device=device, on_text=lambda text: click.echo(text, nl=False))
+    click.echo()
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every file.")
+def inspect(model_dir, no_verify):
+    """Show what a ternary export holds and check its files against the manifest."""
+    from bitconvert.export.packed import read_manifest
+
+    manifest = read_manifest(model_dir, verify=not no_verify)
+    spec = manifest["spec"]
+    click.echo(f"{model_dir}: {manifest['format']} v{manifest['format_version']}, created {manifest['created']}")
+    click.echo(f"  source: {manifest.get('provenance', {}).get('source', '?')}")
+    click.echo(f"  variant {spec['variant']}, weight scales per {spec['weight_scale']}, subln {spec['subln']}")
+    click.echo(f"  {len(manifest['modules'])} quantized modules, {manifest['quantized_parameters']:,} ternary weights")
+    click.echo(f"  loads in plain transformers: {'yes' if manifest['transformers_compatible'] else 'no (import bitconvert first)'}")
+    for name, info in manifest["files"].items():
+        click.echo(f"  {name:32s} {info['bytes']:>14,d} bytes  sha256 {info['sha256'][:16]}")
+    click.echo("  files verified" if not no_verify else "  files not verified (--no-verify)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,6 @@
+"""Modules: thin wrappers around the math in :mod:`bitconvert.quant`."""
+
+from bitconvert.layers.bitlinear import BitExperts, BitLinear, QuantStrength, RMSNorm
+from bitconvert.layers.packed import PackedBitLinear, PackedExperts
+
+__all__ = ["BitExperts", "BitLinear", "PackedBitLinear", "PackedExperts", "QuantStrength", "RMSNorm"]

@@ -1,0 +1,147 @@
+"""Quantization-aware training layers: full-precision latent weights, quantized forward pass.
+
+``BitLinear`` is an ``nn.Linear`` (same parameter names, so optimizers, FSDP, peft and state dicts
+see a plain linear) whose forward pass uses ternary weights and int8 activations through a
+straight-through estimator. ``BitExperts`` does the same for mixture-of-experts blocks that keep
+all experts in 3-D tensors (Mixtral, Qwen-MoE in transformers 5).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitconvert.quant import QuantSpec, int8_fake_quantize, straight_through, ternary_fake_quantize, ternary_quantize
+
+
+class RMSNorm(nn.Module):
+    """Plain RMSNorm, the same arithmetic as transformers' LlamaRMSNorm (used for SubLN)."""
+
+    def __init__(self, features: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(features, device=device, dtype=dtype))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * xf.to(dtype)
+
+
+class QuantStrength(nn.Module):
+    """Holds the blend factor of gradual quantization (1 = fully quantized) as a tensor buffer.
+
+    A tensor, not a Python float, so that updating it every step never recompiles a compiled model.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("value", torch.ones(()), persistent=False)
+
+
+class BitLinear(nn.Linear):
+    """``nn.Linear`` trained as BitNet b1.58: absmean ternary weights, per-token int8 activations."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, spec: QuantSpec,
+                 use_rms_norm: bool = False, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.spec = spec
+        self.transposed_source = False  # True when converted from GPT-2's Conv1D
+        self.strength = QuantStrength()
+        self.rms_norm = RMSNorm(in_features, spec.rms_norm_eps, device=device, dtype=dtype) if use_rms_norm else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec, use_rms_norm: bool = False) -> "BitLinear":
+        """Wrap an existing linear's parameters (shared, not copied)."""
+        with torch.device("meta"):
+            layer = cls(linear.in_features, linear.out_features, linear.bias is not None, spec=spec,
+                        use_rms_norm=use_rms_norm)
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer.strength = QuantStrength().to(linear.weight.device)
+        if use_rms_norm:
+            layer.rms_norm = RMSNorm(linear.in_features, spec.rms_norm_eps, device=linear.weight.device,
+                                       dtype=linear.weight.dtype)
+        return layer
+
+    @classmethod
+    def from_conv1d(cls, conv, spec: QuantSpec, use_rms_norm: bool = False) -> "BitLinear":
+        """GPT-2's ``Conv1D`` stores the weight as (in, out); a linear stores (out, in)."""
+        in_features, out_features = conv.weight.shape
+        linear = nn.Linear(in_features, out_features, bias=conv.bias is not None, device="meta")
+        linear.weight = nn.Parameter(conv.weight.detach().t().contiguous(), requires_grad=conv.weight.requires_grad)
+        linear.bias = conv.bias
+        layer = cls.from_linear(linear, spec, use_rms_norm)
+        layer.transposed_source = True
+        return layer
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The ternary weight the forward pass sees (blended during quantization warmup)."""
+        fake = ternary_fake_quantize(self.weight, self.spec.weight_scale, self.spec.group_size)
+        return straight_through(self.weight, fake, self.strength.value.to(self.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms_norm is not None:
+            x = self.rms_norm(x)
+        x = straight_through(x, int8_fake_quantize(x), self.strength.value.to(x.dtype))
+        return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
+
+    @torch.no_grad()
+    def ternary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, inv_scale)`` of the current latent weight, for export."""
+        return ternary_quantize(self.weight, self.spec.weight_scale, self.spec.group_size)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_scale={self.spec.weight_scale}, subln={self.rms_norm is not None}"
+
+
+class BitExperts(nn.Module):
+    """Mixture-of-experts MLPs in 3-D tensors, trained with ternary weights (one scale set per expert).
+
+    Accepts the module layout transformers 5 uses for Mixtral and Qwen-MoE: ``gate_up_proj``
+    (experts, 2 * intermediate, hidden), ``down_proj`` (experts, hidden, intermediate), ``act_fn``;
+    called as ``experts(hidden_states, top_k_index, top_k_weights)``.
+    """
+
+    def __init__(self, experts: nn.Module, spec: QuantSpec):
+        super().__init__()
+        self.spec = spec
+        self.num_experts = experts.gate_up_proj.shape[0]
+        self.gate_up_proj = experts.gate_up_proj
+        self.down_proj = experts.down_proj
+        self.act_fn = experts.act_fn
+        self.strength = QuantStrength().to(self.gate_up_proj.device)
+
+    @staticmethod
+    def supports(module: nn.Module) -> bool:
+        gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+        own = {name for name, _ in module.named_parameters(recurse=False)}
+        return (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.ndim == 3
+                and down.ndim == 3 and hasattr(module, "act_fn") and own == {"gate_up_proj", "down_proj"})
+
+    def _quantized(self, weight: torch.Tensor) -> torch.Tensor:
+        fake = ternary_fake_quantize(weight, self.spec.weight_scale, self.spec.group_size)
+        return straight_through(weight, fake, self.strength.value.to(weight.dtype))
+
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        return straight_through(x, int8_fake_quantize(x), self.strength.value.to(x.dtype))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        gate_up = self._quantized(self.gate_up_proj)
+        down = self._quantized(self.down_proj)
+        output = torch.zeros_like(hidden_states)
+        x = self._act(hidden_states)
+        for expert in top_k_index.unique().tolist():
+            token_idx, slot = torch.where(top_k_index == expert)
+            gate, up = F.linear(x[token_idx], gate_up[expert].to(x.dtype)).chunk(2, dim=-1)
+            h = self._act(self.act_fn(gate) * up)
+            h = F.linear(h, down[expert].to(h.dtype)) * top_k_weights[token_idx, slot, None]
+            output.index_add_(0, token_idx, h.to(output.dtype))
+        return output
+
+    @torch.no_grad()
+    def ternary(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {name: ternary_quantize(getattr(self, name), self.spec.weight_scale, self.spec.group_size)
+                for name in ("gate_up_proj", "down_proj")}

@@ -1,0 +1,63 @@
+"""Inference layers that keep weights packed: 2 bits per ternary weight plus its scales."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitconvert.kernels import ternary_linear
+from bitconvert.layers.bitlinear import RMSNorm
+from bitconvert.quant import QuantSpec, int8_fake_quantize, scale_shape, ternary_dequantize, unpack_ternary
+
+
+class PackedBitLinear(nn.Module):
+    """A frozen BitLinear. Buffers follow transformers' bitnet names: ``weight`` (uint8, packed) and
+    ``weight_scale`` (the inverse scale: ``w = code / weight_scale``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, *, spec: QuantSpec,
+                 use_rms_norm: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.register_buffer("weight", torch.zeros(out_features // 4, in_features, dtype=torch.uint8, device=device))
+        shape = scale_shape((out_features, in_features), spec.weight_scale, spec.group_size)
+        self.register_buffer("weight_scale", torch.ones(shape, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.rms_norm = RMSNorm(in_features, spec.rms_norm_eps, device=device, dtype=dtype) if use_rms_norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms_norm is not None:
+            x = self.rms_norm(x)
+        return ternary_linear(x, self.weight, self.weight_scale, self.bias,
+                              granularity=self.spec.weight_scale, group_size=self.spec.group_size)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight_scale={self.spec.weight_scale}"
+
+
+class PackedExperts(nn.Module):
+    """Frozen ternary experts (see ``BitExperts``); unpacks the experts a batch routes to."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, act_fn, *, spec: QuantSpec, device=None):
+        super().__init__()
+        self.spec, self.act_fn, self.num_experts = spec, act_fn, num_experts
+        for name, (out_f, in_f) in {"gate_up_proj": (2 * intermediate, hidden), "down_proj": (hidden, intermediate)}.items():
+            self.register_buffer(name, torch.zeros(num_experts, out_f // 4, in_f, dtype=torch.uint8, device=device))
+            shape = scale_shape((num_experts, out_f, in_f), spec.weight_scale, spec.group_size)
+            self.register_buffer(f"{name}_scale", torch.ones(shape, dtype=torch.float32, device=device))
+
+    def _weight(self, name: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
+        codes = unpack_ternary(getattr(self, name)[expert])
+        scale = getattr(self, f"{name}_scale")[expert]
+        return ternary_dequantize(codes, scale, self.spec.weight_scale, self.spec.group_size, dtype)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        output = torch.zeros_like(hidden_states)
+        x = int8_fake_quantize(hidden_states)
+        for expert in top_k_index.unique().tolist():
+            token_idx, slot = torch.where(top_k_index == expert)
+            gate, up = F.linear(x[token_idx], self._weight("gate_up_proj", expert, x.dtype)).chunk(2, dim=-1)
+            h = int8_fake_quantize(self.act_fn(gate) * up)
+            h = F.linear(h, self._weight("down_proj", expert, h.dtype)) * top_k_weights[token_idx, slot, None]
+            output.index_add_(0, token_idx, h.to(output.dtype))
+        return output

@@ -1,0 +1,35 @@
+"""What a converted layer computes: the one description shared by layers, export and recipes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Variant = Literal["b1.58"]
+
+
+class QuantSpec(BaseModel):
+    """How weights and activations of a BitLinear are quantized.
+
+    ``weight_scale`` picks how many absmean scales a weight matrix gets: one (``tensor``, the
+    BitNet b1.58 paper and transformers' layout), one per output row (``channel``) or one per
+    ``group_size`` inputs of a row (``group``). ``subln`` adds an RMSNorm before the quantized
+    projections: ``all`` before every converted linear (transformers' ``use_rms_norm``), ``output``
+    only before the attention output and MLP down projections (BitDistill's SubLN).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    variant: Variant = "b1.58"
+    weight_scale: Literal["tensor", "channel", "group"] = "tensor"
+    group_size: int = Field(default=128, gt=0)
+    activation_bits: Literal[8] = 8
+    subln: Literal["none", "all", "output"] = "none"
+    rms_norm_eps: float = Field(default=1e-6, gt=0)
+
+    @model_validator(mode="after")
+    def _group_size_is_packable(self) -> "QuantSpec":
+        if self.weight_scale == "group" and self.group_size % 8:
+            raise ValueError("group_size must be a multiple of 8 so that groups stay byte-aligned when packed")
+        return self

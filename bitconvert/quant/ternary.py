@@ -1,0 +1,111 @@
+"""BitNet b1.58 quantizers as small pure functions.
+
+Weights: absmean ternary. ``w ≈ codes * step`` with codes in {-1, 0, +1} and ``step`` the mean
+absolute value over a tensor, an output channel (row) or a group of ``group_size`` inputs.
+Activations: symmetric int8 absmax per token. ``x ≈ codes / inv_scale`` with
+``inv_scale = 127 / max|x|`` over the last dimension.
+
+The arithmetic mirrors transformers' bitnet integration (multiply by an inverse scale, clamp the
+divisor at 1e-5), so that an exported model reproduces bitconvert's logits inside plain transformers.
+
+Weight tensors may carry leading dimensions (experts stored as ``(experts, out, in)``); the
+granularity always refers to the last two dimensions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Granularity = Literal["tensor", "channel", "group"]
+GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "group")
+EPS = 1e-5
+INT8_MAX = 127
+
+
+def _grouped(weight: torch.Tensor, granularity: Granularity, group_size: int) -> torch.Tensor:
+    """View ``weight`` so that one scale covers exactly the last dimension of the view."""
+    *lead, out_features, in_features = weight.shape
+    if granularity == "tensor":
+        return weight.reshape(*lead, 1, out_features * in_features)
+    if granularity == "channel":
+        return weight
+    if granularity == "group":
+        if in_features % group_size:
+            raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}")
+        return weight.reshape(*lead, out_features, in_features // group_size, group_size)
+    raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+
+
+def scale_shape(weight_shape: tuple[int, ...], granularity: Granularity, group_size: int) -> tuple[int, ...]:
+    """Shape of the scale tensor that :func:`ternary_quantize` returns for ``weight_shape``."""
+    *lead, out_features, in_features = weight_shape
+    return {
+        "tensor": (*lead, 1),
+        "channel": (*lead, out_features),
+        "group": (*lead, out_features, in_features // group_size),
+    }[granularity]
+
+
+def ternary_inv_scale(weight: torch.Tensor, granularity: Granularity = "tensor", group_size: int = 128) -> torch.Tensor:
+    """``1 / mean|w|`` per scale block, in float32, shaped as :func:`scale_shape` says."""
+    grouped = _grouped(weight.float(), granularity, group_size)
+    inv = 1.0 / grouped.abs().mean(dim=-1).clamp(min=EPS)
+    return inv.reshape(scale_shape(tuple(weight.shape), granularity, group_size))
+
+
+def _broadcast(scale: torch.Tensor, weight: torch.Tensor, granularity: Granularity, group_size: int) -> torch.Tensor:
+    """Expand a scale to the weight's shape."""
+    if granularity == "tensor":
+        return scale.unsqueeze(-1)
+    if granularity == "channel":
+        return scale.unsqueeze(-1)
+    return scale.repeat_interleave(group_size, dim=-1)
+
+
+def ternary_quantize(
+    weight: torch.Tensor, granularity: Granularity = "tensor", group_size: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(codes, inv_scale)``: int8 codes in {-1, 0, 1} and the float32 inverse scale."""
+    inv = ternary_inv_scale(weight, granularity, group_size)
+    codes = (weight.float() * _broadcast(inv, weight, granularity, group_size)).round().clamp(-1, 1)
+    return codes.to(torch.int8), inv
+
+
+def ternary_dequantize(
+    codes: torch.Tensor, inv_scale: torch.Tensor, granularity: Granularity = "tensor", group_size: int = 128,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    return (codes.float() / _broadcast(inv_scale.float(), codes, granularity, group_size)).to(dtype)
+
+
+def ternary_fake_quantize(weight: torch.Tensor, granularity: Granularity = "tensor", group_size: int = 128) -> torch.Tensor:
+    """Round-trip ``weight`` through ternary codes; same dtype, no gradient trick."""
+    grouped = _grouped(weight.float(), granularity, group_size)
+    inv = 1.0 / grouped.abs().mean(dim=-1, keepdim=True).clamp(min=EPS)
+    fake = (grouped * inv).round().clamp(-1, 1) / inv
+    return fake.reshape(weight.shape).to(weight.dtype)
+
+
+def int8_absmax_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 codes and ``inv_scale = 127 / max|x|`` (float32, keepdim on the last axis)."""
+    inv = INT8_MAX / x.float().abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    codes = (x.float() * inv).round().clamp(-INT8_MAX - 1, INT8_MAX)
+    return codes.to(torch.int8), inv
+
+
+def int8_fake_quantize(x: torch.Tensor) -> torch.Tensor:
+    """Round-trip activations through per-token int8; same dtype, no gradient trick."""
+    xf = x.float()
+    inv = INT8_MAX / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    return ((xf * inv).round().clamp(-INT8_MAX - 1, INT8_MAX) / inv).to(x.dtype)
+
+
+def straight_through(x: torch.Tensor, quantized: torch.Tensor, strength: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Forward ``x + strength * (quantized - x)``; backward is the identity in ``x``.
+
+    ``strength`` below 1 blends full precision and quantized values, which is how a gradual
+    quantization warmup eases a pretrained model into ternary weights.
+    """
+    return x + (strength * (quantized - x)).detach()

@@ -1,0 +1,147 @@
+"""The recipe: one typed, validated description of a conversion run.
+
+``bitconvert quantize`` builds one from its flags; ``bitconvert run`` reads one from YAML. Every
+field has a default, so the smallest recipe is ``model: <name>``. Validation happens once, before
+any work starts; unknown keys are errors (see :mod:`bitconvert.recipes.loading` for the messages).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from bitconvert.quant.spec import QuantSpec
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConvertConfig(QuantSpec):
+    """Which layers become BitLinear and how they quantize (see QuantSpec for the quantizer fields)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    skip: list[str] = Field(default_factory=list, description="module names, dotted suffixes or regexes kept in full precision")
+
+    def quant_spec(self) -> QuantSpec:
+        return QuantSpec(**self.model_dump(exclude={"skip"}))
+
+
+class GenerateSource(Strict):
+    """Text sampled from the teacher itself: distillation with no data at all."""
+
+    tokens: int = Field(default=200_000, gt=0, description="how many tokens to sample (cached in the run folder)")
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    sequence_length: int = Field(default=256, gt=8)
+    batch_size: int = Field(default=32, gt=0)
+    prompts: list[str] = Field(default_factory=list, description="optional prompts to start from; empty = start of text")
+
+
+class DataSource(Strict):
+    """One training text source. Exactly one of path, hub or generate."""
+
+    path: str | None = Field(default=None, description=".txt, .jsonl/.json file, a folder of them, or a saved `datasets` folder")
+    hub: str | None = Field(default=None, description="dataset id on the hub (needs the network or its local cache)")
+    config: str | None = Field(default=None, description="hub dataset configuration name")
+    split: str = "train"
+    text_field: str = "text"
+    generate: GenerateSource | None = None
+    weight: float = Field(default=1.0, gt=0, description="share of training blocks drawn from this source")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "DataSource":
+        given = [k for k in ("path", "hub", "generate") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a data source needs exactly one of path, hub or generate (got {given or 'none'})")
+        return self
+
+
+class DataConfig(Strict):
+    train: list[DataSource] = Field(default_factory=lambda: [DataSource(generate=GenerateSource())])
+    eval: DataSource | None = Field(default=None, description="held-out text scored by perplexity during training")
+    eval_fraction: float = Field(default=0.0, ge=0, lt=0.5, description="hold out this share of train blocks when eval is empty")
+    sequence_length: int = Field(default=512, gt=8)
+
+
+class LossConfig(Strict):
+    kl: float = Field(default=1.0, ge=0, description="KL(teacher || student) on logits (distillation only)")
+    ce: float = Field(default=0.5, ge=0, description="next-token cross-entropy")
+    hidden: float = Field(default=0.0, ge=0, description="MSE between normalised hidden states (distillation only)")
+    temperature: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _something(self) -> "LossConfig":
+        if self.kl == self.ce == self.hidden == 0:
+            raise ValueError("all loss weights are 0; give kl, ce or hidden a positive weight")
+        return self
+
+
+class TrainConfig(Strict):
+    mode: Literal["distill", "pretrain", "none"] = "distill"
+    steps: int | None = Field(default=None, gt=0, description="optimizer steps (one of steps, tokens, minutes)")
+    tokens: int | None = Field(default=None, gt=0, description="training tokens")
+    minutes: float | None = Field(default=None, gt=0, description="wall-clock training budget")
+    batch_size: int = Field(default=8, gt=0, description="sequences per device per micro-batch")
+    grad_accum: int = Field(default=1, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(default=20, ge=0)
+    quant_warmup_steps: int = Field(default=100, ge=0, description="blend from full precision to ternary over this many steps")
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, ge=0)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+    log_every: int = Field(default=10, gt=0)
+    eval_every: int = Field(default=0, ge=0, description="steps between held-out perplexity checks; 0 = only at the end")
+    save_every: int = Field(default=200, ge=0, description="steps between checkpoints; 0 = only at the end")
+    save_every_minutes: float = Field(default=15.0, ge=0)
+    keep_checkpoints: int = Field(default=2, gt=0)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "TrainConfig":
+        given = [k for k in ("steps", "tokens", "minutes") if getattr(self, k) is not None]
+        if self.mode != "none" and len(given) != 1:
+            raise ValueError(f"give exactly one training budget: steps, tokens or minutes (got {given or 'none'})")
+        return self
+
+
+ExportFormat = Literal["packed", "gguf-tq2_0", "gguf-tq1_0"]
+
+
+class ExportConfig(Strict):
+    formats: list[ExportFormat] = Field(default_factory=lambda: ["packed"])
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(default="bfloat16", description="dtype of the tensors that stay in full precision")
+
+
+class EvalConfig(Strict):
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task names or bitconvert's local tasks")
+    perplexity: list[str] = Field(default_factory=list, description="text files scored by rolling perplexity")
+    limit: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    data_dir: str | None = Field(default=None, description="folder with local task data (see docs/evaluation.md)")
+
+
+class Recipe(Strict):
+    model: str = Field(default="smollm2-135m", description="model to convert: embedded name, folder, .gguf file or hub id")
+    output: str = Field(default="./tern", description="export folder; training state goes to <output>/training")
+    device: str | None = Field(default=None, description="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    convert: ConvertConfig = Field(default_factory=ConvertConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(minutes=10))
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "Recipe":
+        if self.train.mode == "pretrain" and (self.train.loss.kl or self.train.loss.hidden) and not self.train.loss.ce:
+            raise ValueError("train.mode 'pretrain' has no teacher: set train.loss.ce > 0 (kl and hidden need mode 'distill')")
+        if self.train.mode == "pretrain" and any(s.generate for s in self.data.train):
+            raise ValueError("data.train uses 'generate', which needs the teacher: set train.mode to 'distill'")
+        return self

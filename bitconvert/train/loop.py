@@ -1,0 +1,288 @@
+"""The quantization-aware training loop, on one device or many through accelerate.
+
+The student is a converted model (BitLinear layers holding full-precision latent weights); the
+teacher, when distilling, is the frozen original. Budgets are optimizer steps, tokens or minutes.
+Every optimizer step is a pure function of the step number and the checkpointed state (data order,
+learning rate, quantization strength), except under a minutes budget, whose schedule follows the
+clock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitconvert.convert import set_quant_strength
+from bitconvert.recipes.schema import TrainConfig
+from bitconvert.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from bitconvert.train.data import TrainingData
+from bitconvert.train.losses import hidden_mse, logit_kl, next_token_ce
+from bitconvert.utils.io import atomic_write_text
+from bitconvert.utils.progress import Progress
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    interrupted: bool
+    checkpoint: Path | None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ResumeError(ValueError):
+    """A checkpoint does not belong to this run (other data, other batch layout)."""
+
+
+# --------------------------------------------------------------------------- schedules
+
+def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Linear warmup over ``warmup_steps``, then decay to ``lr * min_lr_ratio`` as progress goes 0 -> 1."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    p = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "linear":
+        return floor + (cfg.lr - floor) * (1 - p)
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def quant_strength(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Gradual quantization: 0 -> 1 over ``quant_warmup_steps``, and fully ternary by half the budget
+    at the latest, so that the model always trains in its final form for a while."""
+    if cfg.quant_warmup_steps == 0:
+        return 1.0
+    return min(1.0, max(step / cfg.quant_warmup_steps, 2.0 * progress))
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+class StopOnInterrupt:
+    """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+# --------------------------------------------------------------------------- losses
+
+def compute_losses(student, teacher, input_ids: torch.Tensor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The weighted training loss and its terms for one micro-batch."""
+    weights = cfg.loss
+    distill = teacher is not None and cfg.mode == "distill"
+    need_hidden = distill and weights.hidden > 0
+    out = student(input_ids=input_ids, output_hidden_states=need_hidden, use_cache=False)
+    terms: dict[str, torch.Tensor] = {}
+    if weights.ce > 0 or not distill:
+        terms["ce"] = next_token_ce(out.logits, input_ids)
+    if distill and (weights.kl > 0 or need_hidden):
+        with torch.no_grad():
+            reference = teacher(input_ids=input_ids, output_hidden_states=need_hidden, use_cache=False)
+        if weights.kl > 0:
+            terms["kl"] = logit_kl(out.logits, reference.logits, weights.temperature)
+        if need_hidden:
+            terms["hidden"] = hidden_mse(out.hidden_states, reference.hidden_states)
+    if not distill:  # continued pretraining: cross-entropy is the whole objective
+        terms["loss"] = terms["ce"]
+    else:
+        terms["loss"] = sum(getattr(weights, k) * v for k, v in terms.items())
+    return terms
+
+
+@torch.no_grad()
+def held_out_loss(model, blocks: torch.Tensor, batch_size: int, accelerator) -> float:
+    """Mean next-token loss over ``blocks``, split across processes."""
+    model.eval()
+    mine = blocks[accelerator.process_index::accelerator.num_processes]
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    for start in range(0, len(mine), batch_size):
+        ids = mine[start:start + batch_size].to(accelerator.device)
+        logits = model(input_ids=ids, use_cache=False).logits
+        total[0] += next_token_ce(logits, ids).double() * ids[:, 1:].numel()
+        total[1] += ids[:, 1:].numel()
+    total = accelerator.reduce(total, "sum") if accelerator.num_processes > 1 else total
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+# --------------------------------------------------------------------------- the loop
+
+def _metrics_upto(path: Path, step: int) -> list[dict[str, Any]]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", 0) <= step:
+                rows.append(row)
+    return rows
+
+
+def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str | Path, *, accelerator,
+          resume: bool = False, eval_batch_size: int = 8) -> TrainResult:
+    """Train ``student`` (already converted) in place. Returns when the budget is spent or on Ctrl-C."""
+    run_dir = Path(run_dir)
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    seq = data.sequence_length
+    tokens_per_step = cfg.batch_size * seq * cfg.grad_accum * world
+    total_steps = cfg.steps or (math.ceil(cfg.tokens / tokens_per_step) if cfg.tokens else None)
+    budget_seconds = cfg.minutes * 60 if cfg.minutes else None
+
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.train()
+    decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+                                  fused=accelerator.device.type == "cuda")
+    student, optimizer = accelerator.prepare(student, optimizer)
+    if teacher is not None:
+        teacher.requires_grad_(False)
+        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+        teacher.eval()
+    if cfg.compile:
+        student = torch.compile(student)
+
+    run_signature = {"fingerprint": data.fingerprint, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                     "world": world, "sequence_length": seq}
+    step, tokens, elapsed = 0, 0, 0.0
+    metrics_path = run_dir / METRICS_FILE
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        log.warning("--resume: no checkpoint in %s, starting from the beginning", run_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
+        mismatch = {k: (state["signature"].get(k), v) for k, v in run_signature.items() if state["signature"].get(k) != v}
+        if mismatch:
+            raise ResumeError(f"checkpoint {checkpoint} was made with other settings: " +
+                              ", ".join(f"{k} was {a}, now {b}" for k, (a, b) in mismatch.items()))
+        step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_seconds"]
+    metrics = _metrics_upto(metrics_path, step)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in metrics))
+
+    def progress_fraction() -> float:
+        if total_steps:
+            return step / total_steps
+        return elapsed / budget_seconds
+
+    def log_row(row: dict[str, Any]) -> None:
+        metrics.append(row)
+        if main:
+            with open(metrics_path, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+    def snapshot() -> Path:
+        state = {"step": step, "tokens": tokens, "elapsed_seconds": elapsed, "signature": run_signature}
+        return save_checkpoint(accelerator, run_dir, step, state, cfg.keep_checkpoints)
+
+    if data.eval_blocks is not None and teacher is not None and step == 0 and not any("teacher_ppl" in r for r in metrics):
+        log_row({"step": 0, "tokens": 0, "teacher_ppl": math.exp(held_out_loss(teacher, data.eval_blocks, eval_batch_size, accelerator))})
+
+    progress = Progress(total_steps=total_steps, total_seconds=budget_seconds, initial_step=step,
+                        initial_seconds=elapsed, enabled=main)
+    last_save_time = time.monotonic()
+    interrupted = False
+    last_checkpoint = checkpoint
+    with StopOnInterrupt() as stop:
+        while True:
+            done = (total_steps is not None and step >= total_steps) or (budget_seconds is not None and elapsed >= budget_seconds)
+            flags = torch.tensor([float(stop.requested), float(done)], device=accelerator.device)
+            if world > 1:
+                flags = accelerator.reduce(flags, "max")
+            if flags[0] > 0:
+                interrupted = True
+                break
+            if flags[1] > 0:
+                break
+            tick = time.perf_counter()
+            p = progress_fraction()
+            lr = learning_rate(cfg, step, p)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            strength = quant_strength(cfg, step, p)
+            set_quant_strength(accelerator.unwrap_model(student), strength)
+            sums: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                ids = data.batch(step * cfg.grad_accum + micro, cfg.batch_size, rank, world).to(accelerator.device)
+                sync = accelerator.no_sync(student) if micro < cfg.grad_accum - 1 and world > 1 else nullcontext()
+                with sync:
+                    terms = compute_losses(student, teacher, ids, cfg)
+                    accelerator.backward(terms["loss"] / cfg.grad_accum)
+                for key, value in terms.items():
+                    sums[key] = sums.get(key, 0.0) + value.detach().float().item() / cfg.grad_accum
+            if cfg.grad_clip > 0:
+                grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+                sums["grad_norm"] = float(grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += tokens_per_step
+            step_seconds = time.perf_counter() - tick
+            elapsed += step_seconds
+            if world > 1:  # the clock of rank 0 decides for everyone
+                elapsed = float(accelerator.reduce(torch.tensor(elapsed, device=accelerator.device), "max"))
+            progress.update(step, tokens, elapsed, loss=sums["loss"], lr=lr)
+            if step % cfg.log_every == 0 or step == 1 or step == total_steps:
+                log_row({"step": step, "tokens": tokens, "elapsed": round(elapsed, 3), "lr": lr,
+                         "quant_strength": strength, "tokens_per_second": tokens_per_step / step_seconds, **sums})
+            if data.eval_blocks is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                loss = held_out_loss(student, data.eval_blocks, eval_batch_size, accelerator)
+                log_row({"step": step, "tokens": tokens, "eval_loss": loss, "eval_ppl": math.exp(loss)})
+            due_by_time = cfg.save_every_minutes and time.monotonic() - last_save_time > cfg.save_every_minutes * 60
+            due = (cfg.save_every and step % cfg.save_every == 0) or due_by_time
+            if world > 1:
+                due = bool(accelerator.reduce(torch.tensor(float(bool(due)), device=accelerator.device), "max"))
+            if due:
+                last_checkpoint = snapshot()
+                last_save_time = time.monotonic()
+        if interrupted or last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:07d}"):
+            last_checkpoint = snapshot()
+    progress.close()
+    if interrupted:
+        log.warning("stopped at step %d; checkpoint %s. Continue with --resume.", step, last_checkpoint)
+    elif data.eval_blocks is not None:
+        loss = held_out_loss(student, data.eval_blocks, eval_batch_size, accelerator)
+        log_row({"step": step, "tokens": tokens, "eval_loss": loss, "eval_ppl": math.exp(loss)})
+    return TrainResult(steps=step, tokens=tokens, seconds=elapsed, interrupted=interrupted,
+                       checkpoint=last_checkpoint, metrics=metrics)
