@@ -121,7 +121,18 @@ def compute_losses(student, teacher, input_ids: torch.Tensor, cfg: TrainConfig) 
         terms["loss"] = terms["ce"]
     else:
         terms["loss"] = sum(getattr(weights, k) * v for k, v in terms.items())
+    aux = auxiliary_loss(student)
+    if aux is not None:
+        terms["aux"] = aux
+        terms["loss"] = terms["loss"] + aux
     return terms
+
+
+def auxiliary_loss(model) -> torch.Tensor | None:
+    """Sum of the ``aux_loss`` tensors that modules set during the last forward pass (already weighted
+    by the module; routers such as Mixture-of-Depths use this), or None when there are none."""
+    found = [m.aux_loss for m in model.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
+    return torch.stack([a.float() for a in found]).sum() if found else None
 
 
 @torch.no_grad()
