@@ -1,0 +1,154 @@
+"""QAT loop: learning, exact resume, Ctrl-C, atomic checkpoints, data sources."""
+
+import errno
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from bitconvert.recipes.schema import DataConfig, DataSource, TrainConfig
+from bitconvert.train import loop as loop_module
+from bitconvert.train.checkpoint import latest_checkpoint, list_checkpoints
+from bitconvert.train.data import DataError, build_training_data, read_texts
+from bitconvert.train.loop import learning_rate, quant_strength, train
+from bitconvert.utils.io import DiskFullError
+
+
+def make_run(tiny_tokenizer, corpus_file, **train_overrides):
+    from accelerate import Accelerator
+
+    from bitconvert.convert import convert_to_bitnet
+    from bitconvert.quant import QuantSpec
+    from conftest import build_tiny_model
+
+    teacher = build_tiny_model("llama", len(tiny_tokenizer))
+    student = build_tiny_model("llama", len(tiny_tokenizer))
+    convert_to_bitnet(student, QuantSpec(weight_scale="channel"))
+    data = build_training_data(DataConfig(train=[DataSource(path=str(corpus_file))], sequence_length=32,
+                                          eval_fraction=0.1), tiny_tokenizer, seed=0, cache_dir=corpus_file.parent)
+    cfg = TrainConfig(**{"mode": "distill", "steps": 6, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2,
+                         "quant_warmup_steps": 2, "log_every": 1, "save_every": 0, "mixed_precision": "no",
+                         **train_overrides})
+    return student, teacher, data, cfg, Accelerator(cpu=True)
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_distillation_lowers_the_loss(tmp_path, tiny_tokenizer, corpus_file):
+    student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file, steps=30, lr=1e-2)
+    result = train(student, teacher, data, cfg, tmp_path, accelerator=acc)
+    losses = [r["loss"] for r in result.metrics if "loss" in r]
+    assert result.steps == 30 and not result.interrupted
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[2:7]) / 5
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["teacher_ppl"] > 1 and "eval_ppl" in rows[-1]
+    assert {"tokens_per_second", "lr", "quant_strength", "kl", "ce"} <= set(rows[1])
+
+
+def interrupt_at(monkeypatch, call: int):
+    """Deliver a real SIGINT (as Ctrl-C does) during the given micro-batch."""
+    real = loop_module.compute_losses
+    calls = {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "compute_losses", interrupting)
+    return lambda: monkeypatch.setattr(loop_module, "compute_losses", real)
+
+
+def test_ctrl_c_then_resume_continues_exactly(tmp_path, tiny_tokenizer, corpus_file, monkeypatch):
+    student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file)
+    train(student, teacher, data, cfg, tmp_path / "straight", accelerator=acc)
+    reference = weights(student)
+
+    restore = interrupt_at(monkeypatch, 3)
+    student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file)
+    result = train(student, teacher, data, cfg, tmp_path / "split", accelerator=acc)
+    assert result.interrupted and result.steps == 3  # the step in flight finishes, then a checkpoint
+    assert latest_checkpoint(tmp_path / "split").name == "step-0000003"
+    restore()
+
+    student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file)  # a new process would start like this
+    result = train(student, teacher, data, cfg, tmp_path / "split", accelerator=acc, resume=True)
+    assert result.steps == 6 and not result.interrupted
+    for key, value in weights(student).items():
+        assert torch.equal(value, reference[key]), key
+    straight = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    split = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("loss") for r in straight] == [r.get("loss") for r in split]
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, tiny_tokenizer, corpus_file, monkeypatch):
+    student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file, save_every=2)
+    real_save = acc.save_state
+    calls = {"n": 0}
+
+    def failing_save(path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            real_save(path, *args, **kwargs)  # write half of it, then the disk fills up
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(acc, "save_state", failing_save)
+    with pytest.raises(DiskFullError, match="previous checkpoint step-0000002 is intact"):
+        train(student, teacher, data, cfg, tmp_path, accelerator=acc)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path, tiny_tokenizer, corpus_file):
+    student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file, steps=2)
+    train(student, teacher, data, cfg, tmp_path, accelerator=acc)
+    student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file, batch_size=2)
+    with pytest.raises(loop_module.ResumeError, match="batch_size was 4, now 2"):
+        train(student, teacher, data, cfg, tmp_path, accelerator=acc, resume=True)
+
+
+def test_schedules():
+    cfg = TrainConfig(steps=100, lr=1.0, min_lr_ratio=0.1, warmup_steps=10, quant_warmup_steps=40)
+    assert learning_rate(cfg, 0, 0.0) == pytest.approx(0.1)
+    assert learning_rate(cfg, 10, 0.1) < 1.0 and learning_rate(cfg, 100, 1.0) == pytest.approx(0.1)
+    assert quant_strength(cfg, 20, 0.2) == pytest.approx(0.5)
+    # a budget shorter than the warmup is still fully ternary for its second half
+    assert quant_strength(cfg, 5, 0.5) == 1.0
+
+
+def test_data_sources(tmp_path, tiny_tokenizer):
+    good = tmp_path / "docs.jsonl"
+    good.write_text('{"text": "hello there"}\n\n{"text": "general kenobi"}\n')
+    assert list(read_texts(DataSource(path=str(good)))) == ["hello there", "general kenobi"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"content": "x"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:1 has no text field 'text'"):
+        list(read_texts(DataSource(path=str(bad))))
+    with pytest.raises(DataError, match="does not exist"):
+        list(read_texts(DataSource(path=str(tmp_path / "missing.txt"))))
+    import datasets
+
+    datasets.Dataset.from_dict({"body": ["one two three"] * 3}).save_to_disk(str(tmp_path / "saved"))
+    assert list(read_texts(DataSource(path=str(tmp_path / "saved"), text_field="body"))) == ["one two three"] * 3
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("too short")
+    with pytest.raises(DataError, match="less than one block"):
+        build_training_data(DataConfig(train=[DataSource(path=str(tiny))], sequence_length=64), tiny_tokenizer,
+                            seed=0, cache_dir=tmp_path)
+
+
+def test_batches_are_deterministic_and_disjoint_across_ranks(tiny_tokenizer, corpus_file):
+    data = build_training_data(DataConfig(train=[DataSource(path=str(corpus_file))], sequence_length=16),
+                               tiny_tokenizer, seed=3, cache_dir=corpus_file.parent)
+    a = data.batch(5, 4, rank=0, world=2)
+    b = data.batch(5, 4, rank=1, world=2)
+    assert torch.equal(a, data.batch(5, 4, rank=0, world=2))
+    assert not torch.equal(a, b)
+    one_rank = torch.cat([data.batch(10, 4), data.batch(11, 4)])
+    assert torch.equal(one_rank, torch.cat([a, b]))  # two ranks see what one rank sees over two micro-steps
