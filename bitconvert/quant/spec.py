@@ -21,12 +21,14 @@ class QuantSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    variant: Variant = "b1.58"
-    weight_scale: Literal["tensor", "channel", "group"] = "tensor"
-    group_size: int = Field(default=128, gt=0)
-    activation_bits: Literal[8] = 8
-    subln: Literal["none", "all", "output"] = "none"
-    rms_norm_eps: float = Field(default=1e-6, gt=0)
+    variant: Variant = Field(default="b1.58", description="weight quantizer: b1.58 = absmean ternary")
+    weight_scale: Literal["tensor", "channel", "group"] = Field(
+        default="tensor", description="one absmean scale per tensor, per output row, or per group of inputs")
+    group_size: int = Field(default=128, gt=0, description="inputs per scale when weight_scale is group")
+    activation_bits: Literal[8] = Field(default=8, description="per-token absmax activation bits")
+    subln: Literal["none", "all", "output"] = Field(
+        default="none", description="extra RMSNorm before quantized projections: all, or only o_proj/down_proj")
+    rms_norm_eps: float = Field(default=1e-6, gt=0, description="epsilon of the SubLN norms")
 
     @model_validator(mode="after")
     def _group_size_is_packable(self) -> "QuantSpec":

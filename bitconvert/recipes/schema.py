@@ -33,10 +33,10 @@ class GenerateSource(Strict):
     """Text sampled from the teacher itself: distillation with no data at all."""
 
     tokens: int = Field(default=200_000, gt=0, description="how many tokens to sample (cached in the run folder)")
-    temperature: float = Field(default=1.0, gt=0)
-    top_p: float = Field(default=0.95, gt=0, le=1)
-    sequence_length: int = Field(default=256, gt=8)
-    batch_size: int = Field(default=32, gt=0)
+    temperature: float = Field(default=1.0, gt=0, description="sampling temperature")
+    top_p: float = Field(default=0.95, gt=0, le=1, description="nucleus sampling threshold")
+    sequence_length: int = Field(default=256, gt=8, description="tokens sampled per sequence")
+    batch_size: int = Field(default=32, gt=0, description="sequences sampled at once")
     prompts: list[str] = Field(default_factory=list, description="optional prompts to start from; empty = start of text")
 
 
@@ -46,9 +46,9 @@ class DataSource(Strict):
     path: str | None = Field(default=None, description=".txt, .jsonl/.json file, a folder of them, or a saved `datasets` folder")
     hub: str | None = Field(default=None, description="dataset id on the hub (needs the network or its local cache)")
     config: str | None = Field(default=None, description="hub dataset configuration name")
-    split: str = "train"
-    text_field: str = "text"
-    generate: GenerateSource | None = None
+    split: str = Field(default="train", description="split of a hub dataset or saved DatasetDict")
+    text_field: str = Field(default="text", description="field holding the text in JSON rows and datasets")
+    generate: GenerateSource | None = Field(default=None, description="sample training text from the teacher")
     weight: float = Field(default=1.0, gt=0, description="share of training blocks drawn from this source")
 
     @model_validator(mode="after")
@@ -60,17 +60,18 @@ class DataSource(Strict):
 
 
 class DataConfig(Strict):
-    train: list[DataSource] = Field(default_factory=lambda: [DataSource(generate=GenerateSource())])
+    train: list[DataSource] = Field(default_factory=lambda: [DataSource(generate=GenerateSource())],
+                                    description="training text sources, mixed by weight")
     eval: DataSource | None = Field(default=None, description="held-out text scored by perplexity during training")
     eval_fraction: float = Field(default=0.0, ge=0, lt=0.5, description="hold out this share of train blocks when eval is empty")
-    sequence_length: int = Field(default=512, gt=8)
+    sequence_length: int = Field(default=512, gt=8, description="tokens per training sequence")
 
 
 class LossConfig(Strict):
     kl: float = Field(default=1.0, ge=0, description="KL(teacher || student) on logits (distillation only)")
     ce: float = Field(default=0.5, ge=0, description="next-token cross-entropy")
     hidden: float = Field(default=0.0, ge=0, description="MSE between normalised hidden states (distillation only)")
-    temperature: float = Field(default=1.0, gt=0)
+    temperature: float = Field(default=1.0, gt=0, description="distillation temperature (KL is scaled by T squared)")
 
     @model_validator(mode="after")
     def _something(self) -> "LossConfig":
@@ -80,29 +81,30 @@ class LossConfig(Strict):
 
 
 class TrainConfig(Strict):
-    mode: Literal["distill", "pretrain", "none"] = "distill"
+    mode: Literal["distill", "pretrain", "none"] = Field(
+        default="distill", description="distill from the original, continue pretraining (CE), or no training")
     steps: int | None = Field(default=None, gt=0, description="optimizer steps (one of steps, tokens, minutes)")
     tokens: int | None = Field(default=None, gt=0, description="training tokens")
     minutes: float | None = Field(default=None, gt=0, description="wall-clock training budget")
     batch_size: int = Field(default=8, gt=0, description="sequences per device per micro-batch")
-    grad_accum: int = Field(default=1, gt=0)
-    lr: float = Field(default=1e-3, gt=0)
-    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(default=20, ge=0)
+    grad_accum: int = Field(default=1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(default=1e-3, gt=0, description="peak learning rate (AdamW)")
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="final learning rate as a share of lr")
+    schedule: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="decay after warmup")
+    warmup_steps: int = Field(default=20, ge=0, description="linear learning-rate warmup")
     quant_warmup_steps: int = Field(default=100, ge=0, description="blend from full precision to ternary over this many steps")
-    weight_decay: float = Field(default=0.0, ge=0)
-    grad_clip: float = Field(default=1.0, ge=0)
-    loss: LossConfig = Field(default_factory=LossConfig)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
-    gradient_checkpointing: bool = False
-    compile: bool = False
-    seed: int = 0
-    log_every: int = Field(default=10, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay on matrices")
+    grad_clip: float = Field(default=1.0, ge=0, description="max gradient norm; 0 = off")
+    loss: LossConfig = Field(default_factory=LossConfig, description="loss weights")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(default="bf16", description="autocast on GPUs (CPU runs in float32)")
+    gradient_checkpointing: bool = Field(default=False, description="recompute activations to save memory")
+    compile: bool = Field(default=False, description="torch.compile the student")
+    seed: int = Field(default=0, description="data order, sampling and initial RNG state")
+    log_every: int = Field(default=10, gt=0, description="steps between metrics lines")
     eval_every: int = Field(default=0, ge=0, description="steps between held-out perplexity checks; 0 = only at the end")
     save_every: int = Field(default=200, ge=0, description="steps between checkpoints; 0 = only at the end")
-    save_every_minutes: float = Field(default=15.0, ge=0)
-    keep_checkpoints: int = Field(default=2, gt=0)
+    save_every_minutes: float = Field(default=15.0, ge=0, description="also checkpoint this often; 0 = off")
+    keep_checkpoints: int = Field(default=2, gt=0, description="newest checkpoints kept")
 
     @model_validator(mode="after")
     def _one_budget(self) -> "TrainConfig":
@@ -116,15 +118,15 @@ ExportFormat = Literal["packed", "gguf-tq2_0", "gguf-tq1_0"]
 
 
 class ExportConfig(Strict):
-    formats: list[ExportFormat] = Field(default_factory=lambda: ["packed"])
+    formats: list[ExportFormat] = Field(default_factory=lambda: ["packed"], description="packed is always written")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(default="bfloat16", description="dtype of the tensors that stay in full precision")
 
 
 class EvalConfig(Strict):
     tasks: list[str] = Field(default_factory=list, description="lm-eval task names or bitconvert's local tasks")
     perplexity: list[str] = Field(default_factory=list, description="text files scored by rolling perplexity")
-    limit: int | None = Field(default=None, gt=0)
-    batch_size: int = Field(default=8, gt=0)
+    limit: int | None = Field(default=None, gt=0, description="score only the first N items of each task")
+    batch_size: int = Field(default=8, gt=0, description="evaluation batch size")
     data_dir: str | None = Field(default=None, description="folder with local task data (see docs/evaluation.md)")
 
 
@@ -132,11 +134,11 @@ class Recipe(Strict):
     model: str = Field(default="smollm2-135m", description="model to convert: embedded name, folder, .gguf file or hub id")
     output: str = Field(default="./tern", description="export folder; training state goes to <output>/training")
     device: str | None = Field(default=None, description="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    convert: ConvertConfig = Field(default_factory=ConvertConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(minutes=10))
-    export: ExportConfig = Field(default_factory=ExportConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    convert: ConvertConfig = Field(default_factory=ConvertConfig, description="which layers, which quantizer")
+    data: DataConfig = Field(default_factory=DataConfig, description="training and held-out text")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(minutes=10), description="objective, budget, schedule")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="formats written to output")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="lm-eval tasks and perplexity after export")
 
     @model_validator(mode="after")
     def _coherent(self) -> "Recipe":

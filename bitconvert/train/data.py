@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,7 @@ def read_texts(source: DataSource) -> Iterator[str]:
             raise DataError(f"could not load hub dataset {source.hub!r} split {source.split!r}: {err}") from err
         yield from (_field(row, source.text_field, f"{source.hub} row") for row in dataset)
         return
-    path = Path(source.path).expanduser()
+    path = Path(os.path.expandvars(source.path)).expanduser()  # recipes may say ${BITCONVERT_DATA}/...
     if not path.exists():
         raise DataError(f"training data {path} does not exist")
     if path.is_dir() and _is_saved_dataset(path):
