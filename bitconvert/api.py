@@ -31,6 +31,7 @@ class QuantizeResult:
     train: TrainResult | None = None
     exports: dict[str, Path] = field(default_factory=dict)
     evaluation: Any = None
+    is_main_process: bool = True  # under accelerate launch, only the first process reports
 
     @property
     def interrupted(self) -> bool:
@@ -78,21 +79,21 @@ def quantize(recipe: Recipe, *, resume: bool = False, accelerator=None) -> Quant
     teacher = original if mode == "distill" else None
     student = copy.deepcopy(original) if teacher is not None else original
     report = convert_to_bitnet(student, recipe.convert.quant_spec(), recipe.convert.skip)
-    result = QuantizeResult(output=out, report=report)
+    result = QuantizeResult(output=out, report=report, is_main_process=main)
 
     if mode != "none":
         device = accelerator.device
         if teacher is not None and device.type == "cuda":
             teacher.to(dtype=torch.bfloat16)
-        if teacher is not None:
-            teacher.to(device)
+        if teacher is not None and main and any(s.generate for s in recipe.data.train):
+            teacher.to(device)  # only the main process samples teacher text
         data = build_training_data(recipe.data, tokenizer, seed=recipe.train.seed, cache_dir=run_dir / "data",
                                    teacher=teacher, device=device, is_main=main, wait=accelerator.wait_for_everyone)
         result.train = train(student, teacher, data, recipe.train, run_dir, accelerator=accelerator, resume=resume,
                              eval_batch_size=recipe.eval.batch_size)
-        student = accelerator.unwrap_model(student)
         if result.train.interrupted:
             return result
+        student = _gather_student(student, recipe, accelerator)
     if main:
         result.exports = export_all(student, tokenizer, recipe, result, seconds=time.perf_counter() - start)
     accelerator.wait_for_everyone()
@@ -105,6 +106,25 @@ def quantize(recipe: Recipe, *, resume: bool = False, accelerator=None) -> Quant
                                          batch_size=recipe.eval.batch_size, device=str(accelerator.device),
                                          data_dir=recipe.eval.data_dir)
     return result
+
+
+def _gather_student(student, recipe: Recipe, accelerator):
+    """The trained student as one plain module on the main process (None elsewhere).
+
+    Under FSDP the weights are sharded across processes: gather a full state dict and load it
+    into a freshly converted copy of the source model.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return accelerator.unwrap_model(student)
+    state = accelerator.get_state_dict(student)
+    if not accelerator.is_main_process:
+        return None
+    fresh, _ = load_model(recipe.model, dtype=torch.float32, device="cpu")
+    convert_to_bitnet(fresh, recipe.convert.quant_spec(), recipe.convert.skip)
+    fresh.load_state_dict(state, strict=False)
+    return fresh
 
 
 def export_all(student, tokenizer, recipe: Recipe, result: QuantizeResult, seconds: float) -> dict[str, Path]:

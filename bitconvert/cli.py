@@ -62,6 +62,8 @@ def main(verbose: int, quiet: bool) -> None:
 
 
 def _report(result) -> None:
+    if not result.is_main_process:
+        return
     if result.interrupted:
         click.echo(f"stopped at step {result.train.steps}; checkpoint saved in {result.train.checkpoint}. "
                    "Continue with the same command and --resume.")

@@ -135,17 +135,40 @@ def auxiliary_loss(model) -> torch.Tensor | None:
     return torch.stack([a.float() for a in found]).sum() if found else None
 
 
+def prepare_teacher(teacher, accelerator):
+    """Put the frozen teacher where the student is. Under FSDP it is sharded like the student;
+    otherwise every process holds a copy (DDP would only add gradient hooks it never uses)."""
+    from accelerate.utils import DistributedType
+
+    teacher.requires_grad_(False).eval()
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return teacher.to(accelerator.device)
+    wrapped = accelerator.prepare_model(teacher)
+    # accelerate checkpoints every prepared model; the teacher never changes, so keep it out.
+    accelerator._models.remove(wrapped)
+    return wrapped.eval()
+
+
 @torch.no_grad()
 def held_out_loss(model, blocks: torch.Tensor, batch_size: int, accelerator) -> float:
-    """Mean next-token loss over ``blocks``, split across processes."""
+    """Mean next-token loss over ``blocks``, split across processes.
+
+    Every process runs the same number of forward passes (sharded models need all of them in
+    each collective); padding batches repeat block 0 and count for nothing.
+    """
     model.eval()
-    mine = blocks[accelerator.process_index::accelerator.num_processes]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_rank = -(-len(blocks) // world)
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    for start in range(0, len(mine), batch_size):
-        ids = mine[start:start + batch_size].to(accelerator.device)
+    for start in range(0, per_rank, batch_size):
+        index = torch.arange(start, min(start + batch_size, per_rank)) * world + rank
+        real = index < len(blocks)
+        ids = blocks[torch.where(real, index, torch.zeros_like(index))].to(accelerator.device)
         logits = model(input_ids=ids, use_cache=False).logits
-        total[0] += next_token_ce(logits, ids).double() * ids[:, 1:].numel()
-        total[1] += ids[:, 1:].numel()
+        per_row = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:],
+                                                    reduction="none").sum(dim=1)
+        total[0] += per_row[real.to(per_row.device)].double().sum()
+        total[1] += real.sum().item() * (ids.shape[1] - 1)
     total = accelerator.reduce(total, "sum") if accelerator.num_processes > 1 else total
     model.train()
     return (total[0] / total[1].clamp(min=1)).item()
@@ -187,9 +210,7 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
                                   fused=accelerator.device.type == "cuda")
     student, optimizer = accelerator.prepare(student, optimizer)
     if teacher is not None:
-        teacher.requires_grad_(False)
-        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
-        teacher.eval()
+        teacher = prepare_teacher(teacher, accelerator)
     if cfg.compile:
         student = torch.compile(student)
 
@@ -262,6 +283,10 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
                     accelerator.backward(terms["loss"] / cfg.grad_accum)
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0.0) + value.detach().float().item() / cfg.grad_accum
+            if world > 1:  # log the global mean, as one process with grad_accum would see it
+                keys = sorted(sums)
+                means = accelerator.reduce(torch.tensor([sums[k] for k in keys], device=accelerator.device), "mean")
+                sums = dict(zip(keys, means.tolist()))
             if cfg.grad_clip > 0:
                 grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.grad_clip)
                 sums["grad_norm"] = float(grad_norm)

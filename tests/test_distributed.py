@@ -1,0 +1,42 @@
+"""A real 2-process run (torchrun, gloo on CPU) matches one process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import build_tiny_model
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_grad_accum(tmp_path, tiny_tokenizer, corpus_file):
+    model_dir = tmp_path / "model"
+    build_tiny_model("llama", len(tiny_tokenizer)).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    recipe = {"model": str(model_dir), "device": "cpu",
+              "data": {"train": [{"path": str(corpus_file)}], "sequence_length": 32, "eval_fraction": 0.1},
+              "train": {"mode": "distill", "steps": 5, "batch_size": 2, "log_every": 1, "warmup_steps": 1,
+                        "quant_warmup_steps": 2}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "bitconvert.cli",
+                          "-q", "run", str(tmp_path / "r.yaml"), "--set", f"output={tmp_path / 'two'}"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("trained 5 steps, 640 tokens") == 1  # only the main process reports
+    one = subprocess.run([sys.executable, "-m", "bitconvert.cli", "-q", "run", str(tmp_path / "r.yaml"),
+                          "--set", f"output={tmp_path / 'one'}", "--set", "train.grad_accum=2"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def curve(run):
+        rows = [json.loads(x) for x in (tmp_path / run / "training" / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r], [r["eval_ppl"] for r in rows if "eval_ppl" in r]
+
+    (loss_two, ppl_two), (loss_one, ppl_one) = curve("two"), curve("one")
+    assert len(loss_two) == 5
+    assert loss_two == pytest.approx(loss_one, rel=1e-5)
+    assert ppl_two == pytest.approx(ppl_one, rel=1e-5)
