@@ -184,5 +184,20 @@ def inspect(model_dir, no_verify):
     click.echo("  files verified" if not no_verify else "  files not verified (--no-verify)")
 
 
+@main.command("export")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", required=True, type=click.Choice(["gguf-tq2_0", "gguf-tq1_0"]), help="Target format.")
+@click.option("--out", "output", type=click.Path(), help="Output file or folder (default: inside MODEL_DIR).")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the export's files.")
+def export_cmd(model_dir, fmt, output, no_verify):
+    """Write an existing ternary export (MODEL_DIR) in another format, e.g. GGUF for llama.cpp."""
+    from bitconvert.export.gguf import export_folder_to_gguf
+
+    report = export_folder_to_gguf(model_dir, fmt.removeprefix("gguf-"), output, verify=not no_verify)
+    click.echo(f"wrote {report.summary()}")
+    for reason, names in report.fallbacks.items():
+        click.echo(f"  {len(names)} tensor(s): {reason}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
