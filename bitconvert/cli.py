@@ -91,6 +91,8 @@ def _report(result) -> None:
 @click.option("--batch-size", type=int, help="Sequences per device per micro-batch.")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.")
 @click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--variant", type=click.Choice(["b1.58", "bitnet1", "onebit"]),
+              help="Weight quantizer: ternary b1.58 (default), BitNet 1-bit, or OneBit (docs/variants.md).")
 @click.option("--weight-scale", type=click.Choice(["tensor", "channel", "group"]), help="Absmean scale granularity.")
 @click.option("--group-size", type=int, help="Inputs per scale with --weight-scale group.")
 @click.option("--skip", multiple=True, help="Module name/suffix/regex to keep in full precision (repeatable).")
@@ -100,7 +102,7 @@ def _report(result) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any recipe key, e.g. train.lr=3e-4.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT/training.")
 def quantize(model, output, recipe, mode, steps, tokens, minutes, data, eval_data, seq_len, batch_size, grad_accum, lr,
-             weight_scale, group_size, skip, formats, device, overrides, resume):
+             variant, weight_scale, group_size, skip, formats, device, overrides, resume):
     """Convert MODEL (embedded name, folder, .gguf file or hub id) to BitNet b1.58 and export it to OUT."""
     import yaml
 
@@ -115,7 +117,8 @@ def quantize(model, output, recipe, mode, steps, tokens, minutes, data, eval_dat
     if any(v is not None for v in budgets.values()):
         sets += [f"train.{k}={'null' if v is None else v}" for k, v in budgets.items()]
     for key, value in {"data.eval": None, "data.sequence_length": seq_len, "train.batch_size": batch_size,
-                       "train.grad_accum": grad_accum, "train.lr": lr, "convert.weight_scale": weight_scale,
+                       "train.grad_accum": grad_accum, "train.lr": lr, "convert.variant": variant,
+                       "convert.weight_scale": weight_scale,
                        "convert.group_size": group_size, "device": device}.items():
         if value is not None:
             sets.append(f"{key}={value}")
@@ -177,7 +180,7 @@ def inspect(model_dir, no_verify):
     click.echo(f"{model_dir}: {manifest['format']} v{manifest['format_version']}, created {manifest['created']}")
     click.echo(f"  source: {manifest.get('provenance', {}).get('source', '?')}")
     click.echo(f"  variant {spec['variant']}, weight scales per {spec['weight_scale']}, subln {spec['subln']}")
-    click.echo(f"  {len(manifest['modules'])} quantized modules, {manifest['quantized_parameters']:,} ternary weights")
+    click.echo(f"  {len(manifest['modules'])} quantized modules, {manifest['quantized_parameters']:,} quantized weights")
     click.echo(f"  loads in plain transformers: {'yes' if manifest['transformers_compatible'] else 'no (import bitconvert first)'}")
     for name, info in manifest["files"].items():
         click.echo(f"  {name:32s} {info['bytes']:>14,d} bytes  sha256 {info['sha256'][:16]}")
@@ -197,6 +200,41 @@ def export_cmd(model_dir, fmt, output, no_verify):
     click.echo(f"wrote {report.summary()}")
     for reason, names in report.fallbacks.items():
         click.echo(f"  {len(names)} tensor(s): {reason}")
+
+
+@main.command("eval")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--baseline", help="Original model to compare with (default: the source recorded in the export).")
+@click.option("--tasks", help="Comma-separated lm-eval tasks, or local ones: piqa_local, wikitext_local, "
+                              "arc_easy_local, arc_challenge_local, hellaswag_local.")
+@click.option("--perplexity", "perplexity_files", multiple=True, metavar="FILE",
+              help="Text file scored by rolling perplexity (repeatable).")
+@click.option("--limit", type=click.IntRange(min=1), help="First N items per task / N windows per text file.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+              help="auto = bfloat16 on GPU, float32 on CPU.")
+@click.option("--max-length", type=click.IntRange(min=16), help="Context window (default: the model's).")
+@click.option("--data-dir", envvar="BITCONVERT_DATA", show_envvar=True,
+              help="Folder with local task data, e.g. piqa/valid.jsonl, wikitext-2/test.txt (docs/evaluation.md).")
+@click.option("--task-data", multiple=True, metavar="TASK=PATH", help="Data file or folder for one local task (repeatable).")
+@click.option("--no-cache", is_flag=True, help="Re-score the baseline instead of reading its cached scores.")
+def eval_cmd(model_dir, baseline, tasks, perplexity_files, limit, batch_size, device, dtype, max_length, data_dir,
+             task_data, no_cache):
+    """Score MODEL_DIR and its original side by side (lm-evaluation-harness) and update its model card."""
+    from bitconvert.eval import EvalError, evaluate
+
+    paths = {}
+    for item in task_data:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise EvalError(f"--task-data wants TASK=PATH, got {item!r}")
+        paths[name.strip()] = path.strip()
+    report = evaluate(model_dir, baseline=baseline, tasks=tasks, perplexity_files=perplexity_files, limit=limit,
+                      batch_size=batch_size, device=device, data_dir=data_dir, task_data=paths, dtype=dtype,
+                      max_length=max_length, use_cache=not no_cache)
+    click.echo(report.table())
+    click.echo(f"results: {report.results_path}; model card: {Path(model_dir) / 'README.md'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

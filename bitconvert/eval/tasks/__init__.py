@@ -1,0 +1,1 @@
+"""Task YAMLs for lm-evaluation-harness: the harness's own tasks, reading local files (see ../data.py)."""
