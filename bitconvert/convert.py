@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from bitconvert.layers import BitExperts, BitLinear
-from bitconvert.quant import QuantSpec
+from bitconvert.quant import QuantSpec, is_binary
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,16 @@ def _replacement(module: nn.Module) -> Callable[[nn.Module, QuantSpec, bool], nn
     return None
 
 
+def _block_class(module: nn.Module) -> type:
+    """A block's own class; a routed (Mixture-of-Depths) block counts as the class it extends."""
+    return getattr(type(module), "routed_base", type(module))
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's stack of decoder blocks: the outermost ModuleList whose items share one class."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+        if isinstance(module, nn.ModuleList) and len(module) and len({_block_class(m) for m in module}) == 1:
             if best is None or name.count(".") < best[0].count("."):
                 best = (name, module)
     if best is None:
@@ -89,8 +94,14 @@ def _holds_weights(module: nn.Module) -> bool:
     return any(p.ndim >= 2 for p in module.parameters(recurse=False))
 
 
-def plan_conversion(model: nn.Module, skip: Sequence[str] = ()) -> tuple[dict[str, nn.Module], ConversionReport]:
-    """Decide, without changing anything, which modules get converted; raise on unsupported ones."""
+def plan_conversion(model: nn.Module, skip: Sequence[str] = (), spec: QuantSpec | None = None,
+                    ) -> tuple[dict[str, nn.Module], ConversionReport]:
+    """Decide, without changing anything, which modules get converted; raise on unsupported ones.
+
+    ``spec`` (default: b1.58) decides the packing constraints: ternary codes pack 4 output rows to a
+    byte, the 1-bit variants pack 8 inputs to a byte.
+    """
+    binary = spec is not None and is_binary(spec.variant)
     prefix, layers = find_decoder_layers(model)
     report, targets, unsupported = ConversionReport(), {}, []
     claimed: list[str] = []
@@ -107,8 +118,12 @@ def plan_conversion(model: nn.Module, skip: Sequence[str] = ()) -> tuple[dict[st
             claimed.append(name)
         elif leaf in ROUTER_NAMES:
             report.kept_full_precision.append(name)
-        elif isinstance(module, nn.Linear) and module.out_features % 4:
+        elif isinstance(module, nn.Linear) and module.out_features % 4 and not binary:
             unsupported.append(f"{name} (out_features={module.out_features} is not a multiple of 4, which packing needs)")
+        elif isinstance(module, nn.Linear) and module.in_features % 8 and binary:
+            unsupported.append(f"{name} (in_features={module.in_features} is not a multiple of 8, which 1-bit packing needs)")
+        elif binary and BitExperts.supports(module):
+            unsupported.append(f"{name} (3-D MoE experts support only variant 'b1.58', not {spec.variant!r})")
         elif replacement is not None:
             targets[name] = module
             report.converted.append(name)
@@ -128,12 +143,13 @@ def plan_conversion(model: nn.Module, skip: Sequence[str] = ()) -> tuple[dict[st
 
 
 def convert_to_bitnet(model: nn.Module, spec: QuantSpec, skip: Sequence[str] = ()) -> ConversionReport:
-    """Replace, in place, every supported linear inside the decoder blocks by its BitLinear twin.
+    """Replace, in place, every supported linear inside the decoder blocks by its BitLinear twin
+    (quantized as ``spec.variant`` says: ternary b1.58, binary bitnet1, or onebit).
 
     Embeddings and the output head live outside the blocks and stay in full precision; ``skip``
     keeps more (module names, dotted suffixes such as ``mlp.down_proj``, or regexes).
     """
-    targets, report = plan_conversion(model, skip)
+    targets, report = plan_conversion(model, skip, spec)
     for name, module in targets.items():
         leaf = name.rsplit(".", 1)[-1]
         use_norm = spec.subln == "all" or (spec.subln == "output" and leaf in OUTPUT_PROJECTIONS)

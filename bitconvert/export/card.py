@@ -8,6 +8,12 @@ from typing import Any
 
 from bitconvert.utils.io import atomic_write_text
 
+# How each weight variant is named and described on the card.
+VARIANT_TEXT = {
+    "b1.58": ("BitNet b1.58 (ternary)", "weights in {-1, 0, +1} with absmean scales"),
+    "bitnet1": ("BitNet 1-bit (binary)", "weights in {-1, +1} (signs around the mean) with absmean scales"),
+    "onebit": ("OneBit (1-bit)", "a sign matrix in {-1, +1} between two full-precision scale vectors"),
+}
 EVAL_START = "<!-- bitconvert:eval:start -->"
 EVAL_END = "<!-- bitconvert:eval:end -->"
 
@@ -20,18 +26,20 @@ def render_card(manifest: dict[str, Any], recipe_yaml: str | None = None, train_
              if manifest.get("transformers_compatible") else
              "`import bitconvert` first (it registers the `bitconvert` quantization method with transformers), "
              "then `AutoModelForCausalLM.from_pretrained(folder)`, or `bitconvert.load_model(folder)`")
+    title, weights = VARIANT_TEXT.get(spec["variant"], VARIANT_TEXT["b1.58"])
+    bits = 2 if spec["variant"] == "b1.58" else 1
     lines = [
         "---", "library_name: transformers", "tags: [bitnet, ternary, quantized, bitconvert]", "---", "",
-        f"# {prov.get('source', 'model')} — BitNet b1.58 (ternary) conversion", "",
+        f"# {prov.get('source', 'model')} — {title} conversion", "",
         f"Converted by bitconvert from **{prov.get('source', '?')}**. Every linear layer inside the decoder "
-        "blocks is a BitLinear: weights in {-1, 0, +1} with absmean scales, activations quantized to int8 "
+        f"blocks is a BitLinear: {weights}, activations quantized to int8 "
         "per token (absmax). Embeddings and the output head stay in "
         f"{manifest.get('export_dtype', 'bfloat16')}.", "",
         "| | |", "| --- | --- |",
         f"| variant | {spec['variant']} |",
         f"| weight scales | {spec['weight_scale']}{' (group ' + str(spec['group_size']) + ')' if spec['weight_scale'] == 'group' else ''} |",
         f"| extra normalisation (SubLN) | {spec['subln']} |",
-        f"| quantized layers | {len(manifest['modules'])} ({manifest.get('quantized_parameters', 0):,} weights, 2 bits each) |",
+        f"| quantized layers | {len(manifest['modules'])} ({manifest.get('quantized_parameters', 0):,} weights, {bits} bit{'s' if bits > 1 else ''} each) |",
     ]
     if train_summary:
         lines += [f"| training | {train_summary.get('mode')}: {train_summary.get('steps')} steps, "

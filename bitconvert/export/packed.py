@@ -8,7 +8,10 @@ Layout (see docs/formats.md):
                       once ``import bitconvert`` has registered the quantizer below.
   model.safetensors   ``<layer>.weight``: uint8 (out/4, in), codes+1 packed along the output dim;
                       ``<layer>.weight_scale``: float32 inverse scale, shape (1,), (out,) or
-                      (out, in/group); other tensors in the export dtype.
+                      (out, in/group); other tensors in the export dtype. The 1-bit variants
+                      (``bitnet1``, ``onebit``) store ``weight`` as uint8 (out, in/8), signs packed
+                      8 inputs to a byte; ``onebit`` stores ``input_scale`` (in,) and
+                      ``output_scale`` (out,) in float32 instead of ``weight_scale``.
   bitconvert.json     format description, converted modules, provenance, sha256 of every file.
                       Written last: a folder without it (or with a checksum that fails) is not a
                       finished export.
@@ -28,7 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bitconvert.layers import BitExperts, BitLinear, PackedBitLinear, PackedExperts
-from bitconvert.quant import QuantSpec, pack_ternary
+from bitconvert.quant import QuantSpec, pack_ternary, pack_weight
 from bitconvert.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -141,9 +144,9 @@ def packed_state_dict(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, t
                 tensors[f"{name}.{proj}"] = pack_ternary(codes).cpu()
                 tensors[f"{name}.{proj}_scale"] = inv.cpu()
         else:
-            codes, inv = module.ternary()
-            tensors[f"{name}.weight"] = pack_ternary(codes).cpu()
-            tensors[f"{name}.weight_scale"] = inv.cpu()
+            codes, scales = module.quantized_codes()
+            tensors[f"{name}.weight"] = pack_weight(codes, module.spec.variant).cpu()
+            tensors.update({f"{name}.{key}": value.cpu() for key, value in scales.items()})
             if module.bias is not None:
                 tensors[f"{name}.bias"] = module.bias.detach().to(dtype).cpu()
             if module.rms_norm is not None:
@@ -195,7 +198,8 @@ def export_ternary(model: nn.Module, tokenizer, out_dir: str | os.PathLike, spec
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
 
-    quantized = sum(v.numel() * 4 for k, v in tensors.items() if k.endswith(("weight", "proj")) and v.dtype == torch.uint8)
+    quantized = sum(v.numel() * 8 // spec.bits_per_weight for k, v in tensors.items()
+                    if k.endswith(("weight", "proj")) and v.dtype == torch.uint8)
     manifest = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

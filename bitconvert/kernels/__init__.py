@@ -4,6 +4,7 @@
 multiplies them with 2-bit packed weights. On CPU it runs the torch reference below.
 """
 
+from bitconvert.kernels.binary import binary_linear_reference, onebit_linear_reference
 from bitconvert.kernels.reference import ternary_linear_reference
 
 
@@ -11,4 +12,15 @@ def ternary_linear(x, packed, inv_scale, bias=None, *, granularity="tensor", gro
     return ternary_linear_reference(x, packed, inv_scale, bias, granularity=granularity, group_size=group_size)
 
 
-__all__ = ["ternary_linear", "ternary_linear_reference"]
+def binary_linear(x, packed, inv_scale, bias=None, *, granularity="tensor", group_size=128):
+    """BitNet 1-bit weights packed 8 to a byte (see :mod:`bitconvert.quant.packing`)."""
+    return binary_linear_reference(x, packed, inv_scale, bias, granularity=granularity, group_size=group_size)
+
+
+def onebit_linear(x, packed, input_scale, output_scale, bias=None):
+    """OneBit: sign matrix packed 8 to a byte plus the input and output scale vectors."""
+    return onebit_linear_reference(x, packed, input_scale, output_scale, bias)
+
+
+__all__ = ["binary_linear", "binary_linear_reference", "onebit_linear", "onebit_linear_reference", "ternary_linear",
+           "ternary_linear_reference"]

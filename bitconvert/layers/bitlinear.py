@@ -13,6 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitconvert.quant import QuantSpec, int8_fake_quantize, straight_through, ternary_fake_quantize, ternary_quantize
+from bitconvert.quant.binary import (
+    binary_quantize,
+    binary_weight_ste,
+    onebit_activation_ste,
+    onebit_init,
+    onebit_weight_ste,
+    sign_codes,
+)
 
 
 def _activation_ste(x: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
@@ -68,7 +76,11 @@ class QuantStrength(nn.Module):
 
 
 class BitLinear(nn.Linear):
-    """``nn.Linear`` trained as BitNet b1.58: absmean ternary weights, per-token int8 activations."""
+    """``nn.Linear`` trained as BitNet b1.58: absmean ternary weights, per-token int8 activations.
+
+    ``spec.variant`` switches the weight quantizer to BitNet's binary ``bitnet1`` or to ``onebit``,
+    which adds two trainable vectors, ``input_scale`` (OneBit's g) and ``output_scale`` (h).
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, spec: QuantSpec,
                  use_rms_norm: bool = False, device=None, dtype=None):
@@ -77,6 +89,9 @@ class BitLinear(nn.Linear):
         self.transposed_source = False  # True when converted from GPT-2's Conv1D
         self.strength = QuantStrength()
         self.rms_norm = RMSNorm(in_features, spec.rms_norm_eps, device=device, dtype=dtype) if use_rms_norm else None
+        if spec.variant == "onebit":  # OneBit's value vectors; from_linear initialises them by SVID
+            self.input_scale = nn.Parameter(torch.ones(in_features, device=device, dtype=dtype))
+            self.output_scale = nn.Parameter(torch.ones(out_features, device=device, dtype=dtype))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec, use_rms_norm: bool = False) -> "BitLinear":
@@ -87,6 +102,8 @@ class BitLinear(nn.Linear):
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer.strength = QuantStrength().to(linear.weight.device)
+        if spec.variant == "onebit":
+            layer.init_onebit()
         if use_rms_norm:
             layer.rms_norm = RMSNorm(linear.in_features, spec.rms_norm_eps, device=linear.weight.device,
                                        dtype=linear.weight.dtype)
@@ -103,23 +120,52 @@ class BitLinear(nn.Linear):
         layer.transposed_source = True
         return layer
 
+    @torch.no_grad()
+    def init_onebit(self) -> None:
+        """OneBit's SVID: ``|W| ≈ outer(h, g)`` by the rank-1 approximation of ``|W|``."""
+        _, g, h = onebit_init(self.weight)
+        self.input_scale = nn.Parameter(g.to(self.weight.device, self.weight.dtype))
+        self.output_scale = nn.Parameter(h.to(self.weight.device, self.weight.dtype))
+
     def quantized_weight(self) -> torch.Tensor:
-        """The ternary weight the forward pass sees (blended during quantization warmup)."""
+        """The quantized weight the forward pass sees (blended during quantization warmup)."""
+        if self.spec.variant == "bitnet1":
+            return binary_weight_ste(self.weight, self.strength.value, self.spec.weight_scale, self.spec.group_size)
+        if self.spec.variant == "onebit":
+            return onebit_weight_ste(self.weight, self.input_scale, self.output_scale, self.strength.value)
         return weight_ste(self.weight, self.strength.value, self.spec.weight_scale, self.spec.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms_norm is not None:
             x = self.rms_norm(x)
-        x = activation_ste(x, self.strength.value)
+        if self.spec.variant == "onebit":
+            x = onebit_activation_ste(x, self.input_scale, self.strength.value)
+        else:
+            x = activation_ste(x, self.strength.value)
         return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
 
     @torch.no_grad()
     def ternary(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(codes, inv_scale)`` of the current latent weight, for export."""
+        """``(codes, inv_scale)`` of the current latent weight, for export (variant b1.58 only)."""
+        if self.spec.variant != "b1.58":
+            raise ValueError(f"ternary() needs variant 'b1.58', this layer is {self.spec.variant!r}; use quantized_codes()")
         return ternary_quantize(self.weight, self.spec.weight_scale, self.spec.group_size)
 
+    @torch.no_grad()
+    def quantized_codes(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(codes, scales)`` for export, whatever the variant: int8 codes (out, in) and float32 scale
+        tensors named as the buffers of ``PackedBitLinear`` (``weight_scale``, or ``input_scale`` and
+        ``output_scale`` for onebit)."""
+        if self.spec.variant == "onebit":
+            return sign_codes(self.weight), {"input_scale": self.input_scale.detach().float(),
+                                             "output_scale": self.output_scale.detach().float()}
+        quantize = binary_quantize if self.spec.variant == "bitnet1" else ternary_quantize
+        codes, inv = quantize(self.weight, self.spec.weight_scale, self.spec.group_size)
+        return codes, {"weight_scale": inv}
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, weight_scale={self.spec.weight_scale}, subln={self.rms_norm is not None}"
+        return (f"{super().extra_repr()}, variant={self.spec.variant}, weight_scale={self.spec.weight_scale}, "
+                f"subln={self.rms_norm is not None}")
 
 
 class BitExperts(nn.Module):

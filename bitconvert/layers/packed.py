@@ -1,4 +1,5 @@
-"""Inference layers that keep weights packed: 2 bits per ternary weight plus its scales."""
+"""Inference layers that keep weights packed: 2 bits per ternary weight (1 bit for the 1-bit
+variants) plus its scales."""
 
 from __future__ import annotations
 
@@ -6,33 +7,90 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitconvert.kernels import ternary_linear
+from bitconvert.kernels import binary_linear, onebit_linear, ternary_linear
 from bitconvert.layers.bitlinear import RMSNorm
-from bitconvert.quant import QuantSpec, int8_fake_quantize, scale_shape, ternary_dequantize, unpack_ternary
+from bitconvert.quant import (
+    QuantSpec,
+    binary_dequantize,
+    int8_fake_quantize,
+    onebit_dequantize,
+    packed_weight_shape,
+    scale_shape,
+    ternary_dequantize,
+    unpack_binary,
+    unpack_ternary,
+)
+
+
+class _PackedProduct(torch.autograd.Function):
+    """The packed kernel forward; backward treats activation quantization as the identity (straight
+    through) and multiplies by the dequantized weight. The packed weights get no gradient: this is
+    what lets adapters (LoRA) train on top of a frozen packed model."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return layer._packed_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight = ctx.layer.dequantized_weight(grad.dtype)
+        return grad @ weight, None
 
 
 class PackedBitLinear(nn.Module):
     """A frozen BitLinear. Buffers follow transformers' bitnet names: ``weight`` (uint8, packed) and
-    ``weight_scale`` (the inverse scale: ``w = code / weight_scale``)."""
+    ``weight_scale`` (the inverse scale: ``w = code / weight_scale``).
+
+    By ``spec.variant``: ``b1.58`` packs ternary codes (out/4, in); ``bitnet1`` packs sign codes
+    (out, in/8) with the same ``weight_scale``; ``onebit`` packs sign codes (out, in/8) and holds
+    ``input_scale`` (g, one per input) and ``output_scale`` (h, one per output) instead of
+    ``weight_scale``.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, *, spec: QuantSpec,
                  use_rms_norm: bool = False, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
-        self.register_buffer("weight", torch.zeros(out_features // 4, in_features, dtype=torch.uint8, device=device))
-        shape = scale_shape((out_features, in_features), spec.weight_scale, spec.group_size)
-        self.register_buffer("weight_scale", torch.ones(shape, dtype=torch.float32, device=device))
+        packed = packed_weight_shape(out_features, in_features, spec.variant)
+        self.register_buffer("weight", torch.zeros(packed, dtype=torch.uint8, device=device))
+        if spec.variant == "onebit":
+            self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float32, device=device))
+            self.register_buffer("output_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        else:
+            shape = scale_shape((out_features, in_features), spec.weight_scale, spec.group_size)
+            self.register_buffer("weight_scale", torch.ones(shape, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.rms_norm = RMSNorm(in_features, spec.rms_norm_eps, device=device, dtype=dtype) if use_rms_norm else None
+
+    def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        variant, granularity, group = self.spec.variant, self.spec.weight_scale, self.spec.group_size
+        if variant == "onebit":
+            return onebit_linear(x, self.weight, self.input_scale, self.output_scale, self.bias)
+        if variant == "bitnet1":
+            return binary_linear(x, self.weight, self.weight_scale, self.bias, granularity=granularity, group_size=group)
+        return ternary_linear(x, self.weight, self.weight_scale, self.bias, granularity=granularity, group_size=group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms_norm is not None:
             x = self.rms_norm(x)
-        return ternary_linear(x, self.weight, self.weight_scale, self.bias,
-                              granularity=self.spec.weight_scale, group_size=self.spec.group_size)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _PackedProduct.apply(x, self)
+        return self._packed_forward(x)
+
+    @torch.no_grad()
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight the packed buffers stand for, for gradients and inspection."""
+        variant, granularity, group = self.spec.variant, self.spec.weight_scale, self.spec.group_size
+        if variant == "onebit":
+            return onebit_dequantize(unpack_binary(self.weight), self.input_scale, self.output_scale, dtype)
+        if variant == "bitnet1":
+            return binary_dequantize(unpack_binary(self.weight), self.weight_scale, granularity, group, dtype)
+        return ternary_dequantize(unpack_ternary(self.weight), self.weight_scale, granularity, group, dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, weight_scale={self.spec.weight_scale}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, variant={self.spec.variant}, "
+                f"weight_scale={self.spec.weight_scale}")
 
 
 class PackedExperts(nn.Module):

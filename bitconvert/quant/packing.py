@@ -55,3 +55,24 @@ def unpack_binary(packed: torch.Tensor, dtype: torch.dtype = torch.int8) -> torc
     shifts = torch.arange(BINARY_PER_BYTE, dtype=torch.uint8, device=packed.device)
     bits = (packed.unsqueeze(-1) >> shifts) & 1
     return (bits.reshape(*lead, out_features, packed_in * BINARY_PER_BYTE).to(dtype) * 2 - 1)
+
+
+def is_binary(variant: str) -> bool:
+    """True for the 1-bit variants (codes in {-1, +1}, packed 8 to a byte along the input dim)."""
+    return variant in ("bitnet1", "onebit")
+
+
+def packed_weight_shape(out_features: int, in_features: int, variant: str) -> tuple[int, int]:
+    """Shape of the uint8 tensor that holds an (out, in) weight of ``variant``."""
+    if is_binary(variant):
+        return out_features, in_features // BINARY_PER_BYTE
+    return out_features // TERNARY_PER_BYTE, in_features
+
+
+def pack_weight(codes: torch.Tensor, variant: str) -> torch.Tensor:
+    """Pack codes with the layout of ``variant``: ternary for b1.58, binary for the 1-bit variants."""
+    return pack_binary(codes) if is_binary(variant) else pack_ternary(codes)
+
+
+def unpack_weight(packed: torch.Tensor, variant: str, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    return unpack_binary(packed, dtype) if is_binary(variant) else unpack_ternary(packed, dtype)

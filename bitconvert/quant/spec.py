@@ -6,12 +6,20 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Variant = Literal["b1.58"]
+Variant = Literal["b1.58", "bitnet1", "onebit"]
+VARIANTS: tuple[str, ...] = ("b1.58", "bitnet1", "onebit")
+# Bits that one quantized weight takes in the packed export.
+BITS_PER_WEIGHT = {"b1.58": 2, "bitnet1": 1, "onebit": 1}
 
 
 class QuantSpec(BaseModel):
     """How weights and activations of a BitLinear are quantized.
 
+    ``variant`` picks the weight quantizer: ``b1.58`` (BitNet b1.58: ternary absmean codes),
+    ``bitnet1`` (BitNet 2023: binary codes ``sign(w - mean w)`` with scale ``mean|w|``) or
+    ``onebit`` (OneBit 2024: ``diag(h) · sign(W) · diag(g)``, ``g`` and ``h`` full-precision vectors
+    initialised by SVID). Activations are int8 absmax per token in every variant; for ``onebit``
+    they are quantized after the input scale ``g`` is applied, right before the sign matrix.
     ``weight_scale`` picks how many absmean scales a weight matrix gets: one (``tensor``, the
     BitNet b1.58 paper and transformers' layout), one per output row (``channel``) or one per
     ``group_size`` inputs of a row (``group``). ``subln`` adds an RMSNorm before the quantized
@@ -34,4 +42,12 @@ class QuantSpec(BaseModel):
     def _group_size_is_packable(self) -> "QuantSpec":
         if self.weight_scale == "group" and self.group_size % 8:
             raise ValueError("group_size must be a multiple of 8 so that groups stay byte-aligned when packed")
+        if self.variant == "onebit" and self.weight_scale != "tensor":
+            raise ValueError(f"weight_scale={self.weight_scale!r} does not apply to variant 'onebit': its scales are "
+                             "the per-input vector g and the per-output vector h; leave weight_scale at 'tensor' "
+                             "(weight_scale chooses the absmean blocks of 'b1.58' and 'bitnet1')")
         return self
+
+    @property
+    def bits_per_weight(self) -> int:
+        return BITS_PER_WEIGHT[self.variant]
