@@ -154,15 +154,20 @@ def export_all(student, tokenizer, recipe: Recipe, result: QuantizeResult, secon
 
 
 def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-             chat: bool = False, device: str | None = None, on_text=None) -> str:
+             chat: bool = False, device: str | None = None, on_text=None, adapter: str | Path | None = None) -> str:
     """Continue ``prompt`` with a ternary export (or any model ``load_model`` accepts).
 
-    ``on_text`` receives the new text piece by piece as it is generated.
+    ``on_text`` receives the new text piece by piece as it is generated. ``adapter`` is a LoRA
+    folder written by ``bitconvert finetune`` (applied on top of the packed model).
     """
     from transformers import TextStreamer
 
     device = default_device(device)
     loaded, tokenizer = load_model(model, dtype=torch.float32 if device == "cpu" else torch.bfloat16, device=device)
+    if adapter is not None:
+        from bitconvert.train.finetune import load_adapter
+
+        loaded = load_adapter(loaded, adapter).eval()
     if chat and tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)

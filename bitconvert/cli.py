@@ -20,9 +20,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from bitconvert.recipes.loading import RecipeError
     from bitconvert.sources import ModelSourceError
     from bitconvert.train.data import DataError
+    from bitconvert.train.finetune import FinetuneDataError
     from bitconvert.train.loop import ResumeError
 
-    errors = [ModelSourceError, RecipeError, UnsupportedModuleError, DataError, ExportError, ResumeError, DiskFullError]
+    errors = [ModelSourceError, RecipeError, UnsupportedModuleError, DataError, ExportError, ResumeError, DiskFullError,
+              FinetuneDataError]
     try:
         from bitconvert.eval import EvalError
 
@@ -158,14 +160,54 @@ def run(recipe, overrides, resume, dry_run):
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @click.option("--device", help="cpu, cuda ... (default: cuda if available).")
-def generate(model_dir, prompt, max_new_tokens, temperature, chat, device):
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="LoRA folder from `bitconvert finetune`.")
+def generate(model_dir, prompt, max_new_tokens, temperature, chat, device, adapter):
     """Generate text from MODEL_DIR (a ternary export, or any model) after PROMPT."""
     from bitconvert.api import generate as run_generate
 
     click.echo(prompt, nl=False)
     run_generate(model_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, chat=chat,
-                 device=device, on_text=lambda text: click.echo(text, nl=False))
+                 device=device, on_text=lambda text: click.echo(text, nl=False), adapter=adapter)
     click.echo()
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="JSONL rows: {prompt, response}, {messages: [...]} or {text}.")
+@click.option("--out", "output", required=True, type=click.Path(file_okay=False), help="Adapter folder to write.")
+@click.option("--epochs", type=float, help="Passes over the data (default 3).")
+@click.option("--steps", type=int, help="Optimizer steps (overrides --epochs).")
+@click.option("--lr", type=float, help="Peak learning rate (default 2e-4).")
+@click.option("--rank", type=int, help="LoRA rank (default 16).")
+@click.option("--alpha", type=float, help="LoRA alpha (default 32).")
+@click.option("--dropout", type=float, help="LoRA dropout (default 0.05).")
+@click.option("--batch-size", type=int, help="Examples per micro-batch (default 4).")
+@click.option("--grad-accum", type=int, help="Micro-batches per step (default 1).")
+@click.option("--max-length", type=int, help="Tokens per example (default 1024).")
+@click.option("--target", "targets", multiple=True, help="Module leaf name to adapt (repeatable; default: all packed linears).")
+@click.option("--template", type=click.Choice(["auto", "chat", "plain"]), help="Rendering of prompt/response rows.")
+@click.option("--seed", type=int, help="Adapter init and data order (default 0).")
+@click.option("--device", help="cpu, cuda ... (default: cuda if available).")
+def finetune(model_dir, data, output, epochs, steps, lr, rank, alpha, dropout, batch_size, grad_accum, max_length,
+             targets, template, seed, device):
+    """Train LoRA adapters on DATA over the frozen packed model in MODEL_DIR; save them (peft format) to OUT."""
+    from pydantic import ValidationError
+
+    from bitconvert.train.finetune import FinetuneConfig
+    from bitconvert.train.finetune import finetune as run_finetune
+
+    given = {"epochs": epochs, "steps": steps, "lr": lr, "rank": rank, "alpha": alpha, "dropout": dropout,
+             "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length,
+             "target_modules": list(targets) or None, "template": template, "seed": seed}
+    try:
+        config = FinetuneConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as err:
+        raise click.UsageError(str(err)) from None
+    result, _ = run_finetune(model_dir, data, output, config, device=device)
+    click.echo(f"trained {result.steps} steps on {result.examples} examples ({result.response_tokens:,} response "
+               f"tokens) in {result.seconds:.0f} s; final loss {result.losses[-1]:.4f}")
+    click.echo(f"adapter saved to {output}")
 
 
 @main.command()
