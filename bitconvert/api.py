@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -74,17 +73,19 @@ def quantize(recipe: Recipe, *, resume: bool = False, accelerator=None) -> Quant
         save_recipe(recipe, out / "recipe.yaml")
     start = time.perf_counter()
 
-    original, tokenizer = load_model(recipe.model, dtype=torch.float32, device="cpu")
+    student, tokenizer = load_model(recipe.model, dtype=torch.float32, device="cpu")
     mode = recipe.train.mode
-    teacher = original if mode == "distill" else None
-    student = copy.deepcopy(original) if teacher is not None else original
+    teacher = None
+    if mode == "distill":
+        # A second load rather than a copy: the teacher needs no float32 master weights, and an 8B
+        # model's two float32 copies per process would not fit in host memory on 8 GPUs.
+        on_gpu = accelerator.device.type == "cuda"
+        teacher, _ = load_model(recipe.model, dtype=torch.bfloat16 if on_gpu else torch.float32, device="cpu")
     report = convert_to_bitnet(student, recipe.convert.quant_spec(), recipe.convert.skip)
     result = QuantizeResult(output=out, report=report, is_main_process=main)
 
     if mode != "none":
         device = accelerator.device
-        if teacher is not None and device.type == "cuda":
-            teacher.to(dtype=torch.bfloat16)
         if teacher is not None and main and any(s.generate for s in recipe.data.train):
             teacher.to(device)  # only the main process samples teacher text
         data = build_training_data(recipe.data, tokenizer, seed=recipe.train.seed, cache_dir=run_dir / "data",
@@ -123,7 +124,11 @@ def _gather_student(student, recipe: Recipe, accelerator):
         return None
     fresh, _ = load_model(recipe.model, dtype=torch.float32, device="cpu")
     convert_to_bitnet(fresh, recipe.convert.quant_spec(), recipe.convert.skip)
-    fresh.load_state_dict(state, strict=False)
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    tied = {k for k in missing if getattr(fresh.config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"gathered FSDP state does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
     return fresh
 
 

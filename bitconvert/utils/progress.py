@@ -33,7 +33,7 @@ class Progress:
             stats["tok/s"] = (tokens - self._last_tokens[1]) / (now - self._last_tokens[0])
         self._last_tokens = (now, tokens)
         if self.by_time:
-            self.bar.update(max(0, round(elapsed_seconds) - self.bar.n))
+            self.bar.update(max(0, min(round(elapsed_seconds), self.bar.total) - self.bar.n))
             stats = {"step": step, **stats}
         else:
             self.bar.update(step - self.bar.n)

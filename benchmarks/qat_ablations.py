@@ -1,0 +1,188 @@
+"""QAT ablations on SmolLM2-135M: one fixed wall-clock budget per configuration, one GPU, one call.
+
+Every configuration starts from the same original model, trains by distillation on WikiText-2
+valid.txt for the same number of seconds, and is scored by perplexity on WikiText-2 test.txt
+(non-overlapping 512-token blocks, the same blocks for the original). Prints a table and writes
+``qat_ablations.json`` (with per-configuration curves) under --out.
+
+    python benchmarks/qat_ablations.py --model /root/m/smollm2.gguf --data .data/wikitext-2 \
+        --seconds 40 --configs reference,tensor_scale,no_quant_warmup --out $OUT
+    python benchmarks/qat_ablations.py ... --throughput   # eager vs fused quantizers vs compiled model
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bitconvert.convert import convert_to_bitnet  # noqa: E402
+from bitconvert.recipes.loading import recipe_from_dict  # noqa: E402
+from bitconvert.sources import load_model  # noqa: E402
+from bitconvert.train.data import build_training_data  # noqa: E402
+from bitconvert.train.loop import held_out_loss, train  # noqa: E402
+
+# The reference: the best recipe known before these ablations (calibration notes), one change per row below.
+REFERENCE = {
+    "convert": {"weight_scale": "channel"},
+    "train": {"mode": "distill", "batch_size": 32, "lr": 1e-3, "schedule": "cosine", "warmup_steps": 20,
+              "quant_warmup_steps": 100, "loss": {"kl": 1.0, "ce": 0.5}, "log_every": 5, "save_every": 0,
+              "save_every_minutes": 0},
+}
+
+ABLATIONS: dict[str, dict] = {
+    "reference": {},
+    "tensor_scale": {"convert": {"weight_scale": "tensor"}},
+    "group64_scale": {"convert": {"weight_scale": "group", "group_size": 64}},
+    "no_quant_warmup": {"train": {"quant_warmup_steps": 0}},
+    "kl_only": {"train": {"loss": {"ce": 0.0}}},
+    "plus_hidden": {"train": {"loss": {"hidden": 1.0}}},
+    "temperature_2": {"train": {"loss": {"temperature": 2.0}}},
+    "subln_output": {"convert": {"subln": "output"}},
+    "lr_2e-3": {"train": {"lr": 2e-3}},
+    "lr_5e-4": {"train": {"lr": 5e-4}},
+    "batch_16": {"train": {"batch_size": 16}},
+    "keep_edge_blocks": {"convert": {"skip": [r"model\.layers\.(0|29)\..*"]}},
+    "teacher_text_mix": {"data": {"generate_mix": 0.3}},
+}
+
+
+def merge(base: dict, change: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in change.items():
+        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
+
+
+def recipe_for(name: str, args) -> "Recipe":  # noqa: F821
+    spec = merge(REFERENCE, ABLATIONS[name])
+    mix = spec.get("data", {}).pop("generate_mix", None)
+    sources = [{"path": str(args.data / "valid.txt")}]
+    if mix:
+        sources.append({"generate": {"tokens": args.generate_tokens, "sequence_length": args.sequence_length,
+                                     "batch_size": 64},
+                        "weight": mix / (1 - mix)})
+    spec["data"] = {"train": sources, "eval": {"path": str(args.data / "test.txt")},
+                    "sequence_length": args.sequence_length}
+    spec["model"] = str(args.model)
+    spec["train"]["minutes"] = args.seconds / 60
+    spec["train"]["eval_every"] = args.eval_every
+    return recipe_from_dict(spec, source=f"ablation {name}")
+
+
+def run_config(name, args, original, teacher, tokenizer, accelerator_factory) -> dict:
+    recipe = recipe_for(name, args)
+    accelerator = accelerator_factory()
+    student = copy.deepcopy(original)
+    report = convert_to_bitnet(student, recipe.convert.quant_spec(), recipe.convert.skip)
+    started = time.perf_counter()
+    data = build_training_data(recipe.data, tokenizer, seed=0, cache_dir=args.work / "data", teacher=teacher,
+                               device=accelerator.device)
+    data_seconds = time.perf_counter() - started
+    result = train(student, teacher, data, recipe.train, args.work / name, accelerator=accelerator, eval_batch_size=32)
+    rows = result.metrics
+    speeds = [r["tokens_per_second"] for r in rows if "tokens_per_second" in r][2:]
+    curve = [(r["tokens"], r["eval_ppl"]) for r in rows if "eval_ppl" in r]
+    out = {"name": name, "change": ABLATIONS[name], "steps": result.steps, "tokens": result.tokens,
+           "seconds": result.seconds, "data_seconds": round(data_seconds, 1),
+           "tokens_per_second": statistics.median(speeds) if speeds else None,
+           "converted_layers": len(report.converted), "final_ppl": curve[-1][1] if curve else None, "curve": curve}
+    del student, accelerator, result
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out
+
+
+def throughput(args, original, teacher, tokenizer, accelerator_factory) -> list[dict]:
+    """Tokens/s of one distillation step: eager quantizers, fused (compiled) quantizers, compiled model."""
+    import bitconvert.layers.bitlinear as bl
+
+    recipe = recipe_for("reference", args)
+    data = build_training_data(recipe.data, tokenizer, seed=0, cache_dir=args.work / "data")
+    results = []
+    fused = (bl._activation_ste_fused, bl._weight_ste_fused)
+    for label, use_fused, compile_model in (("eager quantizers", False, False), ("fused quantizers", True, False),
+                                            ("fused + compiled model", True, True)):
+        bl._activation_ste_fused, bl._weight_ste_fused = fused if use_fused else (bl._activation_ste, bl._weight_ste)
+        cfg = recipe.train.model_copy(update={"minutes": None, "steps": args.throughput_steps, "compile": compile_model,
+                                              "eval_every": 0, "log_every": 1})
+        accelerator = accelerator_factory()
+        student = copy.deepcopy(original)
+        convert_to_bitnet(student, recipe.convert.quant_spec())
+        nodata = copy.copy(data)
+        nodata.eval_blocks = None
+        result = train(student, teacher, nodata, cfg, args.work / f"tp-{len(results)}", accelerator=accelerator)
+        speeds = [r["tokens_per_second"] for r in result.metrics if "tokens_per_second" in r][3:]
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        results.append({"setting": label, "tokens_per_second": statistics.median(speeds), "peak_gib": round(peak, 2)})
+        print(f"  {label:26s} {results[-1]['tokens_per_second']:>10,.0f} tok/s  peak {peak:.1f} GiB", flush=True)
+        del student, accelerator, result
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    bl._activation_ste_fused, bl._weight_ste_fused = fused
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("BITCONVERT_DATA", ".data")) / "wikitext-2")
+    parser.add_argument("--seconds", type=float, default=40)
+    parser.add_argument("--eval-every", type=int, default=40)
+    parser.add_argument("--configs", default=",".join(ABLATIONS))
+    parser.add_argument("--generate-tokens", type=int, default=100_000)
+    parser.add_argument("--throughput", action="store_true")
+    parser.add_argument("--throughput-steps", type=int, default=12)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/qat-ablations"))
+    parser.add_argument("--device", default="cuda", help="cpu only for a smoke test with a tiny model")
+    parser.add_argument("--sequence-length", type=int, default=512)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    from accelerate import Accelerator
+
+    on_gpu = args.device == "cuda"
+
+    def accelerator_factory():
+        return Accelerator(mixed_precision="bf16" if on_gpu else "no", cpu=not on_gpu)
+
+    original, tokenizer = load_model(args.model, dtype=torch.float32, device="cpu")
+    teacher = copy.deepcopy(original).to(device=args.device, dtype=torch.bfloat16 if on_gpu else torch.float32).eval()
+    eval_blocks = build_training_data(recipe_for("reference", args).data, tokenizer, seed=0,
+                                      cache_dir=args.work / "data").eval_blocks
+    teacher_ppl = math.exp(held_out_loss(teacher, eval_blocks, 32, accelerator_factory()))
+    print(f"original perplexity on WikiText-2 test ({len(eval_blocks)} blocks of 512): {teacher_ppl:.2f}", flush=True)
+    report = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__, "seconds_per_config": args.seconds,
+              "reference": REFERENCE, "original_ppl": teacher_ppl, "eval_blocks": len(eval_blocks), "configs": []}
+    if args.throughput:
+        report["throughput"] = throughput(args, original, teacher, tokenizer, accelerator_factory)
+    for name in [c for c in args.configs.split(",") if c]:
+        row = run_config(name, args, original, teacher, tokenizer, accelerator_factory)
+        report["configs"].append(row)
+        print(f"  {name:18s} steps {row['steps']:>5d}  tokens {row['tokens']:>10,d}  "
+              f"{row['tokens_per_second'] or 0:>9,.0f} tok/s  ppl {row['final_ppl']:.2f} "
+              f"({row['final_ppl'] / teacher_ppl:.2f}x)", flush=True)
+        (args.out / "qat_ablations.json").write_text(json.dumps(report, indent=2))
+    print("\n| config | change | steps | tokens | tok/s | ppl | x original |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for row in report["configs"]:
+        print(f"| {row['name']} | `{json.dumps(row['change'])}` | {row['steps']} | {row['tokens']:,} | "
+              f"{row['tokens_per_second'] or 0:,.0f} | {row['final_ppl']:.2f} | {row['final_ppl'] / teacher_ppl:.3f} |")
+    (args.out / "qat_ablations.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
