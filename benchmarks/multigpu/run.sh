@@ -12,10 +12,11 @@ if [ -z "$model" ]; then
 fi
 recipe=benchmarks/multigpu/recipe.yaml
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=4
-python3 -m bitconvert.cli -q run $recipe --set model="$model" --set output=$work/one --set train.grad_accum=2 2>&1 | tail -3
+python3 -m bitconvert.cli -q run $recipe --set model="$model" --set output=$work/one --set train.grad_accum=2 \
+  > "$out/one.log" 2>&1 || { tail -30 "$out/one.log"; exit 1; }
 python3 -m accelerate.commands.launch --config_file recipes/accelerate/ddp.yaml --num_processes 2 -m bitconvert.cli -q run $recipe \
-  --set model="$model" --set output=$work/ddp 2>&1 | tail -3
+  --set model="$model" --set output=$work/ddp > "$out/ddp.log" 2>&1 || { tail -30 "$out/ddp.log"; exit 1; }
 python3 -m accelerate.commands.launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 -m bitconvert.cli -q run $recipe \
-  --set model="$model" --set output=$work/fsdp 2>&1 | tail -3
+  --set model="$model" --set output=$work/fsdp > "$out/fsdp.log" 2>&1 || { tail -30 "$out/fsdp.log"; exit 1; }
 python3 benchmarks/multigpu/report.py "1 GPU=$work/one" "2 GPUs DDP=$work/ddp" "2 GPUs FSDP=$work/fsdp" --out "$out"
 cp $work/fsdp/training_curves.png "$out/fsdp_training_curves.png" 2>/dev/null || true
