@@ -81,7 +81,8 @@ def quantize(recipe: Recipe, *, resume: bool = False, accelerator=None) -> Quant
         # model's two float32 copies per process would not fit in host memory on 8 GPUs.
         on_gpu = accelerator.device.type == "cuda"
         teacher, _ = load_model(recipe.model, dtype=torch.bfloat16 if on_gpu else torch.float32, device="cpu")
-    report = convert_to_bitnet(student, recipe.convert.quant_spec(), recipe.convert.skip)
+    report = convert_to_bitnet(student, recipe.convert.quant_spec(), recipe.convert.skip,
+                               mixture_of_depths=recipe.convert.mixture_of_depths)
     result = QuantizeResult(output=out, report=report, is_main_process=main)
 
     if mode != "none":
@@ -119,11 +120,15 @@ def _gather_student(student, recipe: Recipe, accelerator):
 
     if accelerator.distributed_type != DistributedType.FSDP:
         return accelerator.unwrap_model(student)
-    state = accelerator.get_state_dict(student)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # Full (unsharded) tensors, gathered to the CPU of the first process only.
+    state = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not accelerator.is_main_process:
         return None
     fresh, _ = load_model(recipe.model, dtype=torch.float32, device="cpu")
-    convert_to_bitnet(fresh, recipe.convert.quant_spec(), recipe.convert.skip)
+    convert_to_bitnet(fresh, recipe.convert.quant_spec(), recipe.convert.skip,
+                      mixture_of_depths=recipe.convert.mixture_of_depths)
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     tied = {k for k in missing if getattr(fresh.config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
     if unexpected or set(missing) - tied:
