@@ -107,6 +107,8 @@ def quantize(recipe: Recipe, *, resume: bool = False, accelerator=None) -> Quant
                                          perplexity_files=recipe.eval.perplexity, limit=recipe.eval.limit,
                                          batch_size=recipe.eval.batch_size, device=str(accelerator.device),
                                          data_dir=recipe.eval.data_dir)
+    if accelerator.num_processes > 1:
+        accelerator.end_training()  # tears down the process group cleanly
     return result
 
 
