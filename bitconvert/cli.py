@@ -96,6 +96,8 @@ def _report(result) -> None:
 @click.option("--variant", type=click.Choice(["b1.58", "bitnet1", "onebit"]),
               help="Weight quantizer: ternary b1.58 (default), BitNet 1-bit, or OneBit (docs/variants.md).")
 @click.option("--weight-scale", type=click.Choice(["tensor", "channel", "group"]), help="Absmean scale granularity.")
+@click.option("--mod-capacity", type=float, help="Mixture-of-Depths: route every other block, this share of tokens "
+                                                "(e.g. 0.125; more with --set convert.mixture_of_depths.KEY=VALUE).")
 @click.option("--group-size", type=int, help="Inputs per scale with --weight-scale group.")
 @click.option("--skip", multiple=True, help="Module name/suffix/regex to keep in full precision (repeatable).")
 @click.option("--format", "formats", multiple=True, type=click.Choice(["packed", "gguf-tq2_0", "gguf-tq1_0"]),
@@ -104,7 +106,7 @@ def _report(result) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any recipe key, e.g. train.lr=3e-4.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT/training.")
 def quantize(model, output, recipe, mode, steps, tokens, minutes, data, eval_data, seq_len, batch_size, grad_accum, lr,
-             variant, weight_scale, group_size, skip, formats, device, overrides, resume):
+             variant, weight_scale, mod_capacity, group_size, skip, formats, device, overrides, resume):
     """Convert MODEL (embedded name, folder, .gguf file or hub id) to BitNet b1.58 and export it to OUT."""
     import yaml
 
@@ -120,7 +122,7 @@ def quantize(model, output, recipe, mode, steps, tokens, minutes, data, eval_dat
         sets += [f"train.{k}={'null' if v is None else v}" for k, v in budgets.items()]
     for key, value in {"data.eval": None, "data.sequence_length": seq_len, "train.batch_size": batch_size,
                        "train.grad_accum": grad_accum, "train.lr": lr, "convert.variant": variant,
-                       "convert.weight_scale": weight_scale,
+                       "convert.weight_scale": weight_scale, "convert.mixture_of_depths.capacity": mod_capacity,
                        "convert.group_size": group_size, "device": device}.items():
         if value is not None:
             sets.append(f"{key}={value}")

@@ -39,10 +39,12 @@ class ConversionReport:
     converted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     kept_full_precision: list[str] = field(default_factory=list)
+    routed: list[str] = field(default_factory=list)  # blocks with a Mixture-of-Depths router
 
     def summary(self) -> str:
-        return (f"converted {len(self.converted)} layers to BitLinear, skipped {len(self.skipped)} by request, "
+        text = (f"converted {len(self.converted)} layers to BitLinear, skipped {len(self.skipped)} by request, "
                 f"kept {len(self.kept_full_precision)} in full precision")
+        return text + (f", routed {len(self.routed)} blocks (Mixture-of-Depths)" if self.routed else "")
 
 
 def _conv1d_type():
@@ -142,18 +144,24 @@ def plan_conversion(model: nn.Module, skip: Sequence[str] = (), spec: QuantSpec 
     return targets, report
 
 
-def convert_to_bitnet(model: nn.Module, spec: QuantSpec, skip: Sequence[str] = ()) -> ConversionReport:
+def convert_to_bitnet(model: nn.Module, spec: QuantSpec, skip: Sequence[str] = (), *,
+                      mixture_of_depths=None) -> ConversionReport:
     """Replace, in place, every supported linear inside the decoder blocks by its BitLinear twin
     (quantized as ``spec.variant`` says: ternary b1.58, binary bitnet1, or onebit).
 
     Embeddings and the output head live outside the blocks and stay in full precision; ``skip``
     keeps more (module names, dotted suffixes such as ``mlp.down_proj``, or regexes).
+    ``mixture_of_depths`` (a :class:`bitconvert.mod.MoDConfig` or dict) also routes every other block.
     """
     targets, report = plan_conversion(model, skip, spec)
     for name, module in targets.items():
         leaf = name.rsplit(".", 1)[-1]
         use_norm = spec.subln == "all" or (spec.subln == "output" and leaf in OUTPUT_PROJECTIONS)
         model.set_submodule(name, _replacement(module)(module, spec, use_norm))
+    if mixture_of_depths is not None:
+        from bitconvert.mod import install_mixture_of_depths
+
+        report.routed = install_mixture_of_depths(model, mixture_of_depths)
     log.info(report.summary())
     return report
 

@@ -12,6 +12,10 @@ Layout (see docs/formats.md):
                       (``bitnet1``, ``onebit``) store ``weight`` as uint8 (out, in/8), signs packed
                       8 inputs to a byte; ``onebit`` stores ``input_scale`` (in,) and
                       ``output_scale`` (out,) in float32 instead of ``weight_scale``.
+                      A model with Mixture-of-Depths routing (bitconvert.mod) also holds
+                      ``<block>.mod_router.*`` in float32, and its ``quantization_config`` (always
+                      ``bitconvert`` then) records ``mixture_of_depths`` so the loader rebuilds the
+                      routed blocks before reading weights.
   bitconvert.json     format description, converted modules, provenance, sha256 of every file.
                       Written last: a folder without it (or with a checksum that fails) is not a
                       finished export.
@@ -60,10 +64,12 @@ def _register_with_transformers() -> None:
 
     @register_quantization_config("bitconvert")
     class BitconvertQuantConfig(QuantizationConfigMixin):
-        def __init__(self, spec: dict | None = None, modules: dict | None = None, **kwargs):
+        def __init__(self, spec: dict | None = None, modules: dict | None = None,
+                     mixture_of_depths: dict | None = None, **kwargs):
             self.quant_method = "bitconvert"
             self.spec = spec or {}
             self.modules = modules or {}
+            self.mixture_of_depths = mixture_of_depths
 
     @register_quantizer("bitconvert")
     class BitconvertHfQuantizer(HfQuantizer):
@@ -72,6 +78,10 @@ def _register_with_transformers() -> None:
         def _process_model_before_weight_loading(self, model, **kwargs):
             cfg = self.quantization_config
             install_packed_modules(model, QuantSpec(**cfg.spec), cfg.modules)
+            if getattr(cfg, "mixture_of_depths", None):
+                from bitconvert.mod import install_mixture_of_depths
+
+                install_mixture_of_depths(model, cfg.mixture_of_depths)
 
         def is_serializable(self, *args, **kwargs):
             return True
@@ -127,7 +137,10 @@ def _unconverted_linears(model: nn.Module, converted: set[str]) -> list[str]:
 
 def transformers_compatible(model: nn.Module, spec: QuantSpec, modules: dict[str, nn.Module]) -> bool:
     """Can transformers' own bitnet quantizer (``linear_class: bitlinear``) represent this model?"""
+    from bitconvert.mod import routed_blocks
+
     return (spec.variant == "b1.58" and spec.weight_scale == "tensor" and spec.subln in ("none", "all")
+            and not routed_blocks(model)
             and all(isinstance(m, BitLinear) and not m.transposed_source
                     for m in modules.values()))
 
@@ -159,7 +172,9 @@ def packed_state_dict(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, t
         if key.startswith(owned) or value.data_ptr() in seen:
             continue
         seen.add(value.data_ptr())
-        tensors[key] = value.detach().to(dtype).cpu() if value.is_floating_point() else value.detach().cpu()
+        # Mixture-of-Depths routers stay float32: rounding them would move tokens across the threshold.
+        keep = value.is_floating_point() and ".mod_router." not in key
+        tensors[key] = value.detach().to(dtype).cpu() if keep else value.detach().cpu()
     return {k: v.contiguous() for k, v in tensors.items()}, {n: _module_entry(m) for n, m in modules.items()}
 
 
@@ -167,6 +182,7 @@ def export_ternary(model: nn.Module, tokenizer, out_dir: str | os.PathLike, spec
                    dtype: torch.dtype = torch.bfloat16, provenance: dict[str, Any] | None = None) -> Path:
     """Write a converted (BitLinear) model as a packed ternary folder. Returns the folder."""
     from bitconvert.convert import quantized_modules
+    from bitconvert.mod import mod_config
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,6 +194,7 @@ def export_ternary(model: nn.Module, tokenizer, out_dir: str | os.PathLike, spec
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
     compatible = transformers_compatible(model, spec, modules)
+    routing = mod_config(model)
     if compatible:
         config["quantization_config"] = {
             "quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline",
@@ -185,6 +202,8 @@ def export_ternary(model: nn.Module, tokenizer, out_dir: str | os.PathLike, spec
             "use_rms_norm": spec.subln == "all", "rms_norm_eps": spec.rms_norm_eps}
     else:
         config["quantization_config"] = {"quant_method": "bitconvert", "spec": spec.model_dump(), "modules": entries}
+        if routing is not None:
+            config["quantization_config"]["mixture_of_depths"] = routing.model_dump()
 
     weights_tmp = out / f".{WEIGHTS}.tmp"
     try:
@@ -205,6 +224,7 @@ def export_ternary(model: nn.Module, tokenizer, out_dir: str | os.PathLike, spec
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "transformers_compatible": compatible, "spec": spec.model_dump(), "modules": entries,
         "export_dtype": config["dtype"], "quantized_parameters": quantized,
+        "mixture_of_depths": routing.model_dump() if routing is not None else None,
         "provenance": provenance or {}, "files": {}}
     write_manifest(out, manifest)
     log.info("exported %s (%s)", out, "loads in plain transformers" if compatible else "loads after `import bitconvert`")

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from bitconvert.mod import MoDConfig
 from bitconvert.quant.spec import QuantSpec
 
 
@@ -24,9 +25,11 @@ class ConvertConfig(QuantSpec):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     skip: list[str] = Field(default_factory=list, description="module names, dotted suffixes or regexes kept in full precision")
+    mixture_of_depths: MoDConfig | None = Field(
+        default=None, description="route only some tokens through every other block (docs/variants.md); null = off")
 
     def quant_spec(self) -> QuantSpec:
-        return QuantSpec(**self.model_dump(exclude={"skip"}))
+        return QuantSpec(**self.model_dump(exclude={"skip", "mixture_of_depths"}))
 
 
 class GenerateSource(Strict):
