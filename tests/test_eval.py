@@ -195,9 +195,18 @@ def test_missing_data_and_unknown_tasks_fail_before_loading(tiny_export, data_di
         evaluate(tiny_export, tasks=[])
     with pytest.raises(EvalError, match="perplexity file .* does not exist"):
         evaluate(tiny_export, perplexity_files=[tmp_path / "missing.txt"])
-    # An unknown name is checked against the harness's whole task index (slow to build: one case only).
+    # Names outside bitconvert's local tasks are checked against the harness's whole task index
+    # (seconds to build, so two cases only): an unknown name, and a hub task with no network.
     with pytest.raises(EvalError, match=r"unknown task 'wikitext_locl'; did you mean .*wikitext_local"):
-        evaluate(tiny_export, tasks=["wikitext_locl"], data_dir=data_dir)
+        evaluate(tiny_export, tasks=["piqa", "wikitext_locl"], data_dir=data_dir)
+    import datasets
+
+    def offline(path, *args, **kwargs):  # what datasets raises offline, whatever this machine has cached
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(EvalError, match=r"task 'piqa' could not load its data .*use bitconvert's piqa_local"):
+        evaluate(tiny_export, tasks=["piqa"], data_dir=data_dir)
     assert count_loads == []
 
 
