@@ -31,7 +31,7 @@ class QuantSpec(BaseModel):
 
     variant: Variant = Field(
         default="b1.58", description="weight quantizer: b1.58 = absmean ternary, bitnet1 = binary sign(w - mean) x "
-                                     "mean|w|, onebit = sign matrix between two trained scale vectors (docs/variants.md)")
+                                     "mean abs(w), onebit = sign matrix between two trained scale vectors (docs/variants.md)")
     weight_scale: Literal["tensor", "channel", "group"] = Field(
         default="tensor", description="one absmean scale per tensor, per output row, or per group of inputs")
     group_size: int = Field(default=128, gt=0, description="inputs per scale when weight_scale is group")
