@@ -304,6 +304,22 @@ def test_reexport_into_a_folder_keeps_its_manifest_valid(tmp_path, tiny_tokenize
     read_manifest(folder)  # checksums still hold
 
 
+def test_recipe_export_formats_write_gguf_through_the_pipeline(tmp_path, tiny_llama_dir):
+    """``export.formats: [gguf-...]`` in a recipe goes through bitconvert's own quantize()."""
+    from bitconvert.api import quantize
+    from bitconvert.recipes.loading import recipe_from_dict
+
+    recipe = recipe_from_dict({"model": str(tiny_llama_dir), "output": str(tmp_path / "out"), "device": "cpu",
+                               "train": {"mode": "none"}, "export": {"formats": ["packed", "gguf-tq1_0"]}})
+    result = quantize(recipe)
+    path = result.exports["gguf-tq1_0"]
+    assert path == tmp_path / "out" / "model-tq1_0.gguf"
+    fields, tensors = read(path)
+    assert fields["general.architecture"] == "llama" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == GGMLQuantizationType.Q8_0  # hidden 64 < 256
+    read_manifest(tmp_path / "out")
+
+
 def test_cli_reports_bad_format_cleanly(tmp_path):
     result = CliRunner().invoke(main, ["export", str(tmp_path), "--format", "gguf-q4_0"])
     assert result.exit_code == 2 and "gguf-q4_0" in result.output
@@ -324,9 +340,11 @@ def test_q_k_permutation_matches_the_smollm2_source_gguf(smollm2):
 
 
 @pytest.mark.slow
-def test_llama_cpp_reproduces_bitconvert_logits(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_llama_cpp_reproduces_bitconvert_logits(tmp_path, tiny_tokenizer, arch):
     llama_cpp = pytest.importorskip("llama_cpp")
-    model = converted(QuantSpec(weight_scale="channel"))
+    experts = {"num_local_experts": 4, "num_experts_per_tok": 2} if arch == "mixtral" else {}
+    model = converted(QuantSpec(weight_scale="channel"), arch=arch, **experts)
     export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", "tq2_0")
     llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     try:
@@ -339,6 +357,9 @@ def test_llama_cpp_reproduces_bitconvert_logits(tmp_path, tiny_tokenizer):
         llm.close()
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0].numpy()
-    # llama.cpp quantizes activations in blocks of 256 instead of per token: close, not equal
+    # llama.cpp quantizes activations in blocks of 256 instead of per token: close, not equal (and a
+    # near tie in the router can send a token to another expert)
     assert np.corrcoef(theirs.ravel(), ours.ravel())[0, 1] > 0.999
-    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
+    top5 = np.argsort(-theirs, axis=-1)[:, :5]
+    assert (top5 == ours.argmax(-1)[:, None]).any(-1).mean() >= 0.95
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= (0.9 if arch == "llama" else 0.75)
