@@ -94,7 +94,8 @@ def main() -> int:
                       use_cache=not args.no_cache)
     eval_seconds = time.perf_counter() - t0
     device = report.settings["device"]
-    hardware = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else platform.processor() or "cpu"
+    on_gpu = device.startswith("cuda")
+    hardware = torch.cuda.get_device_name(torch.device(device)) if on_gpu else platform.processor() or "cpu"
     skipped = [t for t in IF_PRESENT if t not in tasks]
 
     args.out.mkdir(parents=True, exist_ok=True)

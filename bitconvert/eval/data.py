@@ -116,7 +116,8 @@ def read_arc(path: Path) -> list[dict[str, Any]]:
         question = row["question"]
         if isinstance(question, dict):  # AI2 release
             _need(question, ("stem", "choices"), path, number)
-            choices = {"text": [c["text"] for c in question["choices"]], "label": [c["label"] for c in question["choices"]]}
+            listed = question["choices"]
+            choices = {"text": [c["text"] for c in listed], "label": [c["label"] for c in listed]}
             question = question["stem"]
         else:
             _need(row, ("choices",), path, number)
@@ -204,8 +205,9 @@ def find_task_file(name: str, data_dir: str | os.PathLike | None = None,
     for path in tried:
         if path.is_file():
             return path
-    raise EvalError(f"{name}: no data at {tried[0]}" + (f" (nor {', '.join(p.name for p in tried[1:])})" if len(tried) > 1 else "")
-                    + f"; put {task.note.split(';')[0]} there or pass --task-data {name}=FILE")
+    others = f" (nor {', '.join(p.name for p in tried[1:])})" if len(tried) > 1 else ""
+    raise EvalError(f"{name}: no data at {tried[0]}{others}; put {task.note.split(';')[0]} there "
+                    f"or pass --task-data {name}=FILE")
 
 
 def task_files(name: str, data_dir=None, data_paths=None) -> list[Path]:

@@ -29,9 +29,10 @@ class EvalRow:
 def _number(value: float | None, metric: str, signed: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    wide = "perplexity" in metric  # perplexities run from ~10 to millions; accuracies live in [0, 1]
-    text = f"{value:+,.2f}" if signed and wide else f"{value:,.2f}" if wide else f"{value:+.4f}" if signed else f"{value:.4f}"
-    return text
+    # Perplexities run from ~10 to millions: thousands separators, 2 decimals. Accuracies and bits
+    # per byte live near [0, 10]: 4 decimals.
+    spec = ",.2f" if "perplexity" in metric else ".4f"
+    return format(value, ("+" if signed else "") + spec)
 
 
 def _arrow(row: EvalRow) -> str:
@@ -61,7 +62,8 @@ class EvalReport:
         left = {0, 1}
         lines = []
         for k, row in enumerate(cells):
-            lines.append("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+            padded = (c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            lines.append("  ".join(padded).rstrip())
             if k == 0:
                 lines.append("  ".join("-" * w for w in widths))
         extra = []

@@ -90,7 +90,8 @@ def _task_data_paths(task_data: Mapping[str, str | os.PathLike] | None) -> dict[
     paths = {}
     for name, path in (task_data or {}).items():
         if name not in LOCAL_TASKS:
-            close = [f"{name}_local"] if f"{name}_local" in LOCAL_TASKS else difflib.get_close_matches(name, list(LOCAL_TASKS), n=1)
+            twin = f"{name}_local"
+            close = [twin] if twin in LOCAL_TASKS else difflib.get_close_matches(name, list(LOCAL_TASKS), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise EvalError(f"--task-data names {name!r}, which is not a local task ({', '.join(LOCAL_TASKS)}){hint}")
         paths[name] = str(Path(path).expanduser().resolve())
@@ -168,7 +169,8 @@ def _task_identity(name: str, data_dir: Path | None, data_paths: dict[str, str])
 # --------------------------------------------------------------------------- scoring
 
 def _split_results(results: dict[str, Any], members: set[str]) -> dict[str, Any]:
-    return {section: {k: v for k, v in results.get(section, {}).items() if k in members} for section in _RESULT_SECTIONS}
+    return {section: {k: v for k, v in results.get(section, {}).items() if k in members}
+            for section in _RESULT_SECTIONS}
 
 
 def _score_model(spec: str | Path, units: list[_Unit], *, role: str, manager, limit: int | None, batch_size: int,
@@ -230,8 +232,9 @@ def _metric_rows(unit: _Unit, result: dict[str, Any] | None) -> dict[tuple[str, 
                 continue
             metric, filt = key.split(",", 1)
             label = metric if filt == "none" else f"{metric} [{filt}]"
-            rows[(task, label)] = {"value": _as_float(value), "stderr": _as_float(metrics.get(f"{metric}_stderr,{filt}")),
-                                   "higher_is_better": better.get(metric), "n": n}
+            stderr = _as_float(metrics.get(f"{metric}_stderr,{filt}"))
+            rows[(task, label)] = {"value": _as_float(value), "stderr": stderr, "higher_is_better": better.get(metric),
+                                   "n": n}
     return rows
 
 
@@ -243,7 +246,8 @@ def _build_rows(units: list[_Unit], ternary: dict[str, Any], original: dict[str,
             a, b = old.get((task, metric), {}), new.get((task, metric), {})
             rows.append(EvalRow(task=task, metric=metric, original=a.get("value"), ternary=b.get("value"),
                                 higher_is_better=b.get("higher_is_better", a.get("higher_is_better")),
-                                n=b.get("n", a.get("n")), original_stderr=a.get("stderr"), ternary_stderr=b.get("stderr")))
+                                n=b.get("n", a.get("n")), original_stderr=a.get("stderr"),
+                                ternary_stderr=b.get("stderr")))
     return rows
 
 
@@ -251,8 +255,8 @@ def _notes(names: list[str], files: list[Path], units: list[_Unit], ternary: dic
            limit: int | None) -> list[str]:
     notes = []
     if limit is not None:
-        notes.append(f"limit {limit}: first {limit} items per task" + (f", first {limit} windows per text file" if files else "")
-                     + " — not full-benchmark numbers")
+        per_file = f", first {limit} windows per text file" if files else ""
+        notes.append(f"limit {limit}: first {limit} items per task{per_file} — not full-benchmark numbers")
     local = [n for n in names if n in LOCAL_TASKS]
     if local:
         notes.append(f"{', '.join(local)}: the harness's own task definitions reading local files (docs/evaluation.md)")
@@ -376,8 +380,9 @@ def evaluate(model_dir: str | os.PathLike, *, baseline: str | os.PathLike | None
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     report = EvalReport(
         model_dir=model_dir, baseline=baseline, rows=_build_rows(units, ternary, original),
-        settings={**settings, "device": device, "created": created, "tasks": names, "perplexity_files": [str(f) for f in files],
-                  "data_dir": str(data_root) if data_root else None, "task_data": data_paths},
+        settings={**settings, "device": device, "created": created, "tasks": names,
+                  "perplexity_files": [str(f) for f in files], "data_dir": str(data_root) if data_root else None,
+                  "task_data": data_paths},
         baseline_cached=cached_names,
         notes=_notes(names, files, units, ternary, original, limit))
     for row in report.rows:
