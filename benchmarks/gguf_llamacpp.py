@@ -76,7 +76,8 @@ def llama_cpp_logits(path: Path, windows: list[list[int]], threads: int, decode_
         for token in windows[0][:decode_tokens]:
             llm.eval([token])
         decode = time.perf_counter() - start
-        timing = {"prompt_tokens_per_s": seq_len * len(windows) / seconds, "decode_tokens_per_s": decode_tokens / decode}
+        timing = {"prompt_tokens_per_s": seq_len * len(windows) / seconds,
+                  "decode_tokens_per_s": decode_tokens / decode}
     finally:
         llm.close()
     return np.stack(out), timing
@@ -275,7 +276,8 @@ def main() -> None:
             kinds = [t.tensor_type.name for t in GGUFReader(path).tensors]
             types = {t: kinds.count(t) for t in sorted(set(kinds))}
         theirs, timing = llama_cpp_logits(path, windows, args.threads, args.decode_tokens)
-        rows.append({"name": f"bitconvert (int8 per-token activations) vs GGUF {qtype.upper()}", "mib": path.stat().st_size / 2**20, "tensor_types": types,
+        rows.append({"name": f"bitconvert (int8 per-token activations) vs GGUF {qtype.upper()}",
+                     "mib": path.stat().st_size / 2**20, "tensor_types": types,
                      "comparison": compare(ours, theirs, windows), "timing": timing})
         log.info("%s: %s", qtype, rows[-1]["comparison"])
 
@@ -313,7 +315,8 @@ def main() -> None:
         "rows": rows, "tokenization": tokenization, "notes": notes, "load_average_at_end": os.getloadavg(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "gguf_llamacpp" + ("_trained" if args.train_minutes > 0 else "") + ("_export" if source.kind == "ternary" else "")
+    stem = "gguf_llamacpp" + ("_trained" if args.train_minutes > 0 else "")
+    stem += "_export" if source.kind == "ternary" else ""
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(results))
     print(markdown(results))

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from bitconvert.export.packed import ExportError
-from bitconvert.quant import QuantSpec, ternary_dequantize, unpack_ternary
+from bitconvert.quant import QuantSpec, ternary_dequantize, ternary_quantize, unpack_ternary
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +53,24 @@ class GGUFExportError(ExportError):
 
 @dataclass
 class Ternary:
-    """One ternary weight: int8 codes in {-1, 0, 1} and the step (``1 / inv_scale``) of each weight."""
+    """One ternary weight, read from its module when needed (the codes of an 8B model alone take 8 GB)."""
 
-    codes: torch.Tensor  # (..., out, in)
-    step: torch.Tensor  # float32, same shape as codes
+    read: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # -> (int8 codes (..., out, in), inverse scale)
+    spec: QuantSpec
 
-    def step_fp16(self) -> np.ndarray:
-        return self.step.numpy().astype(np.float16)
+    def codes_and_step(self) -> tuple[np.ndarray, np.ndarray]:
+        """int8 codes in {-1, 0, 1} and the float32 step (``1 / inv_scale``) of every weight."""
+        with torch.no_grad():
+            codes, inv = self.read()
+            codes = codes.detach().cpu().to(torch.int8)
+            ones = torch.ones_like(codes)
+            step = ternary_dequantize(ones, inv.detach().cpu().float(), self.spec.weight_scale, self.spec.group_size)
+        return codes.numpy(), step.numpy()
 
     def values(self) -> np.ndarray:
         """Codes times the fp16-rounded step: exactly what any GGUF type here stores."""
-        return self.codes.numpy().astype(np.float32) * self.step_fp16().astype(np.float32)
-
-
-def _dense_step(codes: torch.Tensor, inv_scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    return ternary_dequantize(torch.ones_like(codes), inv_scale, spec.weight_scale, spec.group_size)
+        codes, step = self.codes_and_step()
+        return codes.astype(np.float32) * step.astype(np.float16).astype(np.float32)
 
 
 def ternary_weights(model: nn.Module) -> tuple[dict[str, Ternary], dict[str, nn.Module]]:
@@ -92,21 +96,21 @@ def ternary_weights(model: nn.Module) -> tuple[dict[str, Ternary], dict[str, nn.
                 "has no place for it. Export GGUF from a model converted with subln: none.")
         if getattr(module, "transposed_source", False):
             raise GGUFExportError(f"{name} comes from a GPT-2 Conv1D; GPT-2 is not a GGUF export target")
-        with torch.no_grad():
-            if isinstance(module, BitLinear):
-                parts = {"weight": module.ternary()}
-            elif isinstance(module, BitExperts):
-                parts = module.ternary()
-            elif isinstance(module, PackedExperts):
-                parts = {proj: (unpack_ternary(getattr(module, proj)), getattr(module, f"{proj}_scale"))
-                         for proj in ("gate_up_proj", "down_proj")}
-            else:
-                parts = {"weight": (unpack_ternary(module.weight), module.weight_scale.float().reshape(-1)
-                                    if hf_bitlinear else module.weight_scale)}
+        if isinstance(module, BitLinear):
+            parts = {"weight": module.ternary}
+        elif isinstance(module, BitExperts):
+            parts = {proj: (lambda m=module, p=proj: ternary_quantize(getattr(m, p), m.spec.weight_scale,
+                                                                      m.spec.group_size))
+                     for proj in ("gate_up_proj", "down_proj")}
+        elif isinstance(module, PackedExperts):
+            parts = {proj: (lambda m=module, p=proj: (unpack_ternary(getattr(m, p)), getattr(m, f"{p}_scale")))
+                     for proj in ("gate_up_proj", "down_proj")}
+        else:
+            parts = {"weight": lambda m=module, hf=hf_bitlinear: (
+                unpack_ternary(m.weight), m.weight_scale.float().reshape(-1) if hf else m.weight_scale)}
         owners[name] = module
-        for suffix, (codes, inv) in parts.items():
-            codes = codes.detach().cpu().to(torch.int8)
-            weights[f"{name}.{suffix}"] = Ternary(codes, _dense_step(codes, inv.detach().cpu().float(), spec))
+        for suffix, read in parts.items():
+            weights[f"{name}.{suffix}"] = Ternary(read, spec)
     return weights, owners
 
 
@@ -264,7 +268,6 @@ def _write_hparams(writer, config, layout: Layout) -> list[tuple[str, np.ndarray
     """Architecture metadata. Returns extra tensors the metadata needs (Llama 3's rope factors)."""
     import gguf
 
-    arch = layout.arch
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -296,7 +299,6 @@ def _write_hparams(writer, config, layout: Layout) -> list[tuple[str, np.ndarray
     if layout.experts:
         writer.add_expert_count(config.num_local_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
-    assert writer.arch == arch
     return extra
 
 
@@ -496,12 +498,13 @@ def export_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, qtype: str
 
     tensors: list[tuple[str, np.ndarray, Any]] = []
     for key, weight in weights.items():
-        codes, step16 = weight.codes.numpy(), weight.step_fp16()
+        codes, step = weight.codes_and_step()
+        step16 = step.astype(np.float16)
         if not np.isfinite(step16).all():
             raise GGUFExportError(f"{key}: a scale overflows fp16")
-        tiny = (step16 != 0) & (np.abs(step16) < np.finfo(np.float16).tiny)
-        if tiny.any() or ((step16 == 0) & (weight.step.numpy() != 0)).any():
+        if ((step16 == 0) & (step != 0)).any() or (np.abs(step16[step16 != 0]) < np.finfo(np.float16).tiny).any():
             log.warning("%s: some scales are below fp16's normal range and lose precision in GGUF", key)
+        del step
         codes, step16 = rope_rows(key, codes), rope_rows(key, step16)
         names = gguf_names(key)
         if len(names) == 2:  # fused gate/up experts: first half gate, second half up
@@ -513,7 +516,8 @@ def export_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, qtype: str
             chosen = choose_type(s, requested)
             if chosen != requested:
                 report.fallbacks.setdefault(_fallback_reason(c.shape, chosen, requested), []).append(gguf_name)
-            tensors.append((gguf_name, encode_ternary(np.ascontiguousarray(c), np.ascontiguousarray(s), chosen), chosen))
+            data = encode_ternary(np.ascontiguousarray(c), np.ascontiguousarray(s), chosen)
+            tensors.append((gguf_name, data, chosen))
     for key, value in plain.items():
         array = rope_rows(key, value.detach().cpu().float().numpy())
         (gguf_name,) = gguf_names(key)
