@@ -180,7 +180,7 @@ class RoutedBlock:
         logits = router(hidden_states)
         cache = get("past_key_values")
         past = cache.get_seq_length(self.mod_layer_idx) if cache is not None else 0
-        if self.training:
+        if router.training:  # the router's own flag: fine-tuning can keep inference routing while the rest trains
             idx, valid = topk_tokens(logits, router.config.capacity), None
             targets = torch.zeros_like(logits).scatter_(1, idx, 1.0)
             bce = F.binary_cross_entropy_with_logits(router.predict(hidden_states), targets)
@@ -284,7 +284,7 @@ def install_mixture_of_depths(model: nn.Module, config: MoDConfig | dict) -> lis
         width = hidden or next(p for p in block.parameters() if p.ndim >= 1).shape[-1]
         device = next(iter(block.parameters()), torch.empty(0)).device
         block.__class__ = routed_class(type(block))
-        block.mod_router = DepthRouter(width, config, len(chosen), device=device)
+        block.mod_router = DepthRouter(width, config, len(chosen), device=device).train(block.training)
         block.mod_layer_idx = i
         block.mod_model_config = getattr(model, "config", None)
         block.aux_loss = None

@@ -159,3 +159,19 @@ def test_cli_finetune_then_generate_with_adapter(export_dir, data_file, tmp_path
     assert result.exit_code == 0, result.output
     bad = runner.invoke(main, ["finetune", str(export_dir), "--data", str(data_file), "--out", str(out), "--rank", "0"])
     assert bad.exit_code != 0 and "rank" in bad.output
+
+
+def test_finetune_on_a_mixture_of_depths_export_keeps_causal_routing(tmp_path, tiny_tokenizer, data_file):
+    from bitconvert.mod import routed_blocks
+
+    model = build_tiny_model("llama", len(tiny_tokenizer), seed=2)
+    convert_to_bitnet(model, QuantSpec(), mixture_of_depths={"capacity": 0.25})
+    export_ternary(model, tiny_tokenizer, tmp_path / "mod", QuantSpec(), dtype=torch.float32)
+    result, trained = finetune(tmp_path / "mod", data_file, tmp_path / "adapter",
+                               FinetuneConfig(steps=2, rank=2, batch_size=2), device="cpu")
+    blocks = list(routed_blocks(trained).values())
+    assert blocks and all(b.aux_loss is None for b in blocks)  # no top-k training routing happened
+    reloaded = load_adapter(load_ternary(tmp_path / "mod")[0], tmp_path / "adapter")
+    ids = torch.randint(0, 320, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=0, atol=0)

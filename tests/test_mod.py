@@ -262,3 +262,21 @@ def test_benchmark_smoke_on_cpu(tmp_path, tiny_llama_dir, corpus_file):
     assert report["arms"][0]["flops_saved_at_measured_routing"] == 0
     assert "Quality cost of MoD" in (out / "results.md").read_text()
     assert CORPUS  # the same text the fixtures use
+
+
+def test_predictor_decision_survives_export(tmp_path, tiny_tokenizer):
+    model = routed_model(layers=2, decision="predictor")
+    spec = QuantSpec()
+    convert_to_bitnet(model, spec)
+    model.eval()
+    ids = torch.randint(0, 320, (1, 16))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    export_ternary(model, tiny_tokenizer, tmp_path, spec, dtype=torch.float32)
+    ours, _ = load_ternary(tmp_path)
+    router = ours.model.layers[1].mod_router
+    assert router.config.decision == "predictor" and router.predictor_in.shape == (128, 64)
+    with torch.no_grad():
+        got = ours(input_ids=ids).logits
+    assert ours.model.layers[1].mod_last_fraction == model.model.layers[1].mod_last_fraction
+    torch.testing.assert_close(got, expected, rtol=0, atol=5e-3)

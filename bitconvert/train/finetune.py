@@ -285,6 +285,12 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     result = FinetuneResult(Path(out), 0, len(examples), sum(sum(l != IGNORE for l in e.labels) for e in examples), 0.0)
     progress = Progress(total_steps=total, desc="finetune")
     peft_model.train()
+    # A Mixture-of-Depths export keeps deciding per token as it will at inference (not by training
+    # top-k): the adapters should learn on the routing they will see.
+    from bitconvert.mod import routed_blocks
+
+    for block in routed_blocks(peft_model).values():
+        block.mod_router.eval()
     start = time.perf_counter()
     tokens = 0
     for step in range(total):
