@@ -280,3 +280,12 @@ def test_predictor_decision_survives_export(tmp_path, tiny_tokenizer):
         got = ours(input_ids=ids).logits
     assert ours.model.layers[1].mod_last_fraction == model.model.layers[1].mod_last_fraction
     torch.testing.assert_close(got, expected, rtol=0, atol=5e-3)
+
+
+def test_recipes_refuse_gguf_for_what_llama_cpp_cannot_run():
+    from bitconvert.recipes.loading import RecipeError, recipe_from_dict
+
+    for sets in (["convert.variant=onebit"], ["convert.mixture_of_depths.capacity=0.25"]):
+        with pytest.raises(RecipeError, match="b1.58 models without Mixture-of-Depths only"):
+            recipe_from_dict({"export": {"formats": ["packed", "gguf-tq2_0"]}}, [*sets, "train.steps=1"])
+    recipe_from_dict({"export": {"formats": ["gguf-tq2_0"]}}, ["train.steps=1"])

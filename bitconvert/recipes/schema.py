@@ -149,4 +149,9 @@ class Recipe(Strict):
             raise ValueError("train.mode 'pretrain' has no teacher: set train.loss.ce > 0 (kl and hidden need mode 'distill')")
         if self.train.mode == "pretrain" and any(s.generate for s in self.data.train):
             raise ValueError("data.train uses 'generate', which needs the teacher: set train.mode to 'distill'")
+        gguf = [f for f in self.export.formats if f.startswith("gguf")]
+        if gguf and (self.convert.variant != "b1.58" or self.convert.mixture_of_depths is not None):
+            # fail before training, not at export: llama.cpp has no 1-bit types and no routed blocks
+            raise ValueError(f"export.formats {gguf} holds b1.58 models without Mixture-of-Depths only; "
+                             "drop the gguf formats or use convert.variant b1.58 without mixture_of_depths")
         return self
