@@ -1,15 +1,14 @@
 """Matrix products with packed ternary weights.
 
 ``ternary_linear`` is the one entry point: it quantizes activations to int8 per token and
-multiplies them with 2-bit packed weights. On CPU it runs the torch reference below.
+multiplies them with 2-bit packed weights. CUDA tensors run Triton kernels (imported on first use,
+so CPU-only installs need no triton); CPU tensors run torch, optionally keeping the unpacked weight
+(``TernaryCache``). See docs/kernels.md.
 """
 
 from bitconvert.kernels.binary import binary_linear_reference, onebit_linear_reference
 from bitconvert.kernels.reference import ternary_linear_reference
-
-
-def ternary_linear(x, packed, inv_scale, bias=None, *, granularity="tensor", group_size=128):
-    return ternary_linear_reference(x, packed, inv_scale, bias, granularity=granularity, group_size=group_size)
+from bitconvert.kernels.ternary import CPU_CACHES, TernaryCache, ternary_linear, triton_available
 
 
 def binary_linear(x, packed, inv_scale, bias=None, *, granularity="tensor", group_size=128):
@@ -22,5 +21,5 @@ def onebit_linear(x, packed, input_scale, output_scale, bias=None):
     return onebit_linear_reference(x, packed, input_scale, output_scale, bias)
 
 
-__all__ = ["binary_linear", "binary_linear_reference", "onebit_linear", "onebit_linear_reference", "ternary_linear",
-           "ternary_linear_reference"]
+__all__ = ["CPU_CACHES", "TernaryCache", "binary_linear", "binary_linear_reference", "onebit_linear",
+           "onebit_linear_reference", "ternary_linear", "ternary_linear_reference", "triton_available"]

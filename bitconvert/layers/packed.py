@@ -4,15 +4,13 @@ variants) plus its scales."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bitconvert.kernels import binary_linear, onebit_linear, ternary_linear
+from bitconvert.kernels import TernaryCache, binary_linear, onebit_linear, ternary_linear
 from bitconvert.layers.bitlinear import RMSNorm
 from bitconvert.quant import (
     QuantSpec,
     binary_dequantize,
-    int8_fake_quantize,
     onebit_dequantize,
     packed_weight_shape,
     scale_shape,
@@ -62,6 +60,8 @@ class PackedBitLinear(nn.Module):
             self.register_buffer("weight_scale", torch.ones(shape, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.rms_norm = RMSNorm(in_features, spec.rms_norm_eps, device=device, dtype=dtype) if use_rms_norm else None
+        # Not state: what the kernels may keep between calls (the unpacked weight on CPU).
+        self.kernel_cache = TernaryCache()
 
     def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         variant, granularity, group = self.spec.variant, self.spec.weight_scale, self.spec.group_size
@@ -69,7 +69,8 @@ class PackedBitLinear(nn.Module):
             return onebit_linear(x, self.weight, self.input_scale, self.output_scale, self.bias)
         if variant == "bitnet1":
             return binary_linear(x, self.weight, self.weight_scale, self.bias, granularity=granularity, group_size=group)
-        return ternary_linear(x, self.weight, self.weight_scale, self.bias, granularity=granularity, group_size=group)
+        return ternary_linear(x, self.weight, self.weight_scale, self.bias, granularity=granularity, group_size=group,
+                              cache=self.kernel_cache)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms_norm is not None:
@@ -94,7 +95,7 @@ class PackedBitLinear(nn.Module):
 
 
 class PackedExperts(nn.Module):
-    """Frozen ternary experts (see ``BitExperts``); unpacks the experts a batch routes to."""
+    """Frozen ternary experts (see ``BitExperts``); each expert a batch routes to is one ``ternary_linear``."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, act_fn, *, spec: QuantSpec, device=None):
         super().__init__()
@@ -104,18 +105,15 @@ class PackedExperts(nn.Module):
             shape = scale_shape((num_experts, out_f, in_f), spec.weight_scale, spec.group_size)
             self.register_buffer(f"{name}_scale", torch.ones(shape, dtype=torch.float32, device=device))
 
-    def _weight(self, name: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
-        codes = unpack_ternary(getattr(self, name)[expert])
-        scale = getattr(self, f"{name}_scale")[expert]
-        return ternary_dequantize(codes, scale, self.spec.weight_scale, self.spec.group_size, dtype)
+    def _linear(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        return ternary_linear(x, getattr(self, name)[expert], getattr(self, f"{name}_scale")[expert],
+                              granularity=self.spec.weight_scale, group_size=self.spec.group_size)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         output = torch.zeros_like(hidden_states)
-        x = int8_fake_quantize(hidden_states)
         for expert in top_k_index.unique().tolist():
             token_idx, slot = torch.where(top_k_index == expert)
-            gate, up = F.linear(x[token_idx], self._weight("gate_up_proj", expert, x.dtype)).chunk(2, dim=-1)
-            h = int8_fake_quantize(self.act_fn(gate) * up)
-            h = F.linear(h, self._weight("down_proj", expert, h.dtype)) * top_k_weights[token_idx, slot, None]
+            gate, up = self._linear("gate_up_proj", expert, hidden_states[token_idx]).chunk(2, dim=-1)
+            h = self._linear("down_proj", expert, self.act_fn(gate) * up) * top_k_weights[token_idx, slot, None]
             output.index_add_(0, token_idx, h.to(output.dtype))
         return output

@@ -1,0 +1,625 @@
+#!/usr/bin/env python
+"""Packed ternary inference on one CUDA GPU: check the kernels, then time them and whole models.
+
+Run from the repository root on a machine with a CUDA GPU:
+
+    python benchmarks/bench_kernels.py --out OUTDIR [--smollm2-gguf PATH] [--sections check,kernels,e2e]
+
+Sections (in this order; each rewrites OUTDIR/kernels.json when it ends, so a run cut short keeps
+what it measured):
+  check    ternary_linear on the GPU against the unpacked torch reference on random shapes, batch
+           sizes, scale kinds (tensor, channel, group), dtypes and every tuning candidate.
+  kernels  y = x · Wᵀ for W of shape (out, in) = 4096x4096, 11008x4096, 4096x11008, 8192x8192,
+           28672x8192 at batch 1, 8, 64: bf16 cuBLAS (F.linear) against the packed kernels (per-output-
+           channel scales, activation quantization included), with the bandwidth floor of each.
+  e2e      greedy decode tokens/s and peak memory of a packed model against its bf16 original, in
+           the same loop: plain eager `generate()`, and one decode step captured in a CUDA graph
+           (static KV cache). Models: SmolLM2-135M (real weights with --smollm2-gguf, else a random-
+           init model of its config; speed does not depend on weight values) and a random-init
+           Llama of about 2.4B parameters.
+
+Times: "kernel" is triton's do_bench median with L2 flushed before each call (GPU time of one call,
+launch overhead hidden behind the flush); "graph" replays a CUDA graph that calls the op on
+rotating copies of the weights (at least 256 MB, so L2 does not hold them); "eager" is back-to-back
+Python calls on the same rotating copies (includes the CPU cost of launching).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192)]  # (out, in)
+BATCHES = [1, 8, 64]
+ROTATE_BYTES = 256 << 20
+
+
+# --------------------------------------------------------------------------- helpers
+
+def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def poison_allocator(nbytes: int) -> None:
+    """Fill a block with NaN and free it, so that the next allocations likely start as NaN."""
+    torch.full((nbytes // 4 + 1,), float("nan"), dtype=torch.float32, device="cuda")
+    torch.cuda.synchronize()
+
+
+def random_packed(n: int, k: int, granularity: str, group_size: int, device="cuda", seed=0):
+    from bitconvert.quant import pack_ternary
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    codes = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    shape = {"tensor": (1,), "channel": (n,), "group": (n, k // group_size)}[granularity]
+    inv = (torch.rand(shape, generator=g) * 40 + 10).float()
+    return pack_ternary(codes.to(device)), inv.to(device), codes
+
+
+def measure_bandwidth() -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus written."""
+    src = torch.randn(256 << 20, device="cuda")  # 1 GiB of float32
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / 10
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * (1 << 30) / seconds
+
+
+def time_kernel_us(fn) -> float:
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+
+
+def time_graph_us(fns, replays: int = 20) -> float:
+    """Per-call µs of a CUDA graph that calls every fn once (rotating over weight copies)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            for fn in fns:
+                fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    calls = max(1, 64 // len(fns)) if len(fns) < 64 else 1
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            for fn in fns:
+                fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    us = start.elapsed_time(end) * 1e3 / (replays * calls * len(fns))
+    del graph
+    return us
+
+
+def time_eager_us(fns, rounds: int = 5) -> float:
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    calls = max(1, 200 // len(fns))
+    best = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            for fn in fns:
+                fn()
+        end.record()
+        end.synchronize()
+        best.append(start.elapsed_time(end) * 1e3 / (calls * len(fns)))
+    return sorted(best)[len(best) // 2]
+
+
+class Results:
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.data: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    def save(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.out_dir / ".kernels.json.tmp"
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        os.replace(tmp, self.out_dir / "kernels.json")
+        (self.out_dir / "kernels.md").write_text(markdown(self.data))
+
+
+# --------------------------------------------------------------------------- section: environment
+
+def environment() -> dict:
+    import transformers
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    bw = measure_bandwidth()
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = time_kernel_us(lambda: a @ b) / 1e3
+    info = {"gpu": props.name, "sms": props.multi_processor_count, "memory_gib": props.total_memory / 2**30,
+            "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+            "copy_bandwidth_gbs": bw / 1e9, "bf16_matmul_tflops": 2 * 8192**3 / (ms / 1e3) / 1e12}
+    print(f"# {info['gpu']}: {info['sms']} SMs, copy {info['copy_bandwidth_gbs']:.0f} GB/s, "
+          f"bf16 matmul {info['bf16_matmul_tflops']:.0f} TFLOP/s; torch {torch.__version__}, "
+          f"triton {triton.__version__}, transformers {transformers.__version__}", flush=True)
+    return info
+
+
+# --------------------------------------------------------------------------- section: check
+
+def check_section() -> dict:
+    """Every GPU result against the reference; returns cases and whether all passed."""
+    from bitconvert.kernels import ternary_linear, ternary_linear_reference
+    from bitconvert.kernels import triton_ternary as tt
+
+    torch.manual_seed(1234)
+    cases, failures = [], 0
+
+    def compare(tag, x, packed, inv, bias, gran, gs, cfg=None):
+        nonlocal failures
+        ref = ternary_linear_reference(x, packed, inv, bias, granularity=gran, group_size=gs)
+        poison_allocator(4 * ref.numel() * 4)
+        if cfg is None:
+            y = ternary_linear(x, packed, inv, bias, granularity=gran, group_size=gs)
+        else:
+            x2d = x.reshape(-1, x.shape[-1])
+            y = tt.ternary_matmul(x2d, packed, inv, bias, tt.SCALE_MODES[gran], gs, config=cfg)
+            y = y.reshape(ref.shape)
+        torch.cuda.synchronize()
+        err = relerr(y, ref)
+        exact = (y == ref).float().mean().item()
+        # Integer sums are exact: fp32 differs only in the last bit of a division, 16-bit outputs by
+        # at most a rounding step where an activation code or scale product lands on a tie.
+        limit = 1e-6 if x.dtype == torch.float32 else 4e-3
+        if gran == "group":
+            limit = max(limit, 2e-6)
+        ok = err <= limit and y.shape == ref.shape and y.dtype == ref.dtype
+        failures += not ok
+        cases.append({"case": tag, "relerr": err, "exact_fraction": exact, "ok": ok})
+        if not ok:
+            print(f"  FAIL {tag}: relerr {err:.3e}, exact {exact:.3f}, dtype {y.dtype} vs {ref.dtype}", flush=True)
+
+    gen = torch.Generator().manual_seed(7)
+    for i in range(48):
+        gran = ("tensor", "channel", "group")[i % 3]
+        gs = (32, 64, 128, 256)[i % 4] if gran == "group" else 128
+        m = [1, 2, 3, 5, 8, 13, 16, 17, 33, 64, 100, 257][int(torch.randint(0, 12, (1,), generator=gen))]
+        n = 4 * int(torch.randint(1, 400, (1,), generator=gen))
+        k = gs * int(torch.randint(1, 24, (1,), generator=gen)) if gran == "group" else \
+            int(torch.randint(8, 3000, (1,), generator=gen))
+        dtype = (torch.bfloat16, torch.float16, torch.float32)[i % 3 if i % 7 else 0]
+        packed, inv, _ = random_packed(n, k, gran, gs, seed=i)
+        x = (torch.randn(m, k, generator=gen) * float(torch.rand(1, generator=gen) * 10 + 0.1)).to("cuda", dtype)
+        if i % 5 == 0:
+            x = x.reshape(1, m, k)
+        bias = torch.randn(n, generator=gen).to("cuda", dtype) if i % 2 else None
+        compare(f"random m={m} n={n} k={k} {gran}{gs if gran == 'group' else ''} {str(dtype)[6:]} "
+                f"bias={bias is not None}", x, packed, inv, bias, gran, gs)
+
+    # every tuning candidate of a few problems, so each compiled variant (split-K included) is checked
+    for (m, n, k, gran, gs) in [(1, 1024, 1024, "channel", 128), (8, 512, 4096, "tensor", 128),
+                                (64, 1024, 512, "channel", 128)]:
+        packed, inv, _ = random_packed(n, k, gran, gs, seed=m + n)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        p = tt.Problem(m, n, k, tt.SCALE_MODES[gran], gs, x.device)
+        for cfg in tt.candidate_configs(p):
+            compare(f"config m={m} n={n} k={k} {gran} {cfg}", x, packed, inv, bias, gran, gs, cfg)
+            compare(f"config m={m} n={n} k={k} {gran} {cfg} again", x, packed, inv, bias, gran, gs, cfg)
+
+    # activation quantizer bit for bit
+    from bitconvert.quant import int8_absmax_quantize
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for k in (4099, 20000):  # one pass and two passes over the row
+            x = torch.randn(37, k, device="cuda", dtype=dtype) * 3
+            codes, inv, total = tt.quantize_activations(x)
+            rc, ri = int8_absmax_quantize(x)
+            ok = (torch.equal(codes, rc) and torch.equal(inv, ri.reshape(-1))
+                  and torch.equal(total, rc.int().sum(-1, dtype=torch.int32)))
+            failures += not ok
+            cases.append({"case": f"act quant {dtype} k={k}", "ok": ok})
+    ws = [int(w.abs().sum()) + int(c.abs().sum()) for w, c in tt._workspaces.values()]
+    clean = all(v == 0 for v in ws)
+    failures += not clean
+    cases.append({"case": "split-K workspace all zeros after the checks", "ok": clean})
+    print(f"# check: {len(cases) - failures}/{len(cases)} passed", flush=True)
+    return {"passed": failures == 0, "failures": failures, "cases": cases}
+
+
+# --------------------------------------------------------------------------- section: kernels
+
+def kernels_section(bandwidth: float, batches=BATCHES, shapes=SHAPES, deadline: float = float("inf")) -> list[dict]:
+    from bitconvert.kernels import ternary_linear
+    from bitconvert.kernels import triton_ternary as tt
+
+    rows = []
+    for n, k in shapes:
+        packed, inv, codes = random_packed(n, k, "channel", 128, seed=n + k)
+        w_bf16 = (codes.to("cuda", torch.bfloat16) / inv.reshape(-1, 1).to(torch.bfloat16))
+        p_copies = [(packed.clone(), inv.clone()) for _ in range(min(64, math.ceil(ROTATE_BYTES / packed.numel())))]
+        b_copies = [w_bf16.clone() for _ in range(min(8, math.ceil(ROTATE_BYTES / (2 * w_bf16.numel()))))]
+        for m in batches:
+            if time.time() > deadline:
+                print(f"  skipped {n}x{k} batch {m}: out of time (--budget-s)", flush=True)
+                continue
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t0 = time.time()
+            ternary_linear(x, packed, inv, granularity="channel")  # tunes this shape once
+            tune_s = time.time() - t0
+            y = ternary_linear(x, packed, inv, granularity="channel")
+            ref = F.linear(x, w_bf16)
+            err = relerr(y, ref)  # vs unquantized activations: the int8 rounding of x, not a kernel error
+            bytes_bf16 = 2 * n * k + 2 * m * k + 2 * m * n
+            bytes_packed = n * k // 4 + 4 * n + 2 * m * k + 2 * m * n
+            key = (0, tt._bucket(m), n, k, 1, 128)
+            cfg = tt._tuned.get(key)
+            row = {"out": n, "in": k, "batch": m, "config": str(cfg), "tune_s": tune_s,
+                   "relerr_vs_bf16_unquantized": err,
+                   "floor_bf16_us": bytes_bf16 / bandwidth * 1e6, "floor_packed_us": bytes_packed / bandwidth * 1e6}
+            row["bf16_kernel_us"] = time_kernel_us(lambda: F.linear(x, w_bf16))
+            # x[:] is a new tensor object each call: ternary_linear reuses the quantized activations of
+            # the very same input object (q/k/v share one), which a single-layer timing must not count on
+            row["packed_kernel_us"] = time_kernel_us(lambda: ternary_linear(x[:], packed, inv, granularity="channel"))
+            acts = tt.quantize_activations(x)
+            row["act_quant_kernel_us"] = time_kernel_us(lambda: tt.quantize_activations(x))
+            p = tt.Problem(m, n, k, 1, 128, x.device)
+            yb = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            if cfg is not None:
+                row["matmul_only_kernel_us"] = time_kernel_us(
+                    lambda: tt.launch(cfg, p, acts, packed, inv, None, yb))
+            row["bf16_graph_us"] = time_graph_us([lambda w=w: F.linear(x, w) for w in b_copies])
+            row["packed_graph_us"] = time_graph_us(
+                [lambda c=c: ternary_linear(x[:], c[0], c[1], granularity="channel") for c in p_copies])
+            row["bf16_eager_us"] = time_eager_us([lambda w=w: F.linear(x, w) for w in b_copies])
+            row["packed_eager_us"] = time_eager_us(
+                [lambda c=c: ternary_linear(x[:], c[0], c[1], granularity="channel") for c in p_copies])
+            for mode in ("kernel", "graph", "eager"):
+                row[f"speedup_{mode}"] = row[f"bf16_{mode}_us"] / row[f"packed_{mode}_us"]
+            row["packed_graph_vs_floor"] = row["packed_graph_us"] / row["floor_packed_us"]
+            row["bf16_graph_vs_floor"] = row["bf16_graph_us"] / row["floor_bf16_us"]
+            rows.append(row)
+            print(f"  {n:>5}x{k:<5} b{m:<3} bf16 {row['bf16_kernel_us']:7.1f} / {row['bf16_graph_us']:7.1f} us  "
+                  f"packed {row['packed_kernel_us']:6.1f} / {row['packed_graph_us']:6.1f} us  "
+                  f"(act {row['act_quant_kernel_us']:.1f}, mm {row.get('matmul_only_kernel_us', float('nan')):.1f}; "
+                  f"floor {row['floor_packed_us']:.1f})  x{row['speedup_kernel']:.2f} / x{row['speedup_graph']:.2f}  "
+                  f"{cfg}", flush=True)
+        del p_copies, b_copies, w_bf16
+        torch.cuda.empty_cache()
+    return rows
+
+
+# --------------------------------------------------------------------------- section: e2e
+
+def smollm2_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                       rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+                       bos_token_id=1, eos_token_id=2)
+
+
+def llama_2b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, hidden_size=2560, intermediate_size=6912, num_hidden_layers=32,
+                       num_attention_heads=20, num_key_value_heads=4, max_position_embeddings=4096,
+                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+def random_model(config, seed: int):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def placeholder_tokenizer():
+    """A random-init model has no tokenizer; an export folder wants one."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                   unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def model_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def eager_decode(model, prompt, new_tokens: int) -> dict:
+    kw = dict(do_sample=False, pad_token_id=0, use_cache=True)
+    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, **kw)  # warm up, tune
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+
+    def timed(n):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw)
+        torch.cuda.synchronize()
+        assert out.shape[1] == prompt.shape[1] + n
+        return time.perf_counter() - t
+
+    t1 = min(timed(1) for _ in range(2))
+    tn = min(timed(new_tokens) for _ in range(2))
+    return {"tokens_per_s": (new_tokens - 1) / (tn - t1), "prefill_s": t1,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+@torch.no_grad()
+def graph_decode(model, prompt, new_tokens: int) -> dict:
+    """One decode step (static KV cache) captured in a CUDA graph that also feeds its argmax back."""
+    from transformers import StaticCache
+
+    p = prompt.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=p + new_tokens + 16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    out = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(p, device="cuda"), use_cache=True)
+    ids = out.logits[:, -1:].argmax(-1)
+    pos = torch.tensor([p], device="cuda")
+    # the eager logits of the first decode step, to check the captured step computes the same
+    first_eager = model(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None],
+                        use_cache=True).logits[:, -1].float()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            model(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None], use_cache=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = model(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None],
+                       use_cache=True).logits[:, -1]
+        ids.copy_(logits.argmax(-1, keepdim=True))
+        pos.add_(1)
+    # replay from the first decode position: same inputs as first_eager
+    ids.copy_(out.logits[:, -1:].argmax(-1))
+    pos.fill_(p)
+    graph.replay()
+    torch.cuda.synchronize()
+    check = relerr(logits.float(), first_eager)
+    for _ in range(8):
+        graph.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(new_tokens):
+        graph.replay()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    result = {"tokens_per_s": new_tokens / seconds, "first_step_relerr_vs_eager": check,
+              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    del graph, cache
+    return result
+
+
+def measure_model(model, prompt, new_tokens: int, graph_tokens: int) -> dict:
+    row = {"weight_bytes": model_bytes(model)}
+    try:
+        row["eager"] = eager_decode(model, prompt, new_tokens)
+    except Exception as err:
+        row["eager"] = {"error": f"{type(err).__name__}: {err}"}
+        traceback.print_exc()
+    try:
+        row["graph"] = graph_decode(model, prompt, graph_tokens)
+    except Exception as err:
+        row["graph"] = {"error": f"{type(err).__name__}: {err}"}
+        traceback.print_exc()
+    return row
+
+
+def e2e_model(name: str, make_bf16, spec, prompt_len: int, new_tokens: int, graph_tokens: int) -> dict:
+    from bitconvert.convert import convert_to_bitnet
+    from bitconvert.export.packed import export_ternary, load_ternary
+
+    model, tokenizer, source = make_bf16()
+    vocab = model.config.vocab_size
+    prompt = torch.randint(3, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0)).cuda()
+    result = {"model": name, "source": source, "parameters": sum(p.numel() for p in model.parameters()),
+              "spec": spec.model_dump(), "prompt_tokens": prompt_len, "eager_new_tokens": new_tokens,
+              "graph_new_tokens": graph_tokens}
+    print(f"# e2e {name} ({source}, {result['parameters'] / 1e9:.2f}B parameters)", flush=True)
+    result["bf16"] = measure_model(model, prompt, new_tokens, graph_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        convert_to_bitnet(model, spec)
+        export_ternary(model, tokenizer or placeholder_tokenizer(), tmp, spec, dtype=torch.bfloat16)
+        del model
+        torch.cuda.empty_cache()
+        packed, _ = load_ternary(tmp, dtype=torch.bfloat16, device="cuda", verify=False)
+    with torch.no_grad():  # the packed model with kernels vs the same model on the torch reference
+        got = packed(prompt).logits.float()
+        os.environ["BITCONVERT_KERNELS"] = "reference"
+        try:
+            want = packed(prompt).logits.float()
+        finally:
+            os.environ.pop("BITCONVERT_KERNELS")
+    result["packed_logits_relerr_kernels_vs_reference"] = relerr(got, want)
+    result["packed"] = measure_model(packed, prompt, new_tokens, graph_tokens)
+    del packed
+    torch.cuda.empty_cache()
+    for mode in ("eager", "graph"):
+        b, q = result["bf16"].get(mode, {}), result["packed"].get(mode, {})
+        if "tokens_per_s" in b and "tokens_per_s" in q:
+            result[f"speedup_{mode}"] = q["tokens_per_s"] / b["tokens_per_s"]
+            result[f"peak_mem_ratio_{mode}"] = b["peak_mem_gib"] / q["peak_mem_gib"]
+    result["weight_bytes_ratio"] = result["bf16"]["weight_bytes"] / result["packed"]["weight_bytes"]
+    print(json.dumps({k: v for k, v in result.items() if k not in ("spec",)}, indent=1, default=str), flush=True)
+    return result
+
+
+def e2e_section(args) -> list[dict]:
+    from bitconvert.quant import QuantSpec
+
+    spec = QuantSpec(weight_scale=args.weight_scale)
+    runs = []
+
+    def smollm2():
+        if args.smollm2_gguf:
+            from bitconvert.sources import load_model
+
+            model, tokenizer = load_model(args.smollm2_gguf, dtype=torch.bfloat16, device="cuda")
+            return model.eval(), tokenizer, f"real weights from {args.smollm2_gguf}"
+        return (random_model(smollm2_config(), 0), None,
+                "random init from SmolLM2-135M's config (no --smollm2-gguf given)")
+
+    plans = [("SmolLM2-135M", smollm2),
+             ("Llama-2.4B", lambda: (random_model(llama_2b_config(), 1), None, "random init"))]
+    for name, make in plans:
+        if args.models and name not in args.models:
+            continue
+        if time.time() > args.deadline:
+            runs.append({"model": name, "error": "skipped: out of time (--budget-s)"})
+            continue
+        try:
+            runs.append(e2e_model(name, make, spec, args.prompt_tokens, args.new_tokens, args.graph_tokens))
+        except Exception as err:
+            traceback.print_exc()
+            runs.append({"model": name, "error": f"{type(err).__name__}: {err}"})
+        torch.cuda.empty_cache()
+    return runs
+
+
+# --------------------------------------------------------------------------- report
+
+def markdown(data: dict) -> str:
+    lines = ["# Packed ternary kernels vs bf16", ""]
+    env = data.get("environment")
+    if env:
+        lines += [f"{env['gpu']} ({env['sms']} SMs), torch {env['torch']}, triton {env['triton']}, transformers "
+                  f"{env['transformers']}; measured copy bandwidth {env['copy_bandwidth_gbs']:.0f} GB/s, bf16 matmul "
+                  f"{env['bf16_matmul_tflops']:.0f} TFLOP/s.", ""]
+    check = data.get("check")
+    if check:
+        lines += [f"Correctness against the unpacked torch reference: {len(check['cases']) - check['failures']}/"
+                  f"{len(check['cases'])} cases passed.", ""]
+    rows = data.get("kernels")
+    if rows:
+        lines += ["## y = x · Wᵀ, W (out x in), per-output-channel scales, activation quantization included", "",
+                  "Times in µs. kernel = one call, L2 flushed (do_bench median); graph = CUDA-graph replay over "
+                  "rotating weight copies. Floors: bytes moved / measured copy bandwidth.", "",
+                  "| out x in | batch | bf16 kernel | packed kernel | speedup | bf16 graph | packed graph | speedup "
+                  "| packed floor | bf16 floor | packed eager | bf16 eager |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['out']}x{r['in']} | {r['batch']} | {r['bf16_kernel_us']:.1f} | {r['packed_kernel_us']:.1f} "
+                         f"| {r['speedup_kernel']:.2f}x | {r['bf16_graph_us']:.1f} | {r['packed_graph_us']:.1f} | "
+                         f"{r['speedup_graph']:.2f}x | {r['floor_packed_us']:.1f} | {r['floor_bf16_us']:.1f} | "
+                         f"{r['packed_eager_us']:.1f} | {r['bf16_eager_us']:.1f} |")
+        lines.append("")
+    runs = data.get("e2e")
+    if runs:
+        lines += ["## End-to-end greedy decode, batch 1", "",
+                  "| model | source | mode | bf16 tok/s | packed tok/s | speedup | bf16 peak GiB | packed peak GiB "
+                  "| weights bf16 / packed |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in runs:
+            if "error" in r:
+                lines.append(f"| {r['model']} | error: {r['error']} | | | | | | | |")
+                continue
+            for mode in ("eager", "graph"):
+                b, q = r["bf16"].get(mode, {}), r["packed"].get(mode, {})
+                if "tokens_per_s" not in b or "tokens_per_s" not in q:
+                    lines.append(f"| {r['model']} | {r['source']} | {mode} | {b.get('error', '')} | "
+                                 f"{q.get('error', '')} | | | | |")
+                    continue
+                lines.append(f"| {r['model']} | {r['source']} | {mode} | {b['tokens_per_s']:.1f} | "
+                             f"{q['tokens_per_s']:.1f} | {r[f'speedup_{mode}']:.2f}x | {b['peak_mem_gib']:.2f} | "
+                             f"{q['peak_mem_gib']:.2f} | {r['bf16']['weight_bytes'] / 2**20:.0f} MiB / "
+                             f"{r['packed']['weight_bytes'] / 2**20:.0f} MiB ({r['weight_bytes_ratio']:.2f}x) |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"), help="folder for kernels.json/md")
+    parser.add_argument("--sections", default="check,kernels,e2e")
+    parser.add_argument("--smollm2-gguf", default=None, help="real SmolLM2-135M weights (a .gguf or model folder)")
+    parser.add_argument("--models", nargs="*", default=None, help="e2e models to run (default: all)")
+    parser.add_argument("--weight-scale", default="channel", choices=["tensor", "channel", "group"])
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens per eager generate() run")
+    parser.add_argument("--graph-tokens", type=int, default=256, help="tokens per CUDA-graph decode run")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="skip the kernel rows and models that would start after this many seconds")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernels needs a CUDA GPU", file=sys.stderr)
+        return 2
+    sections = args.sections.split(",")
+    start = time.time()
+    args.deadline = start + args.budget_s
+    results = Results(Path(args.out))
+    results.data["environment"] = env = environment()
+    results.data["args"] = {k: v for k, v in vars(args).items() if k != "deadline"}
+    results.save()
+    for section in sections:  # in the order given
+        if section == "check":
+            results.data["check"] = check_section()
+        elif section == "kernels":
+            print("# kernels: out x in, batch: bf16 kernel / graph µs, packed kernel / graph µs (components), "
+                  "speedups", flush=True)
+            results.data["kernels"] = kernels_section(env["copy_bandwidth_gbs"] * 1e9,
+                                                      [int(b) for b in args.batches.split(",")],
+                                                      deadline=args.deadline)
+        elif section == "e2e":
+            results.data["e2e"] = e2e_section(args)
+        else:
+            print(f"unknown section {section!r}; expected check, kernels, e2e", file=sys.stderr)
+            return 2
+        results.save()
+        print(f"# {section} done at {time.time() - start:.0f} s", flush=True)
+    from bitconvert.kernels import triton_ternary as tt
+
+    results.data["tuned"] = {str(k): str(v) for k, v in tt._tuned.items()}
+    results.data["tuning_log"] = {str(k): v for k, v in tt.tuning_log.items()}
+    results.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    results.save()
+    print(markdown(results.data))
+    check = results.data.get("check")
+    return 1 if check and not check["passed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

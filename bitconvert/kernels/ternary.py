@@ -1,0 +1,196 @@
+"""``ternary_linear``: one entry point, the fastest correct path for the device.
+
+- CUDA tensors go to the Triton kernels (:mod:`bitconvert.kernels.triton_ternary`), imported on
+  first use so that CPU-only installs need no triton. Cases no kernel covers (float64, odd group
+  sizes, autograd) take the reference.
+- CPU tensors take a torch path that can keep the unpacked weight between calls
+  (:class:`TernaryCache`): unpacking costs several passes over the weight on every call, which
+  dominates a small batch.
+
+Every path computes what :func:`ternary_linear_reference` computes: int8 activation codes times
+ternary codes summed exactly, then divided by both scales once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import threading
+import weakref
+from typing import Literal
+
+import torch
+
+from bitconvert.kernels.reference import ternary_linear_reference
+from bitconvert.quant import int8_absmax_quantize, ternary_dequantize, unpack_ternary
+
+log = logging.getLogger(__name__)
+
+CpuCache = Literal["none", "int8", "float"]
+CPU_CACHES: tuple[str, ...] = ("none", "int8", "float")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class TernaryCache:
+    """What :func:`ternary_linear` may keep between calls for one packed weight.
+
+    ``cpu`` chooses the CPU trade-off between memory and speed (bytes per weight; packed is 0.25):
+    ``none`` unpacks on every call (nothing kept), ``int8`` keeps the codes (1 byte; integer
+    matmul where torch has one on CPU), ``float`` keeps float32 codes (4 bytes). Per-group scales
+    keep the dequantized float32 weight under ``int8`` and ``float``. The cache follows the packed
+    tensor: a new tensor, a new device or an in-place update (``load_state_dict``) rebuilds it.
+    """
+
+    def __init__(self, cpu: CpuCache = "int8"):
+        if cpu not in CPU_CACHES:
+            raise ValueError(f"unknown CPU cache {cpu!r}; expected one of {CPU_CACHES}")
+        self.cpu = cpu
+        self._key: tuple | None = None
+        self._weight: torch.Tensor | None = None
+
+    def clear(self) -> None:
+        self._key, self._weight = None, None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._weight is None else self._weight.numel() * self._weight.element_size()
+
+    def cpu_weight(self, packed: torch.Tensor, inv_scale: torch.Tensor, granularity: str,
+                   group_size: int) -> torch.Tensor:
+        key = (packed.data_ptr(), packed._version, packed.device, inv_scale.data_ptr(), inv_scale._version,
+               granularity, group_size, self.cpu)
+        if key != self._key:
+            self._weight = _cpu_weight(packed, inv_scale, granularity, group_size, self.cpu)
+            self._key = key
+        return self._weight
+
+    def __repr__(self) -> str:
+        return f"TernaryCache(cpu={self.cpu!r}, nbytes={self.nbytes})"
+
+
+def _cpu_weight(packed, inv_scale, granularity, group_size, mode) -> torch.Tensor:
+    if granularity == "group":
+        return ternary_dequantize(unpack_ternary(packed), inv_scale, "group", group_size)
+    return unpack_ternary(packed, torch.int8 if mode == "int8" else torch.float32)
+
+
+_int_mm_works: bool | None = None
+
+
+def _int_matmul(codes_x: torch.Tensor, codes_w: torch.Tensor) -> torch.Tensor:
+    """Exact ``codes_x · codes_wᵀ`` as float32, through an int8 kernel when torch has one on CPU."""
+    global _int_mm_works
+    if _int_mm_works is not False:
+        try:
+            out = torch._int_mm(codes_x, codes_w.t())
+            _int_mm_works = True
+            return out.float()
+        except (RuntimeError, AttributeError, NotImplementedError) as err:
+            log.debug("torch._int_mm unavailable on CPU (%s); using float matmul", err)
+            _int_mm_works = False
+    return codes_x.float() @ codes_w.float().t()
+
+
+def _cpu_linear(x, packed, inv_scale, bias, granularity, group_size, cache: TernaryCache):
+    weight = cache.cpu_weight(packed, inv_scale, granularity, group_size)
+    codes_x, x_inv = int8_absmax_quantize(x)
+    if granularity == "group":
+        y = (codes_x.float() @ weight.t()) / x_inv
+    else:
+        if weight.dtype == torch.int8:
+            lead = codes_x.shape[:-1]
+            acc = _int_matmul(codes_x.reshape(-1, codes_x.shape[-1]), weight).reshape(*lead, -1)
+        else:
+            acc = codes_x.float() @ weight.t()
+        y = acc / (x_inv * inv_scale.float().reshape(-1))
+    y = y.to(x.dtype)
+    return y if bias is None else y + bias
+
+
+_triton_ok: bool | None = None
+
+
+def triton_available() -> bool:
+    """Is triton importable here (checked once)? CPU-only installs usually lack it."""
+    global _triton_ok
+    if _triton_ok is None:
+        _triton_ok = importlib.util.find_spec("triton") is not None
+        if _triton_ok:
+            try:
+                import bitconvert.kernels.triton_ternary  # noqa: F401
+            except Exception as err:  # a broken triton must not break inference: the reference still works
+                log.warning("triton is installed but the kernels failed to import (%s); using the torch path", err)
+                _triton_ok = False
+    return _triton_ok
+
+
+class _LastActivations(threading.local):
+    """The quantized activations of the last input, reused when the next layer gets the very same
+    tensor (q/k/v projections, gate/up projections): one quantization kernel instead of three.
+
+    Identity, not address: a weak reference to the tensor object plus its version counter, so a
+    freed tensor or an in-place change never matches.
+    """
+
+    entry: tuple | None = None
+
+    def get(self, x: torch.Tensor):
+        if self.entry is not None:
+            ref, version, shape, acts = self.entry
+            if ref() is x and x._version == version and x.shape == shape:
+                return acts
+        return None
+
+    def put(self, x: torch.Tensor, acts) -> None:
+        self.entry = (weakref.ref(x), x._version, x.shape, acts)
+
+
+_last_activations = _LastActivations()
+
+
+def _cuda_linear(x, packed, inv_scale, bias, granularity, group_size):
+    from bitconvert.kernels import triton_ternary as tt
+
+    k = x.shape[-1]
+    x2d = x.reshape(-1, k)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    acts = _last_activations.get(x)
+    if acts is None:
+        acts = tt.quantize_activations(x2d)
+        _last_activations.put(x, acts)
+    separate_bias = bias is not None and bias.dtype != x.dtype  # torch would promote: keep its rule
+    y = tt.ternary_matmul(x2d, packed, inv_scale, None if separate_bias else bias, tt.SCALE_MODES[granularity],
+                          group_size, acts=acts)
+    if y is None:
+        return None
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return y + bias if separate_bias else y
+
+
+def _kernel_eligible(x, packed, inv_scale, bias) -> bool:
+    return (x.dtype in _KERNEL_DTYPES and packed.dtype == torch.uint8 and packed.is_contiguous()
+            and packed.device == x.device and inv_scale.device == x.device and inv_scale.dtype == torch.float32
+            and inv_scale.is_contiguous() and (bias is None or bias.device == x.device)
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and os.environ.get("BITCONVERT_KERNELS", "auto") != "reference")
+
+
+def ternary_linear(x: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                   *, granularity: str = "tensor", group_size: int = 128,
+                   cache: TernaryCache | None = None) -> torch.Tensor:
+    """``y = dequant(int8(x)) · dequant(W)ᵀ + b`` for W packed 2 bits a weight (transformers' bitnet layout).
+
+    ``packed`` is uint8 ``(out / 4, in)``, ``inv_scale`` the float32 inverse scale of shape ``(1,)``,
+    ``(out,)`` or ``(out, in / group_size)``. ``cache`` (optional, one per weight) lets the CPU
+    path keep the unpacked weight; ``BITCONVERT_KERNELS=reference`` forces the reference everywhere.
+    """
+    if x.is_cuda and _kernel_eligible(x, packed, inv_scale, bias) and triton_available():
+        y = _cuda_linear(x, packed, inv_scale, bias, granularity, group_size)
+        if y is not None:
+            return y
+    elif (x.device.type == "cpu" and cache is not None and cache.cpu != "none" and packed.device == x.device
+          and os.environ.get("BITCONVERT_KERNELS", "auto") != "reference"):
+        return _cpu_linear(x, packed, inv_scale, bias, granularity, group_size, cache)
+    return ternary_linear_reference(x, packed, inv_scale, bias, granularity=granularity, group_size=group_size)

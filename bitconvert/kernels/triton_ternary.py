@@ -1,0 +1,640 @@
+"""Triton kernels for ``y = int8(x) · Wᵀ`` with ternary W packed 2 bits a weight.
+
+Imported only when a CUDA tensor reaches :func:`bitconvert.kernels.ternary_linear`, so that
+CPU-only installs need no triton.
+
+The kernels read transformers' bitnet layout as it is stored (no repacking): ``packed`` is uint8
+``(R, K)`` with ``R = N / 4``; byte ``(r, k)`` holds ``code + 1`` of the rows ``r, r + R, r + 2R,
+r + 3R`` at bits 0, 2, 4, 6. So one tile of bytes yields four weight tiles, for four blocks of
+output rows, and each tile of output is written to four row blocks of ``y``.
+
+- ``_act_quant_kernel``: per-token absmax and int8 codes (BitNet's activation quantizer).
+- ``_gemv_kernel`` (decode, a few tokens): CUDA cores. Four bytes of a packed row are one int32
+  word; ``(word >> 2b) & 0x03030303`` are the codes+1 of four inputs of one row, and ``dp4a``
+  multiplies them with four int8 activation codes and accumulates in one instruction.
+- ``_gemm_kernel`` (prefill): tensor cores through ``tl.dot`` on int8.
+
+Both multiply with ``code + 1`` in {0, 1, 2} and subtract ``Σ x`` afterwards, which saves one
+operation per weight. Integer sums are exact, so tensor and channel scales give the reference's
+result up to the order of float32 scaling (identical in practice).
+
+Split-K: when a matrix has too few rows to fill the GPU, K is cut into slices whose int32 partial
+sums are added atomically into a workspace; the last program to finish a tile (a per-tile counter
+says which) applies the scales and bias, writes ``y`` and zeroes its part of the workspace and its
+counter. The workspace is therefore all zeros between calls, so no memset is launched, and the
+result does not depend on the order of the additions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+import triton.testing
+
+SCALE_MODES = {"tensor": 0, "channel": 1, "group": 2}
+GEMV_MAX_M = 16  # the dp4a kernel keeps one accumulator per token: beyond this, tensor cores win
+GEMV_MAX_K = 1 << 16  # its int32 sums of 64 * code * x stay exact up to this many inputs
+WORKSPACE_ROWS = 64  # split-K is used only for at most this many tokens...
+WORKSPACE_COLS = 1 << 16  # ...and at most this many output features
+COUNTERS = 1 << 16
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------- device helpers
+
+@triton.jit
+def _round_half_even(v, ON_GPU: tl.constexpr):
+    if ON_GPU:
+        r = tl.extra.cuda.libdevice.rint(v)
+    else:  # the interpreter has no libdevice; adding 1.5 * 2**23 rounds the same way for |v| < 2**22
+        r = (v + 12582912.0) - 12582912.0
+    return r
+
+
+@triton.jit
+def _div(a, b, ON_GPU: tl.constexpr):
+    # Triton's plain '/' on float32 is the approximate div.full; torch divides exactly.
+    if ON_GPU:
+        r = tl.math.div_rn(a, b)
+    else:
+        r = a / b
+    return r
+
+
+@triton.jit
+def _dp4a(a, b, c, ON_GPU: tl.constexpr):
+    """``c + Σ_j a_j · b_j`` over the four bytes of int32 words; a's bytes unsigned, b's signed."""
+    if ON_GPU:
+        r = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        r = c
+        for j in tl.static_range(4):
+            r += ((a >> (8 * j)) & 0xFF) * ((b << (24 - 8 * j)) >> 24)
+    return r
+
+
+@triton.jit
+def _unpack_bytes(p, SHIFT: tl.constexpr, ON_GPU: tl.constexpr):
+    """``(p >> SHIFT) & 3`` of uint8 codes as int8. On the GPU four bytes share one 32-bit register,
+    so two instructions unpack four weights (bits shifted in from the next byte are masked off)."""
+    if ON_GPU:
+        if SHIFT == 0:
+            r = tl.inline_asm_elementwise("and.b32 $0, $1, 0x03030303;", "=r,r", [p], dtype=tl.int8,
+                                          is_pure=True, pack=4)
+        else:
+            r = tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, " + str(SHIFT) + "; and.b32 $0, t, 0x03030303; }",
+                                          "=r,r", [p], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        r = ((p >> SHIFT) & 3).to(tl.int8)
+    return r
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, inv_ptr, sum_ptr, K, stride_x, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
+                      ON_GPU: tl.constexpr):
+    """One token: ``inv = 127 / max|x|`` (computed as torch does, reciprocal then product), codes
+    ``round(x * inv)`` and their sum (which the matmuls subtract, see the module docstring)."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    q_row = q_ptr + row * K
+    offs = tl.arange(0, BLOCK)
+    if ONE_PASS:
+        v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.abs(v)
+    else:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(v))
+    top = tl.zeros([BLOCK], tl.float32) + tl.maximum(tl.max(amax, axis=0), 1e-5)
+    inv = _div(tl.full([BLOCK], 1.0, tl.float32), top, ON_GPU) * 127.0
+    if ONE_PASS:
+        q = tl.minimum(tl.maximum(_round_half_even(v * inv, ON_GPU), -128.0), 127.0)
+        tl.store(q_row + offs, q.to(tl.int8), mask=offs < K)
+        total = tl.sum(q.to(tl.int32), axis=0)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for k0 in range(0, K, BLOCK):
+            v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            q = tl.minimum(tl.maximum(_round_half_even(v * inv, ON_GPU), -128.0), 127.0)
+            tl.store(q_row + k0 + offs, q.to(tl.int8), mask=k0 + offs < K)
+            acc += q.to(tl.int32)
+        total = tl.sum(acc, axis=0)
+    first = offs < 1
+    tl.store(inv_ptr + row + offs, inv, mask=first)
+    tl.store(sum_ptr + row + offs, tl.zeros([BLOCK], tl.int32) + total, mask=first)
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, n_mask, M, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym,
+              SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ON_GPU: tl.constexpr):
+    """Turn exact sums of ``codes_x · (codes_w + 1)`` into ``y``: subtract Σ codes_x, scale, add bias.
+
+    In group mode ``acc`` is already float32, Σx subtracted and divided by the group scales.
+    """
+    m_mask = offs_m < M
+    xinv = tl.load(xinv_ptr + offs_m, mask=m_mask, other=1.0)
+    if SCALE_MODE == 2:
+        accf = acc
+        scale = xinv[:, None] + tl.zeros_like(accf)
+    else:
+        xsum = tl.load(xsum_ptr + offs_m, mask=m_mask, other=0)
+        accf = (acc - xsum[:, None]).to(tl.float32)
+        if SCALE_MODE == 0:
+            winv = tl.load(winv_ptr + tl.zeros_like(offs_n), mask=n_mask, other=1.0)
+        else:
+            winv = tl.load(winv_ptr + offs_n, mask=n_mask, other=1.0)
+        scale = xinv[:, None] * winv[None, :]
+    y = _div(accf, scale, ON_GPU).to(y_ptr.dtype.element_ty)
+    if HAS_BIAS:  # the reference rounds to the output dtype first, then adds the bias
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        y = (y.to(tl.float32) + bias[None, :]).to(y_ptr.dtype.element_ty)
+    ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(ptrs, y, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, tile, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr,
+            stride_ym,
+            ws_ptr, cnt_ptr, SPLIT_K: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+            ON_GPU: tl.constexpr):
+    """Write the four output row blocks ``b * R + offs_r`` whose sums are ``acc0..acc3``.
+
+    With split-K, add them into the workspace instead; the program that arrives last finishes.
+    """
+    r_mask = offs_r < R
+    if SPLIT_K == 1:
+        _epilogue(acc0, offs_m, offs_r, r_mask, M, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym,
+                  SCALE_MODE, HAS_BIAS, ON_GPU)
+        _epilogue(acc1, offs_m, offs_r + R, r_mask, M, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym,
+                  SCALE_MODE, HAS_BIAS, ON_GPU)
+        _epilogue(acc2, offs_m, offs_r + 2 * R, r_mask, M, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym,
+                  SCALE_MODE, HAS_BIAS, ON_GPU)
+        _epilogue(acc3, offs_m, offs_r + 3 * R, r_mask, M, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym,
+                  SCALE_MODE, HAS_BIAS, ON_GPU)
+    else:
+        mask = (offs_m < M)[:, None] & r_mask[None, :]
+        ws = ws_ptr + offs_m[:, None] * N + offs_r[None, :]
+        tl.atomic_add(ws, acc0, mask=mask, sem="relaxed")
+        tl.atomic_add(ws + R, acc1, mask=mask, sem="relaxed")
+        tl.atomic_add(ws + 2 * R, acc2, mask=mask, sem="relaxed")
+        tl.atomic_add(ws + 3 * R, acc3, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's additions precede the counter's release
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            tl.debug_barrier()
+            zero = tl.zeros_like(acc0)
+            total = tl.atomic_xchg(ws, zero, mask=mask, sem="relaxed")
+            _epilogue(total, offs_m, offs_r, r_mask, M, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym,
+                      SCALE_MODE, HAS_BIAS, ON_GPU)
+            total = tl.atomic_xchg(ws + R, zero, mask=mask, sem="relaxed")
+            _epilogue(total, offs_m, offs_r + R, r_mask, M, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym,
+                      SCALE_MODE, HAS_BIAS, ON_GPU)
+            total = tl.atomic_xchg(ws + 2 * R, zero, mask=mask, sem="relaxed")
+            _epilogue(total, offs_m, offs_r + 2 * R, r_mask, M, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym,
+                      SCALE_MODE, HAS_BIAS, ON_GPU)
+            total = tl.atomic_xchg(ws + 3 * R, zero, mask=mask, sem="relaxed")
+            _epilogue(total, offs_m, offs_r + 3 * R, r_mask, M, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym,
+                      SCALE_MODE, HAS_BIAS, ON_GPU)
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
+
+
+@triton.jit
+def _gemv_group_part(prod, xs, kw0, offs_n, r_mask, winv_ptr, n_groups, SHIFT: tl.constexpr, BM: tl.constexpr,
+                     BR: tl.constexpr, BKW: tl.constexpr, GW: tl.constexpr, GWT: tl.constexpr,
+                     ON_GPU: tl.constexpr):
+    """Σ over the groups of one tile of (integer partial sum / group scale), for one row block."""
+    NPT: tl.constexpr = BKW // GWT
+    psum = tl.sum(tl.reshape(prod, (BM, BR, NPT, GWT)), axis=3) >> SHIFT
+    part = (psum - xs[:, None, :]).to(tl.float32)
+    g = (kw0 + tl.arange(0, NPT) * GWT) // GW
+    winv = tl.load(winv_ptr + offs_n[:, None].to(tl.int64) * n_groups + g[None, :],
+                   mask=r_mask[:, None] & (g < n_groups)[None, :], other=1.0)
+    return tl.sum(_div(part, winv[None, :, :] + tl.zeros_like(part), ON_GPU), axis=2)
+
+
+@triton.jit
+def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+                 M, N, R, KW, stride_ym, n_groups,
+                 BM: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr,
+                 CHAIN: tl.constexpr, SCALE_MODE: tl.constexpr, GW: tl.constexpr, GWT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, ON_GPU: tl.constexpr):
+    """A few tokens: ``xw`` int32 (M, K/4) activation codes, ``ww`` int32 (R, K/4) packed weights.
+
+    Row block b is masked in place (``word & (0x03030303 << 2b)``, no shift): its dp4a sums come out
+    multiplied by 4^b and are shifted back once at the end, exactly. CHAIN keeps one running sum
+    per loaded word and reduces after the loop (fewest instructions, more registers); otherwise
+    each tile is reduced as it comes. In group mode GW is the scale group in words and
+    GWT = min(GW, BKW) the part of a group that one tile holds.
+    """
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_r = pid_r * BR + tl.arange(0, BR)
+    m_mask = offs_m < M
+    r_mask = offs_r < R
+    zero3 = tl.zeros([BM, BR, BKW], tl.int32)
+
+    tiles = tl.cdiv(KW, BKW)
+    per_split = tl.cdiv(tiles, SPLIT_K)
+    kw_lo = pid_k * per_split * BKW
+    kw_hi = tl.minimum(kw_lo + per_split * BKW, KW)
+
+    if SCALE_MODE == 2:
+        acc0 = tl.zeros([BM, BR], dtype=tl.float32)
+    elif CHAIN:
+        acc0 = zero3
+    else:
+        acc0 = tl.zeros([BM, BR], dtype=tl.int32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    w_rows = ww_ptr + offs_r[:, None].to(tl.int64) * KW
+    x_rows = xw_ptr + offs_m[:, None].to(tl.int64) * KW
+    for kw0 in range(kw_lo, kw_hi, BKW):
+        offs_k = kw0 + tl.arange(0, BKW)
+        k_mask = offs_k < kw_hi
+        w = tl.load(w_rows + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0)[None, :, :]
+        xv = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
+        x3 = xv[:, None, :]
+        if SCALE_MODE == 2:
+            NPT: tl.constexpr = BKW // GWT
+            ones = tl.full([BM, BKW], 0x01010101, tl.int32)
+            xs = tl.sum(tl.reshape(_dp4a(ones, xv, tl.zeros_like(xv), ON_GPU), (BM, NPT, GWT)), axis=2)
+            acc0 += _gemv_group_part(_dp4a(w & 0x03030303, x3, zero3, ON_GPU), xs, kw0, offs_r, r_mask,
+                                     winv_ptr, n_groups, 0, BM, BR, BKW, GW, GWT, ON_GPU)
+            acc1 += _gemv_group_part(_dp4a(w & 0x0C0C0C0C, x3, zero3, ON_GPU), xs, kw0, offs_r + R, r_mask,
+                                     winv_ptr, n_groups, 2, BM, BR, BKW, GW, GWT, ON_GPU)
+            acc2 += _gemv_group_part(_dp4a(w & 0x30303030, x3, zero3, ON_GPU), xs, kw0, offs_r + 2 * R, r_mask,
+                                     winv_ptr, n_groups, 4, BM, BR, BKW, GW, GWT, ON_GPU)
+            acc3 += _gemv_group_part(_dp4a(w & -1061109568, x3, zero3, ON_GPU), xs, kw0, offs_r + 3 * R, r_mask,
+                                     winv_ptr, n_groups, 6, BM, BR, BKW, GW, GWT, ON_GPU)
+        elif CHAIN:
+            acc0 = _dp4a(w & 0x03030303, x3, acc0, ON_GPU)
+            acc1 = _dp4a(w & 0x0C0C0C0C, x3, acc1, ON_GPU)
+            acc2 = _dp4a(w & 0x30303030, x3, acc2, ON_GPU)
+            acc3 = _dp4a(w & -1061109568, x3, acc3, ON_GPU)  # 0xC0C0C0C0 as int32
+        else:
+            acc0 += tl.sum(_dp4a(w & 0x03030303, x3, zero3, ON_GPU), axis=2)
+            acc1 += tl.sum(_dp4a(w & 0x0C0C0C0C, x3, zero3, ON_GPU), axis=2)
+            acc2 += tl.sum(_dp4a(w & 0x30303030, x3, zero3, ON_GPU), axis=2)
+            acc3 += tl.sum(_dp4a(w & -1061109568, x3, zero3, ON_GPU), axis=2)
+    if SCALE_MODE != 2:
+        if CHAIN:
+            acc0 = tl.sum(acc0, axis=2)
+            acc1 = tl.sum(acc1, axis=2)
+            acc2 = tl.sum(acc2, axis=2)
+            acc3 = tl.sum(acc3, axis=2)
+        acc1 = acc1 >> 2
+        acc2 = acc2 >> 4
+        acc3 = acc3 >> 6
+    _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, pid_m * tl.num_programs(0) + pid_r, xinv_ptr,
+            xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, SPLIT_K, SCALE_MODE, HAS_BIAS, ON_GPU)
+
+
+@triton.jit
+def _gemm_kernel(xq_ptr, xinv_ptr, xsum_ptr, w_ptr, winv_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+                 M, N, R, K, stride_ym, n_groups,
+                 BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+                 GROUP_M: tl.constexpr, SCALE_MODE: tl.constexpr, GS: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, ON_GPU: tl.constexpr):
+    """Many tokens: ``xq`` int8 (M, K) activation codes, ``w`` uint8 (R, K) packed weights.
+
+    In group mode GS (the group size) is a multiple of BK and partial sums are scaled per group.
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    num_r = tl.cdiv(R, BR)
+    # Consecutive programs share weight tiles (GROUP_M token tiles at a time) so that L2 serves them.
+    in_group = GROUP_M * num_r
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_rows
+    pid_r = (pid % in_group) // group_rows
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_r = pid_r * BR + tl.arange(0, BR)
+    m_mask = offs_m < M
+    r_mask = offs_r < R
+
+    tiles = tl.cdiv(K, BK)
+    per_split = tl.cdiv(tiles, SPLIT_K)
+    k_lo = pid_k * per_split * BK
+    k_hi = tl.minimum(k_lo + per_split * BK, K)
+    x_rows = xq_ptr + offs_m[:, None].to(tl.int64) * K
+    w_cols = w_ptr + offs_r[None, :].to(tl.int64) * K
+
+    if SCALE_MODE == 2:
+        out0 = tl.zeros([BM, BR], dtype=tl.float32)
+        out1 = out0
+        out2 = out0
+        out3 = out0
+        for g0 in range(k_lo, k_hi, GS):
+            acc0 = tl.zeros([BM, BR], dtype=tl.int32)
+            acc1 = acc0
+            acc2 = acc0
+            acc3 = acc0
+            xsum = tl.zeros([BM], dtype=tl.int32)
+            for k0 in range(g0, g0 + GS, BK):
+                offs_k = k0 + tl.arange(0, BK)
+                k_mask = offs_k < k_hi
+                a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
+                p = tl.load(w_cols + offs_k[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0)
+                acc0 = tl.dot(a, _unpack_bytes(p, 0, ON_GPU), acc0, out_dtype=tl.int32)
+                acc1 = tl.dot(a, _unpack_bytes(p, 2, ON_GPU), acc1, out_dtype=tl.int32)
+                acc2 = tl.dot(a, _unpack_bytes(p, 4, ON_GPU), acc2, out_dtype=tl.int32)
+                acc3 = tl.dot(a, _unpack_bytes(p, 6, ON_GPU), acc3, out_dtype=tl.int32)
+                xsum += tl.sum(a.to(tl.int32), axis=1)
+            g = g0 // GS
+            xs = xsum[:, None]
+            out0 += _gemm_group_part(acc0 - xs, offs_r, r_mask, g, winv_ptr, n_groups, ON_GPU)
+            out1 += _gemm_group_part(acc1 - xs, offs_r + R, r_mask, g, winv_ptr, n_groups, ON_GPU)
+            out2 += _gemm_group_part(acc2 - xs, offs_r + 2 * R, r_mask, g, winv_ptr, n_groups, ON_GPU)
+            out3 += _gemm_group_part(acc3 - xs, offs_r + 3 * R, r_mask, g, winv_ptr, n_groups, ON_GPU)
+    else:
+        out0 = tl.zeros([BM, BR], dtype=tl.int32)
+        out1 = out0
+        out2 = out0
+        out3 = out0
+        for k0 in range(k_lo, k_hi, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            k_mask = offs_k < k_hi
+            a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
+            p = tl.load(w_cols + offs_k[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0)
+            out0 = tl.dot(a, _unpack_bytes(p, 0, ON_GPU), out0, out_dtype=tl.int32)
+            out1 = tl.dot(a, _unpack_bytes(p, 2, ON_GPU), out1, out_dtype=tl.int32)
+            out2 = tl.dot(a, _unpack_bytes(p, 4, ON_GPU), out2, out_dtype=tl.int32)
+            out3 = tl.dot(a, _unpack_bytes(p, 6, ON_GPU), out3, out_dtype=tl.int32)
+    _finish(out0, out1, out2, out3, offs_m, offs_r, M, N, R, pid, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr,
+            stride_ym, ws_ptr, cnt_ptr, SPLIT_K, SCALE_MODE, HAS_BIAS, ON_GPU)
+
+
+@triton.jit
+def _gemm_group_part(acc, offs_n, r_mask, g, winv_ptr, n_groups, ON_GPU: tl.constexpr):
+    winv = tl.load(winv_ptr + offs_n.to(tl.int64) * n_groups + g, mask=r_mask, other=1.0)
+    part = acc.to(tl.float32)
+    return _div(part, winv[None, :] + tl.zeros_like(part), ON_GPU)
+
+
+# --------------------------------------------------------------------------- configurations
+
+@dataclass(frozen=True)
+class GemvConfig:
+    br: int = 4
+    bkw: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    kind: str = "gemv"
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    bm: int = 64
+    br: int = 32
+    bk: int = 128
+    split_k: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    kind: str = "gemm"
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _sm_count(device: torch.device) -> int:
+    if _interpreting():
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What decides which kernel and tiles fit: the shape and the kind of scales."""
+
+    m: int
+    n: int
+    k: int
+    mode: int
+    group_size: int
+    device: torch.device
+
+    @property
+    def rows(self) -> int:
+        return self.n // 4
+
+    @property
+    def gemv_ok(self) -> bool:
+        if self.k % 4 or self.m > GEMV_MAX_M or self.k > GEMV_MAX_K:
+            return False
+        return self.mode != 2 or (_is_pow2(self.group_size) and self.group_size >= 16)
+
+    @property
+    def gemm_ok(self) -> bool:
+        return self.mode != 2 or (_is_pow2(self.group_size) and self.group_size >= 32)
+
+    def split_ok(self, split_k: int) -> bool:
+        """Split-K sums in int32 through the workspace: not for group scales, and only if it fits."""
+        return split_k == 1 or (self.mode != 2 and self.m <= WORKSPACE_ROWS and self.n <= WORKSPACE_COLS)
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def default_config(p: Problem) -> GemvConfig | GemmConfig | None:
+    """A reasonable choice without measuring: enough programs to cover every SM about twice."""
+    sms = _sm_count(p.device)
+    if p.gemv_ok and p.m <= 8:
+        br, bkw = 4, 128
+        programs = triton.cdiv(p.rows, br)
+        split = 1
+        while (split < 8 and programs * split < 2 * sms and triton.cdiv(p.k // 4, bkw) >= 4 * split * 2
+               and p.split_ok(split * 2)):
+            split *= 2
+        return GemvConfig(br=br, bkw=bkw, split_k=split)
+    if not p.gemm_ok:
+        return None
+    bm = min(128, max(16, _next_pow2(p.m)))
+    br = 32 if p.m > 16 else 16
+    bk = 128 if p.mode != 2 else min(128, p.group_size)
+    programs = triton.cdiv(p.m, bm) * triton.cdiv(p.rows, br)
+    split = 1
+    while (split < 8 and programs * split < sms and triton.cdiv(p.k, bk) >= 4 * split * 2
+           and p.split_ok(split * 2)):
+        split *= 2
+    return GemmConfig(bm=bm, br=br, bk=bk, split_k=split, num_warps=4 if bm <= 64 else 8)
+
+
+def candidate_configs(p: Problem) -> list[GemvConfig | GemmConfig]:
+    """What the tuner measures for one problem (few: each distinct tile is one more compilation)."""
+    out: list[GemvConfig | GemmConfig] = []
+    if p.gemv_ok:
+        bm = _next_pow2(p.m)
+        for br, bkw in ((2, 256), (4, 128), (4, 256), (8, 128)):
+            if bm * br * bkw > 4096:
+                continue
+            for split in (1, 2, 4):
+                if p.split_ok(split) and (split == 1 or triton.cdiv(p.k // 4, bkw) >= 2 * split):
+                    out.append(GemvConfig(br=br, bkw=bkw, split_k=split))
+    if p.gemm_ok:
+        if p.m <= GEMV_MAX_M:
+            tiles = [(16, br, 128, 4, 4) for br in (16, 32)]
+        else:
+            big = min(128, max(32, _next_pow2(p.m)))
+            tiles = [(bm, br, bk, w, s) for bm in sorted({max(32, big // 2), big})
+                     for br, bk, w, s in ((16, 128, 4, 4), (32, 128, 4, 3), (64, 64, 8, 3))]
+        for bm, br, bk, warps, stages in tiles:
+            if p.mode == 2:
+                bk = min(bk, p.group_size)
+            for split in (1, 2, 4):
+                if p.split_ok(split) and (split == 1 or triton.cdiv(p.k, bk) >= 2 * split):
+                    out.append(GemmConfig(bm=bm, br=br, bk=bk, split_k=split, num_warps=warps, num_stages=stages))
+    return out
+
+
+# --------------------------------------------------------------------------- launchers
+
+_workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-K scratch of one (device, stream): all zeros between kernels, which restore it.
+
+    Fixed size, allocated once, so that CUDA graphs that captured it never see it move.
+    """
+    stream = 0 if _interpreting() else torch.cuda.current_stream(device).cuda_stream
+    key = (device, stream)
+    if key not in _workspaces:
+        _workspaces[key] = (torch.zeros(WORKSPACE_ROWS * WORKSPACE_COLS, dtype=torch.int32, device=device),
+                            torch.zeros(COUNTERS, dtype=torch.int32, device=device))
+    return _workspaces[key]
+
+
+def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token int8 codes (M, K), ``127 / absmax`` (M,) float32 and Σ codes (M,) int32 of a 2-D
+    tensor whose rows are contiguous."""
+    m, k = x2d.shape
+    codes = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
+    inv = torch.empty((m,), dtype=torch.float32, device=x2d.device)
+    total = torch.empty((m,), dtype=torch.int32, device=x2d.device)
+    if m:
+        whole = max(128, _next_pow2(k))
+        one_pass = whole <= 16384  # the whole row fits in registers: read it once
+        block = whole if one_pass else 4096
+        _act_quant_kernel[(m,)](x2d, codes, inv, total, k, x2d.stride(0), BLOCK=block, ONE_PASS=one_pass,
+                                ON_GPU=not _interpreting(), num_warps=min(16, max(4, block // 512)))
+    return codes, inv, total
+
+
+def launch(cfg: GemvConfig | GemmConfig, p: Problem, acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+           packed: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    """Run one configuration on quantized activations ``acts`` (codes, inverse scales, sums): ``y`` (M, N)
+    receives the result."""
+    codes, x_inv, x_sum = acts
+    on_gpu = not _interpreting()
+    if cfg.split_k > 1:
+        ws, counters = _workspace(codes.device)
+    else:
+        ws = counters = x_inv  # never touched
+    n_groups = p.k // p.group_size if p.mode == 2 else 1
+    bias_arg = bias if bias is not None else x_inv
+    if cfg.kind == "gemv":
+        bm = _next_pow2(p.m)
+        gw = p.group_size // 4 if p.mode == 2 else 1
+        grid = (triton.cdiv(p.rows, cfg.br), cfg.split_k, triton.cdiv(p.m, bm))
+        _gemv_kernel[grid](codes.view(torch.int32), x_inv, x_sum, packed.view(torch.int32), inv_scale, bias_arg, y,
+                           ws, counters, p.m, p.n, p.rows, p.k // 4, y.stride(0), n_groups,
+                           BM=bm, BR=cfg.br, BKW=cfg.bkw, SPLIT_K=cfg.split_k,
+                           CHAIN=bm * cfg.br * cfg.bkw * 4 <= 64 * 32 * cfg.num_warps, SCALE_MODE=p.mode, GW=gw,
+                           GWT=min(gw, cfg.bkw), HAS_BIAS=bias is not None, ON_GPU=on_gpu, num_warps=cfg.num_warps)
+    else:
+        bk = min(cfg.bk, p.group_size) if p.mode == 2 else cfg.bk
+        grid = (triton.cdiv(p.m, cfg.bm) * triton.cdiv(p.rows, cfg.br), cfg.split_k)
+        _gemm_kernel[grid](codes, x_inv, x_sum, packed, inv_scale, bias_arg, y, ws, counters,
+                           p.m, p.n, p.rows, p.k, y.stride(0), n_groups,
+                           BM=cfg.bm, BR=cfg.br, BK=bk, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
+                           SCALE_MODE=p.mode, GS=p.group_size if p.mode == 2 else 1,
+                           HAS_BIAS=bias is not None, ON_GPU=on_gpu, num_warps=cfg.num_warps,
+                           num_stages=cfg.num_stages)
+
+
+# --------------------------------------------------------------------------- tuning
+
+_tuned: dict[tuple, GemvConfig | GemmConfig | None] = {}
+tuning_log: dict[str, list] = {}  # what each tuning measured, for benchmarks: key -> [(config, µs)]
+TUNE_BUDGET_S = 20.0  # per problem; past it the best so far is kept
+
+
+def _bucket(m: int) -> int:
+    return m if m <= GEMV_MAX_M else min(_next_pow2(m), 4096)
+
+
+def tuning_enabled() -> bool:
+    return os.environ.get("BITCONVERT_TUNE", "1") != "0" and not _interpreting()
+
+
+def choose_config(p: Problem, run) -> GemvConfig | GemmConfig | None:
+    """The fastest candidate for this problem's shape (measured once per shape), else the default.
+
+    ``run(cfg)`` launches one configuration. Tuning never runs while a CUDA graph is being captured.
+    """
+    key = (p.device.index or 0, _bucket(p.m), p.n, p.k, p.mode, p.group_size)
+    cfg = _tuned.get(key, _tuned)
+    if cfg is not _tuned:
+        return cfg
+    fallback = default_config(p)
+    if not tuning_enabled() or torch.cuda.is_current_stream_capturing():
+        return fallback
+    best, best_ms, log, start = fallback, float("inf"), [], time.monotonic()
+    for cand in candidate_configs(p):
+        if time.monotonic() - start > TUNE_BUDGET_S:
+            break
+        try:
+            ms = triton.testing.do_bench(lambda: run(cand), warmup=3, rep=15, return_mode="median")
+        except Exception as err:  # a tile that does not compile or fit on this GPU is simply not a candidate
+            log.append((str(cand), repr(err)[:200]))
+            continue
+        log.append((str(cand), ms * 1e3))
+        if ms < best_ms:
+            best, best_ms = cand, ms
+    _tuned[key] = best
+    tuning_log[str(key)] = log
+    return best
+
+
+def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None,
+                   mode: int, group_size: int, config: GemvConfig | GemmConfig | None = None,
+                   acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """``(M, K) -> (M, N)`` on the GPU; ``None`` when no kernel covers this case (the caller falls back).
+
+    ``acts`` are ``quantize_activations(x2d)`` when the caller already has them.
+    """
+    m, k = x2d.shape
+    p = Problem(m, packed.shape[0] * 4, k, mode, group_size, x2d.device)
+    if acts is None:
+        acts = quantize_activations(x2d)
+    y = torch.empty((m, p.n), dtype=x2d.dtype, device=x2d.device)
+    if m == 0:
+        return y
+
+    def run(cfg):
+        launch(cfg, p, acts, packed, inv_scale, bias, y)
+
+    cfg = config or choose_config(p, run)
+    if cfg is None:
+        return None
+    run(cfg)
+    return y
