@@ -6,9 +6,11 @@ WikiText-2 test perplexity with causal routing (each token decided by its router
 decoding), the share of tokens that routed blocks processed, the forward FLOPs that saves, and the
 measured forward time. The original (unquantized) model's perplexity is scored for reference.
 
-GPU (the real measurement)::
+GPU (the real measurement; one arm per command keeps each under ten minutes, the second call
+merges its arm into the first one's results)::
 
-    python benchmarks/mod_smollm2.py --out benchmarks/results/mod_smollm2 --steps 600 --batch-size 16
+    python benchmarks/mod_smollm2.py --out benchmarks/results/mod_smollm2 --steps 400 --batch-size 16 --arm dense
+    python benchmarks/mod_smollm2.py --out benchmarks/results/mod_smollm2 --steps 400 --batch-size 16 --arm mod
 
 CPU smoke test (seconds; tiny model and text)::
 
@@ -60,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timing-reps", type=int, default=10)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--skip-original", action="store_true", help="do not score the unquantized model")
+    p.add_argument("--arm", default="both", choices=["both", "dense", "mod"],
+                   help="run one arm only; results.json in --out keeps the other arm from an earlier run")
     return p.parse_args(argv)
 
 
@@ -166,6 +170,8 @@ def markdown(report: dict) -> str:
     if report.get("original_perplexity") is not None:
         lines.append(f"| original (unquantized) | {report['original_perplexity']:.2f} | all | - | - | - |")
     s = report["summary"]
+    if not s:
+        return "\n".join(lines + ["", "Run both arms (dense and mod) for the comparison.", ""])
     lines += ["", f"Quality cost of MoD: perplexity x{s['perplexity_ratio']:.3f} ({s['perplexity_ratio'] - 1:+.1%}). "
               f"Compute saved: {s['flops_saved']:.1%} of forward FLOPs at the measured routing "
               f"({s['flops_saved_at_capacity']:.1%} at the training capacity); measured forward time "
@@ -179,26 +185,37 @@ def main(argv=None) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     routing = {"every": args.every, "capacity": args.capacity, "aux_weight": args.aux_weight, "decision": args.decision}
-    arms = [run_arm(args, "dense", None, device), run_arm(args, "mod", routing, device)]
-    original = None
-    if not args.skip_original:
+    # Arms can run in separate processes (e.g. under a per-command time limit); same settings only.
+    results_path = args.out / "results.json"
+    earlier = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "arm"}
+    if earlier and {k: v for k, v in earlier.get("config", {}).items() if k != "arm"} != config:
+        raise SystemExit(f"{results_path} was made with other settings; use another --out or delete it")
+    by_name = {row["arm"]: row for row in earlier.get("arms", [])}
+    for name in (["dense", "mod"] if args.arm == "both" else [args.arm]):
+        by_name[name] = run_arm(args, name, routing if name == "mod" else None, device)
+    arms = [by_name[name] for name in ("dense", "mod") if name in by_name]
+    original = earlier.get("original_perplexity")
+    if not args.skip_original and original is None:
         import bitconvert
 
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         model, tokenizer = bitconvert.load_model(args.model, dtype=dtype, device=device)
         original, _ = perplexity(model, _windows(tokenizer, args.eval_data, args.seq_len, args.eval_windows),
                                  args.eval_batch_size, device)
-    dense, mod = arms
+    summary = {}
+    if "dense" in by_name and "mod" in by_name:
+        dense, mod = by_name["dense"], by_name["mod"]
+        summary = {"perplexity_ratio": mod["perplexity"] / dense["perplexity"],
+                   "flops_saved": mod["flops_saved_at_measured_routing"],
+                   "flops_saved_at_capacity": mod["flops_saved_at_training_capacity"],
+                   "forward_time_ratio": mod["forward_seconds"] / dense["forward_seconds"]}
     report = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": config,
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "arms": arms, "original_perplexity": original,
-        "summary": {"perplexity_ratio": mod["perplexity"] / dense["perplexity"],
-                    "flops_saved": mod["flops_saved_at_measured_routing"],
-                    "flops_saved_at_capacity": mod["flops_saved_at_training_capacity"],
-                    "forward_time_ratio": mod["forward_seconds"] / dense["forward_seconds"]},
+        "arms": arms, "original_perplexity": original, "summary": summary,
     }
-    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    results_path.write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(report))
     print(markdown(report))
     return report
