@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bitconvert.convert import convert_to_bitnet  # noqa: E402
-from bitconvert.export.gguf import export_gguf, gguf_filename, ternary_weights  # noqa: E402
+from bitconvert.export.gguf import export_gguf, gguf_filename, source_gguf, ternary_weights  # noqa: E402
 from bitconvert.export.packed import load_ternary  # noqa: E402
 from bitconvert.quant import QuantSpec  # noqa: E402
 from bitconvert.sources import load_model, resolve  # noqa: E402
@@ -120,7 +120,7 @@ def float_twin(model, activations: str):
         with torch.no_grad():
             embedding = twin.get_input_embeddings().weight
             embedding.copy_(embedding.half().float())
-    return twin.float().eval()
+    return twin.eval()  # float32 already; .float() is refused on a quantized (packed) model
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -256,7 +256,10 @@ def main() -> None:
         model.eval()
         how = "post-training ternary, no training"
         files = {}
+    # the GGUF reuses the tokenizer of the file the model came from, as the exporters do
     src_gguf = source.path / source.gguf_file if source.kind in ("embedded", "gguf") else None
+    if source.kind == "ternary":
+        src_gguf = source_gguf(source.path)
     windows = token_windows(tokenizer, args.text, args.seq_len, args.windows)
     ours, torch_seconds = torch_logits(model, windows)
     log.info("bitconvert: %d windows in %.1f s", len(windows), torch_seconds)
@@ -305,9 +308,9 @@ def main() -> None:
     notes.append("Both runtimes score the same token ids; bitconvert quantizes activations per token to int8, "
                  "llama.cpp per block of 256 (TQ types) or 32 (Q8_0) inputs, so logits are close, not equal.")
     if src_gguf is not None:
-        notes.append(f"The GGUF reuses the tokenizer of {src_gguf.name} (pre-tokenizer 'smollm', digits split one "
-                     "by one); transformers' tokenizer rebuilt from that GGUF lacks the digit split, so token ids "
-                     "can differ on numbers.")
+        notes.append(f"The GGUF reuses the tokenizer metadata of {src_gguf.name}. For SmolLM2 that is pre-tokenizer "
+                     "'smollm' (digits split one by one); transformers' tokenizer rebuilt from that GGUF lacks the "
+                     "digit split, so token ids can differ on numbers.")
     results = {
         "model": args.model, "how": how, "spec": spec.model_dump(), "seq_len": args.seq_len, "windows": args.windows,
         "text": str(args.text), "threads": args.threads, "llama_cpp_version": llama_cpp.__version__,
