@@ -95,7 +95,7 @@ def quantize(recipe: Recipe, *, resume: bool = False, accelerator=None) -> Quant
                              eval_batch_size=recipe.eval.batch_size)
         if result.train.interrupted:
             return result
-        student = _gather_student(student, recipe, accelerator)
+        student = _gather_student(result.train.model, recipe, accelerator)
     if main:
         result.exports = export_all(student, tokenizer, recipe, result, seconds=time.perf_counter() - start)
     accelerator.wait_for_everyone()
@@ -113,10 +113,12 @@ def quantize(recipe: Recipe, *, resume: bool = False, accelerator=None) -> Quant
 
 
 def _gather_student(student, recipe: Recipe, accelerator):
-    """The trained student as one plain module on the main process (None elsewhere).
+    """The trained student (as ``train`` prepared it) as one plain module on the main process
+    (None elsewhere).
 
-    Under FSDP the weights are sharded across processes: gather a full state dict and load it
-    into a freshly converted copy of the source model.
+    Under FSDP the weights are sharded across processes: gather a full state dict from the
+    wrapper (the root unit's parameters, embeddings and head, exist only there) and load it into
+    a freshly converted copy of the source model.
     """
     from accelerate.utils import DistributedType
 

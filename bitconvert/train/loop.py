@@ -42,6 +42,7 @@ class TrainResult:
     interrupted: bool
     checkpoint: Path | None
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    model: Any = None  # the student as accelerate prepared it (DDP/FSDP wrapper); FSDP's root unit lives only here
 
 
 class ResumeError(ValueError):
@@ -321,4 +322,4 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
         loss = held_out_loss(student, data.eval_blocks, eval_batch_size, accelerator)
         log_row({"step": step, "tokens": tokens, "eval_loss": loss, "eval_ppl": math.exp(loss)})
     return TrainResult(steps=step, tokens=tokens, seconds=elapsed, interrupted=interrupted,
-                       checkpoint=last_checkpoint, metrics=metrics)
+                       checkpoint=last_checkpoint, metrics=metrics, model=student)
