@@ -10,6 +10,7 @@ folder holds them. Writes eval_smollm2.json and eval_smollm2.md under --out and 
     python benchmarks/eval_smollm2.py --data-dir ../shared/data --out $OUT/eval_smollm2 --train-minutes 4
     python benchmarks/eval_smollm2.py --data-dir ../shared/data --out /tmp/smoke --train-minutes 0 \
         --limit 4 --max-length 512 --device cpu      # CPU smoke test, a few minutes
+    (add --train-batch-size 2 --train-seq-len 128 to smoke-test the distillation on a CPU)
 """
 
 from __future__ import annotations
@@ -39,13 +40,13 @@ IF_PRESENT = ["arc_easy_local", "arc_challenge_local", "hellaswag_local"]
 def conversion_recipe(args, data_dir: Path, export_dir: Path):
     """The best short recipe known from the calibration notes (per-channel scales, quant warmup, KL + 0.5 CE)."""
     train = {"mode": "none"} if args.train_minutes <= 0 else {
-        "mode": "distill", "minutes": args.train_minutes, "batch_size": 32, "lr": 1e-3, "schedule": "cosine",
+        "mode": "distill", "minutes": args.train_minutes, "batch_size": args.train_batch_size, "lr": 1e-3, "schedule": "cosine",
         "warmup_steps": 20, "quant_warmup_steps": 100, "loss": {"kl": 1.0, "ce": 0.5}, "log_every": 10,
         "save_every": 0, "save_every_minutes": 0}
     return recipe_from_dict({
         "model": args.model, "output": str(export_dir), "device": args.device,
         "convert": {"weight_scale": "channel"},
-        "data": {"train": [{"path": str(data_dir / "wikitext-2" / "valid.txt")}], "sequence_length": 512},
+        "data": {"train": [{"path": str(data_dir / "wikitext-2" / "valid.txt")}], "sequence_length": args.train_seq_len},
         "train": train, "export": {"formats": ["packed"]},
     }, [], source="benchmarks/eval_smollm2.py")
 
@@ -59,6 +60,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="where eval_smollm2.{json,md} go")
     parser.add_argument("--export-dir", type=Path, help="where the conversion is written (default: a temp folder)")
     parser.add_argument("--train-minutes", type=float, default=4.0, help="distillation budget; 0 = no training")
+    parser.add_argument("--train-batch-size", type=int, default=32, help="sequences per step (32 x 512 needs a GPU)")
+    parser.add_argument("--train-seq-len", type=int, default=512, help="tokens per training sequence")
     parser.add_argument("--limit", type=int, help="first N items per task / N windows per text file (smoke tests)")
     parser.add_argument("--batch-size", type=int, default=32)
     # The harness log-softmaxes a whole batch of windows at once: batch x max_length x vocab (49152) in fp32,
