@@ -196,6 +196,9 @@ def test_export_and_reload_rebuild_the_routers(tmp_path, tiny_tokenizer, spec):
     export_ternary(model, tiny_tokenizer, tmp_path, spec, dtype=torch.bfloat16)
     manifest = read_manifest(tmp_path)
     assert manifest["mixture_of_depths"]["capacity"] == 0.25 and not manifest["transformers_compatible"]
+    from bitconvert.export.card import render_card
+
+    assert "| Mixture-of-Depths | every 2 blocks, training capacity 0.25" in render_card(manifest)
     config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "bitconvert" and config["mixture_of_depths"]["every"] == 2
 

@@ -41,6 +41,10 @@ def render_card(manifest: dict[str, Any], recipe_yaml: str | None = None, train_
         f"| extra normalisation (SubLN) | {spec['subln']} |",
         f"| quantized layers | {len(manifest['modules'])} ({manifest.get('quantized_parameters', 0):,} weights, {bits} bit{'s' if bits > 1 else ''} each) |",
     ]
+    routing = manifest.get("mixture_of_depths")
+    if routing:
+        lines += [f"| Mixture-of-Depths | every {routing['every']} blocks, training capacity {routing['capacity']:g}, "
+                  f"causal decision by {routing['decision']} (docs/variants.md) |"]
     if train_summary:
         lines += [f"| training | {train_summary.get('mode')}: {train_summary.get('steps')} steps, "
                   f"{train_summary.get('tokens'):,} tokens, {train_summary.get('seconds', 0):.0f} s |"]
