@@ -201,10 +201,9 @@ class RoutedBlock:
             past = 0
 
         sub = _gather_seq(hidden_states, idx)
-        for name in ("position_ids",):
-            value = get(name)
-            if isinstance(value, torch.Tensor) and value.ndim == 2 and value.shape[1] == seq:
-                put(name, _gather_seq(value, idx))
+        positions = get("position_ids")
+        if isinstance(positions, torch.Tensor) and positions.ndim == 2 and positions.shape[1] == seq:
+            put("position_ids", _gather_seq(positions, idx))
         embeddings = get("position_embeddings")
         if isinstance(embeddings, tuple) and embeddings and embeddings[0].shape[1] == seq:
             put("position_embeddings", tuple(_gather_seq(e, idx) for e in embeddings))
