@@ -180,7 +180,11 @@ def packed_state_dict(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, t
 
 def export_ternary(model: nn.Module, tokenizer, out_dir: str | os.PathLike, spec: QuantSpec, *,
                    dtype: torch.dtype = torch.bfloat16, provenance: dict[str, Any] | None = None) -> Path:
-    """Write a converted (BitLinear) model as a packed ternary folder. Returns the folder."""
+    """Write a converted (BitLinear) model as a packed folder. Returns the folder.
+
+    The name is historical: every variant goes through here (``spec.variant`` decides the packing:
+    2-bit ternary for b1.58, 1-bit signs for bitnet1 and onebit), and so do Mixture-of-Depths routers.
+    """
     from bitconvert.convert import quantized_modules
     from bitconvert.mod import mod_config
 
@@ -269,7 +273,8 @@ def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> dict[str, 
 
 def load_ternary(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  verify: bool = True):
-    """Load an export as ``(model, tokenizer)`` with packed layers (fast kernels where available)."""
+    """Load an export (any variant, with or without Mixture-of-Depths) as ``(model, tokenizer)`` with
+    packed layers (fast kernels where available)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest = read_manifest(path, verify=verify)
