@@ -127,8 +127,7 @@ def throughput(args, original, teacher, tokenizer, accelerator_factory) -> list[
     data = build_training_data(recipe.data, tokenizer, seed=0, cache_dir=args.work / "data")
     results = []
     fused = (bl._activation_ste_fused, bl._weight_ste_fused)
-    for label, use_fused, compile_model in (("eager quantizers", False, False), ("fused quantizers", True, False),
-                                            ("fused + compiled model", True, True)):
+    for label, use_fused, compile_model in (("eager quantizers", False, False), ("fused quantizers", True, False)):
         bl._activation_ste_fused, bl._weight_ste_fused = fused if use_fused else (bl._activation_ste, bl._weight_ste)
         cfg = recipe.train.model_copy(update={"minutes": None, "steps": args.throughput_steps, "compile": compile_model,
                                               "eval_every": 0, "log_every": 1})
