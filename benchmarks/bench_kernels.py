@@ -124,7 +124,7 @@ def time_graph_us(fns, replays: int = 20) -> float:
     return us
 
 
-def time_eager_us(fns, rounds: int = 5) -> float:
+def time_eager_us(fns, rounds: int = 3) -> float:
     for fn in fns:
         fn()
     torch.cuda.synchronize()
@@ -184,6 +184,9 @@ def check_section() -> dict:
 
     torch.manual_seed(1234)
     cases, failures = [], 0
+    # Default tiles here: tuning every random shape would compile and time dozens of variants each.
+    tune = os.environ.get("BITCONVERT_TUNE")
+    os.environ["BITCONVERT_TUNE"] = "0"
 
     def compare(tag, x, packed, inv, bias, gran, gs, cfg=None):
         nonlocal failures
@@ -210,7 +213,7 @@ def check_section() -> dict:
             print(f"  FAIL {tag}: relerr {err:.3e}, exact {exact:.3f}, dtype {y.dtype} vs {ref.dtype}", flush=True)
 
     gen = torch.Generator().manual_seed(7)
-    for i in range(48):
+    for i in range(30):
         gran = ("tensor", "channel", "group")[i % 3]
         gs = (32, 64, 128, 256)[i % 4] if gran == "group" else 128
         m = [1, 2, 3, 5, 8, 13, 16, 17, 33, 64, 100, 257][int(torch.randint(0, 12, (1,), generator=gen))]
@@ -235,7 +238,8 @@ def check_section() -> dict:
         p = tt.Problem(m, n, k, tt.SCALE_MODES[gran], gs, x.device)
         for cfg in tt.candidate_configs(p):
             compare(f"config m={m} n={n} k={k} {gran} {cfg}", x, packed, inv, bias, gran, gs, cfg)
-            compare(f"config m={m} n={n} k={k} {gran} {cfg} again", x, packed, inv, bias, gran, gs, cfg)
+            if cfg.split_k > 1:  # the workspace must be clean for the next call
+                compare(f"config m={m} n={n} k={k} {gran} {cfg} again", x, packed, inv, bias, gran, gs, cfg)
 
     # activation quantizer bit for bit
     from bitconvert.quant import int8_absmax_quantize
@@ -252,6 +256,10 @@ def check_section() -> dict:
     clean = all(v == 0 for v in ws)
     failures += not clean
     cases.append({"case": "split-K workspace all zeros after the checks", "ok": clean})
+    if tune is None:
+        os.environ.pop("BITCONVERT_TUNE")
+    else:
+        os.environ["BITCONVERT_TUNE"] = tune
     print(f"# check: {len(cases) - failures}/{len(cases)} passed", flush=True)
     return {"passed": failures == 0, "failures": failures, "cases": cases}
 

@@ -90,8 +90,14 @@ def _unpack_bytes(p, SHIFT: tl.constexpr, ON_GPU: tl.constexpr):
         if SHIFT == 0:
             r = tl.inline_asm_elementwise("and.b32 $0, $1, 0x03030303;", "=r,r", [p], dtype=tl.int8,
                                           is_pure=True, pack=4)
+        elif SHIFT == 2:
+            r = tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 2; and.b32 $0, t, 0x03030303; }",
+                                          "=r,r", [p], dtype=tl.int8, is_pure=True, pack=4)
+        elif SHIFT == 4:
+            r = tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x03030303; }",
+                                          "=r,r", [p], dtype=tl.int8, is_pure=True, pack=4)
         else:
-            r = tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, " + str(SHIFT) + "; and.b32 $0, t, 0x03030303; }",
+            r = tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 6; and.b32 $0, t, 0x03030303; }",
                                           "=r,r", [p], dtype=tl.int8, is_pure=True, pack=4)
     else:
         r = ((p >> SHIFT) & 3).to(tl.int8)

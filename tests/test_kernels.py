@@ -1,0 +1,140 @@
+"""ternary_linear against the unpacked reference: the CPU paths here, the Triton kernels through
+triton's interpreter when triton is installed (the GPU itself is checked by benchmarks/bench_kernels.py)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitconvert.kernels import CPU_CACHES, TernaryCache, ternary_linear, ternary_linear_reference
+from bitconvert.layers import PackedBitLinear
+from bitconvert.quant import QuantSpec, pack_ternary, ternary_quantize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_packed(n, k, granularity, group_size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes, inv = ternary_quantize(torch.randn(n, k, generator=g), granularity, group_size)
+    return pack_ternary(codes), inv
+
+
+@pytest.mark.parametrize("cpu", CPU_CACHES)
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_paths_match_reference_on_random_shapes(cpu, granularity, dtype):
+    g = torch.Generator().manual_seed(hash((cpu, granularity, str(dtype))) % 1000)
+    for trial in range(4):
+        n = 4 * int(torch.randint(1, 40, (1,), generator=g))
+        k = 32 * int(torch.randint(1, 12, (1,), generator=g))
+        lead = [(1,), (3,), (2, 5), (17,)][trial]
+        packed, inv = random_packed(n, k, granularity, seed=trial)
+        x = (torch.randn(*lead, k, generator=g) * 4).to(dtype)
+        bias = torch.randn(n, generator=g).to(dtype) if trial % 2 else None
+        cache = TernaryCache(cpu)
+        want = ternary_linear_reference(x, packed, inv, bias, granularity=granularity, group_size=32)
+        for _ in range(2):  # the second call reads the cache
+            got = ternary_linear(x, packed, inv, bias, granularity=granularity, group_size=32, cache=cache)
+            assert got.shape == want.shape and got.dtype == want.dtype
+            if granularity == "group":  # same arithmetic, possibly another summation order
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            else:  # integer sums are exact: identical
+                assert torch.equal(got, want)
+
+
+def test_cache_holds_the_promised_bytes_and_follows_weight_updates():
+    layer = PackedBitLinear(64, 32, True, spec=QuantSpec(weight_scale="channel"))
+    packed, inv = random_packed(32, 64, "channel")
+    layer.load_state_dict({"weight": packed, "weight_scale": inv, "bias": torch.zeros(32)})
+    x = torch.randn(3, 64)
+    first = layer(x)
+    assert layer.kernel_cache.nbytes == 32 * 64  # int8 codes: one byte a weight
+    assert "kernel_cache" not in dict(layer.named_buffers()) and "kernel_cache" not in layer.state_dict()
+    other, inv2 = random_packed(32, 64, "channel", seed=5)
+    layer.load_state_dict({"weight": other, "weight_scale": inv2, "bias": torch.zeros(32)})  # in place
+    second = layer(x)
+    assert torch.equal(second, ternary_linear_reference(x, other, inv2, torch.zeros(32), granularity="channel"))
+    assert not torch.equal(first, second)
+
+
+def test_reference_can_be_forced(monkeypatch):
+    packed, inv = random_packed(16, 64, "tensor")
+    x = torch.randn(2, 64)
+    monkeypatch.setenv("BITCONVERT_KERNELS", "reference")
+    cache = TernaryCache("float")
+    ternary_linear(x, packed, inv, cache=cache)
+    assert cache.nbytes == 0
+
+
+def test_unknown_cache_mode_is_named():
+    with pytest.raises(ValueError, match="unknown CPU cache 'fast'"):
+        TernaryCache("fast")
+
+
+def test_triton_is_imported_only_for_cuda_tensors():
+    code = textwrap.dedent("""
+        import sys, torch
+        from bitconvert.kernels import ternary_linear, TernaryCache
+        from bitconvert.quant import pack_ternary
+        packed = pack_ternary(torch.randint(-1, 2, (8, 16), dtype=torch.int8))
+        ternary_linear(torch.randn(2, 16), packed, torch.ones(1), cache=TernaryCache())
+        assert "triton" not in sys.modules and "bitconvert.kernels.triton_ternary" not in sys.modules
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+INTERPRETER_CHECK = textwrap.dedent("""
+    import os, sys, torch
+    os.environ["TRITON_INTERPRET"] = "1"
+    import numpy as np
+    from triton.runtime import interpreter
+    from bitconvert.kernels import triton_ternary as tt
+    from bitconvert.kernels.reference import ternary_linear_reference
+    from bitconvert.quant import int8_absmax_quantize, pack_ternary, ternary_quantize
+
+    torch.manual_seed(0)
+    cases = [  # m, n, k, granularity, group size, config
+        (1, 32, 64, "tensor", 128, tt.GemvConfig(br=2, bkw=8)),
+        (5, 64, 512, "channel", 128, tt.GemvConfig(br=8, bkw=64)),
+        (6, 64, 1024, "tensor", 128, tt.GemvConfig(br=8, bkw=64, split_k=2)),
+        (3, 48, 96, "channel", 128, tt.GemvConfig(br=4, bkw=8, split_k=2)),
+        (2, 32, 128, "group", 32, tt.GemvConfig(br=2, bkw=16)),
+        (1, 32, 256, "group", 64, tt.GemvConfig(br=2, bkw=8)),
+        (7, 64, 96, "tensor", 128, tt.GemmConfig(bm=16, br=16, bk=32)),
+        (20, 64, 200, "channel", 128, tt.GemmConfig(bm=16, br=8, bk=32, split_k=3)),
+        (40, 64, 256, "channel", 128, tt.GemmConfig(bm=16, br=8, bk=32, split_k=2)),
+        (33, 48, 128, "group", 64, tt.GemmConfig(bm=16, br=8, bk=32)),
+    ]
+    for m, n, k, gran, gs, cfg in cases:
+        codes, inv = ternary_quantize(torch.randn(n, k), gran, gs)
+        packed = pack_ternary(codes)
+        x = torch.randn(m, k) * 3
+        bias = torch.randn(n) if m % 2 else None
+        want = ternary_linear_reference(x, packed, inv, bias, granularity=gran, group_size=gs)
+        got = tt.ternary_matmul(x, packed, inv, bias, tt.SCALE_MODES[gran], gs, config=cfg)
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 1e-6, (m, n, k, gran, cfg, err)  # the interpreter's division may differ in the last bit
+    x = torch.randn(4, 300) * 5
+    codes, inv, total = tt.quantize_activations(x)
+    want_codes, _ = int8_absmax_quantize(x)
+    assert torch.equal(codes, want_codes) and torch.equal(total, want_codes.int().sum(-1, dtype=torch.int32))
+    ws, counters = tt._workspace(torch.device("cpu"))
+    assert int(ws.abs().sum()) == 0 and int(counters.abs().sum()) == 0  # split-K cleaned up after itself
+    print("interpreter ok")
+""")
+
+
+@pytest.mark.slow
+def test_triton_kernels_match_reference_in_the_interpreter():
+    """The kernels' indexing, split-K bookkeeping and scales, run by triton's CPU interpreter."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    if "only 0-dimensional arrays can be converted" in result.stderr:
+        pytest.skip("this triton's interpreter does not run under this numpy")
+    assert result.returncode == 0, result.stderr[-3000:]
