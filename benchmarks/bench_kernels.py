@@ -589,6 +589,7 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens per eager generate() run")
     parser.add_argument("--graph-tokens", type=int, default=256, help="tokens per CUDA-graph decode run")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="out x in, in this order")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="skip the kernel rows and models that would start after this many seconds")
     args = parser.parse_args(argv)
@@ -610,6 +611,7 @@ def main(argv=None) -> int:
                   "speedups", flush=True)
             results.data["kernels"] = kernels_section(env["copy_bandwidth_gbs"] * 1e9,
                                                       [int(b) for b in args.batches.split(",")],
+                                                      [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")],
                                                       deadline=args.deadline)
         elif section == "e2e":
             results.data["e2e"] = e2e_section(args)
