@@ -18,8 +18,10 @@ what it measured):
            init model of its config; speed does not depend on weight values) and a random-init
            Llama of about 2.4B parameters.
 
-Times: "kernel" is triton's do_bench median with L2 flushed before each call (GPU time of one call,
-launch overhead hidden behind the flush); "graph" replays a CUDA graph that calls the op on
+Times: "kernel" is triton's do_bench median with L2 flushed before each call (the GPU time of one
+call while the CPU can queue it during the flush; a call whose Python/launch cost exceeds the flush,
+as the packed path's does on a slow host CPU, shows that cost instead); "graph" replays a CUDA graph
+that calls the op on
 rotating copies of the weights (at least 256 MB, so L2 does not hold them); "eager" is back-to-back
 Python calls on the same rotating copies (includes the CPU cost of launching).
 """
@@ -544,8 +546,9 @@ def markdown(data: dict) -> str:
     rows = data.get("kernels")
     if rows:
         lines += ["## y = x · Wᵀ, W (out x in), per-output-channel scales, activation quantization included", "",
-                  "Times in µs. kernel = one call, L2 flushed (do_bench median); graph = CUDA-graph replay over "
-                  "rotating weight copies. Floors: bytes moved / measured copy bandwidth.", "",
+                  "Times in µs. kernel = one call after an L2 flush (do_bench median; includes the CPU launch cost "
+                  "where it exceeds the flush); graph = CUDA-graph replay over rotating weight copies (GPU time); "
+                  "eager = back-to-back Python calls. Floors: bytes moved / measured copy bandwidth.", "",
                   "| out x in | batch | bf16 kernel | packed kernel | speedup | bf16 graph | packed graph | speedup "
                   "| packed floor | bf16 floor | packed eager | bf16 eager |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
