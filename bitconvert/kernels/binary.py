@@ -8,22 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from bitconvert.quant import binary_dequantize, int8_absmax_quantize, unpack_binary
+from bitconvert.kernels.reference import codes_linear_reference
+from bitconvert.quant import int8_absmax_quantize, unpack_binary
 
 
 def binary_linear_reference(x: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tensor,
                             bias: torch.Tensor | None = None, *, granularity: str = "tensor",
                             group_size: int = 128) -> torch.Tensor:
     """``y = dequant(int8(x)) · (sign codes / weight_scale)ᵀ + b``; ``packed`` is uint8 (out, in / 8)."""
-    codes_x, x_inv = int8_absmax_quantize(x)
-    if granularity == "group":
-        weight = binary_dequantize(unpack_binary(packed), inv_scale, "group", group_size)
-        y = (codes_x.float() @ weight.t()) / x_inv
-    else:
-        weight = unpack_binary(packed, torch.float32)
-        y = (codes_x.float() @ weight.t()) / (x_inv * inv_scale.float().reshape(-1))
-    y = y.to(x.dtype)
-    return y if bias is None else y + bias
+    return codes_linear_reference(x, unpack_binary(packed), inv_scale, bias, granularity=granularity,
+                                  group_size=group_size)
 
 
 def onebit_linear_reference(x: torch.Tensor, packed: torch.Tensor, input_scale: torch.Tensor,

@@ -55,7 +55,8 @@ def binary_quantize(weight: torch.Tensor, granularity: Granularity = "tensor",
 
 def binary_dequantize(codes: torch.Tensor, inv_scale: torch.Tensor, granularity: Granularity = "tensor",
                       group_size: int = 128, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (codes.float() / _broadcast(inv_scale.float(), codes, granularity, group_size)).to(dtype)
+    """Sign codes back to weights: the same arithmetic as for ternary codes."""
+    return ternary_dequantize(codes, inv_scale, granularity, group_size, dtype)
 
 
 def binary_fake_quantize(weight: torch.Tensor, granularity: Granularity = "tensor", group_size: int = 128) -> torch.Tensor:
