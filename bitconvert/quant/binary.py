@@ -24,11 +24,11 @@ import torch
 from bitconvert.quant.ternary import (
     EPS,
     Granularity,
-    _broadcast,
     _grouped,
     int8_fake_quantize,
     scale_shape,
     straight_through,
+    ternary_dequantize,
 )
 
 
