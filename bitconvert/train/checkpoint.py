@@ -43,8 +43,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+class _TiedHeadNotice(logging.Filter):
+    """accelerate warns at every save that it dropped a tied output head from the safetensors file;
+    loading re-ties it (resume with tied embeddings is bit-exact), so the warning is only noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+_TIED_HEAD_NOTICE = _TiedHeadNotice()
+
+
 def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     """Write checkpoint ``step`` atomically and keep only the newest ``keep`` ones."""
+    logging.getLogger("accelerate.utils.other").addFilter(_TIED_HEAD_NOTICE)  # adding twice is a no-op
     root = checkpoints_dir(run_dir)
     final = root / f"step-{step:07d}"
     tmp = root / f".step-{step:07d}.tmp"
