@@ -120,7 +120,7 @@ def quantize(model, output, recipe, mode, steps, tokens, minutes, data, eval_dat
     budgets = {"steps": steps, "tokens": tokens, "minutes": minutes}
     if any(v is not None for v in budgets.values()):
         sets += [f"train.{k}={'null' if v is None else v}" for k, v in budgets.items()]
-    for key, value in {"data.eval": None, "data.sequence_length": seq_len, "train.batch_size": batch_size,
+    for key, value in {"data.sequence_length": seq_len, "train.batch_size": batch_size,
                        "train.grad_accum": grad_accum, "train.lr": lr, "convert.variant": variant,
                        "convert.weight_scale": weight_scale, "convert.mixture_of_depths.capacity": mod_capacity,
                        "convert.group_size": group_size, "device": device}.items():
