@@ -28,6 +28,16 @@ Numbers such as 12, 345 and 6789 appear in text as well as words, and a tokenize
 TINY_ARCHS = ("llama", "qwen2", "mistral", "phi3", "gemma", "gpt2", "mixtral", "qwen2_moe")
 
 
+def scale_blocks(shape, granularity: str, group: int) -> list[list[tuple[int, int]]]:
+    """The (row, column) positions that share one scale, spelled out for slow reference quantizers."""
+    out_f, in_f = shape
+    if granularity == "tensor":
+        return [[(r, c) for r in range(out_f) for c in range(in_f)]]
+    if granularity == "channel":
+        return [[(r, c) for c in range(in_f)] for r in range(out_f)]
+    return [[(r, c) for c in range(g * group, (g + 1) * group)] for r in range(out_f) for g in range(in_f // group)]
+
+
 def build_tiny_tokenizer(vocab_size: int = 320):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import scale_blocks
 
 from bitconvert.quant import (
     int8_absmax_quantize,
@@ -21,14 +22,8 @@ from bitconvert.quant import (
 
 def reference_ternary(w: torch.Tensor, granularity: str, group: int):
     """Element by element: scale = mean |w| over the block, code = clamp(round(w / scale), -1, 1)."""
-    out_f, in_f = w.shape
     codes = torch.zeros_like(w, dtype=torch.int8)
-    if granularity == "tensor":
-        blocks = [[(r, c) for r in range(out_f) for c in range(in_f)]]
-    elif granularity == "channel":
-        blocks = [[(r, c) for c in range(in_f)] for r in range(out_f)]
-    else:
-        blocks = [[(r, c) for c in range(g * group, (g + 1) * group)] for r in range(out_f) for g in range(in_f // group)]
+    blocks = scale_blocks(w.shape, granularity, group)
     scales = []
     for block in blocks:
         mean = max(sum(abs(float(w[r, c])) for r, c in block) / len(block), 1e-5)

@@ -28,18 +28,12 @@ from bitconvert.quant import (
     unpack_binary,
     unpack_weight,
 )
-from conftest import build_tiny_model
+from conftest import build_tiny_model, scale_blocks
 
 
 def reference_binary(w: torch.Tensor, granularity: str, group: int):
     """Element by element: centre = mean of the block, code = +1 if w > centre else -1, scale = mean |w|."""
-    out_f, in_f = w.shape
-    if granularity == "tensor":
-        blocks = [[(r, c) for r in range(out_f) for c in range(in_f)]]
-    elif granularity == "channel":
-        blocks = [[(r, c) for c in range(in_f)] for r in range(out_f)]
-    else:
-        blocks = [[(r, c) for c in range(g * group, (g + 1) * group)] for r in range(out_f) for g in range(in_f // group)]
+    blocks = scale_blocks(w.shape, granularity, group)
     codes = torch.zeros_like(w, dtype=torch.int8)
     inv_scales = []
     for block in blocks:
