@@ -11,7 +11,6 @@ from click.testing import CliRunner
 from bitconvert.cli import main
 from bitconvert.convert import convert_to_bitnet
 from bitconvert.export.packed import export_ternary, load_ternary
-from bitconvert.layers import PackedBitLinear
 from bitconvert.layers.lora import PackedLoraLinear, packed_target_modules
 from bitconvert.quant import QuantSpec
 from bitconvert.train.finetune import (

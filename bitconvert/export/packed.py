@@ -36,7 +36,7 @@ from torch import nn
 
 from bitconvert.layers import BitExperts, BitLinear, PackedBitLinear, PackedExperts
 from bitconvert.quant import QuantSpec, pack_ternary, pack_weight
-from bitconvert.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
+from bitconvert.utils.io import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
