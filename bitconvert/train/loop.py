@@ -257,16 +257,18 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
     last_save_time = time.monotonic()
     interrupted = False
     last_checkpoint = checkpoint
+    last_logged = (step, elapsed)
     with StopOnInterrupt() as stop:
         while True:
             done = (total_steps is not None and step >= total_steps) or (budget_seconds is not None and elapsed >= budget_seconds)
-            flags = torch.tensor([float(stop.requested), float(done)], device=accelerator.device)
-            if world > 1:
-                flags = accelerator.reduce(flags, "max")
-            if flags[0] > 0:
+            stop_now, done_now = stop.requested, done
+            if world > 1:  # one rank's Ctrl-C or clock stops everyone at the same step
+                flags = accelerator.reduce(torch.tensor([float(stop_now), float(done)], device=accelerator.device), "max")
+                stop_now, done_now = bool(flags[0] > 0), bool(flags[1] > 0)
+            if stop_now:
                 interrupted = True
                 break
-            if flags[1] > 0:
+            if done_now:
                 break
             tick = time.perf_counter()
             p = progress_fraction()
@@ -275,35 +277,48 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
                 group["lr"] = lr
             strength = quant_strength(cfg, step, p)
             set_quant_strength(accelerator.unwrap_model(student), strength)
-            sums: dict[str, float] = {}
+            # Loss terms stay on the device between log rows: a .item() per step would make the host
+            # wait for the GPU every step, and a small model is then bound by kernel launches.
+            sums: dict[str, torch.Tensor] = {}
             for micro in range(cfg.grad_accum):
-                ids = data.batch(step * cfg.grad_accum + micro, cfg.batch_size, rank, world).to(accelerator.device)
+                ids = data.batch(step * cfg.grad_accum + micro, cfg.batch_size, rank, world)
+                if accelerator.device.type == "cuda":
+                    ids = ids.pin_memory().to(accelerator.device, non_blocking=True)
+                else:
+                    ids = ids.to(accelerator.device)
                 sync = accelerator.no_sync(student) if micro < cfg.grad_accum - 1 and world > 1 else nullcontext()
                 with sync:
                     terms = compute_losses(student, teacher, ids, cfg)
                     accelerator.backward(terms["loss"] / cfg.grad_accum)
                 for key, value in terms.items():
-                    sums[key] = sums.get(key, 0.0) + value.detach().float().item() / cfg.grad_accum
-            if world > 1:  # log the global mean, as one process with grad_accum would see it
-                keys = sorted(sums)
-                means = accelerator.reduce(torch.tensor([sums[k] for k in keys], device=accelerator.device), "mean")
-                sums = dict(zip(keys, means.tolist()))
+                    sums[key] = sums.get(key, 0.0) + value.detach().float() / cfg.grad_accum
             if cfg.grad_clip > 0:
-                grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-                sums["grad_norm"] = float(grad_norm)
+                sums["grad_norm"] = accelerator.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens += tokens_per_step
-            step_seconds = time.perf_counter() - tick
-            elapsed += step_seconds
+            eval_due = data.eval_blocks is not None and cfg.eval_every and step % cfg.eval_every == 0
+            log_due = step % cfg.log_every == 0 or step == 1 or step == total_steps or eval_due
+            if log_due:
+                keys = sorted(sums)
+                values = torch.stack([torch.as_tensor(sums[k], device=accelerator.device).float() for k in keys])
+                if world > 1:  # log the global mean, as one process with grad_accum would see it
+                    values = accelerator.reduce(values, "mean")
+                stats = dict(zip(keys, values.tolist()))  # the one wait for the GPU between log rows
+            elapsed += time.perf_counter() - tick
             if world > 1:  # the clock of rank 0 decides for everyone
                 elapsed = float(accelerator.reduce(torch.tensor(elapsed, device=accelerator.device), "max"))
-            progress.update(step, tokens, elapsed, loss=sums["loss"], lr=lr)
-            if step % cfg.log_every == 0 or step == 1 or step == total_steps:
+            if log_due:
+                window_steps, window_seconds = step - last_logged[0], elapsed - last_logged[1]
+                last_logged = (step, elapsed)
                 log_row({"step": step, "tokens": tokens, "elapsed": round(elapsed, 3), "lr": lr,
-                         "quant_strength": strength, "tokens_per_second": tokens_per_step / step_seconds, **sums})
-            if data.eval_blocks is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                         "quant_strength": strength,
+                         "tokens_per_second": tokens_per_step * window_steps / max(window_seconds, 1e-9), **stats})
+                progress.update(step, tokens, elapsed, loss=stats["loss"], lr=lr)
+            else:
+                progress.update(step, tokens, elapsed, lr=lr)
+            if eval_due:
                 loss = held_out_loss(student, data.eval_blocks, eval_batch_size, accelerator)
                 log_row({"step": step, "tokens": tokens, "eval_loss": loss, "eval_ppl": math.exp(loss)})
             due_by_time = cfg.save_every_minutes and time.monotonic() - last_save_time > cfg.save_every_minutes * 60

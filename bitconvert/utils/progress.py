@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 class Progress:
     """Progress over a budget of steps or of seconds (for wall-clock budgets).
 
-    ``update(step, tokens, **stats)`` is called once per optimizer step with running totals.
+    ``update(step, tokens, **stats)`` is called once per optimizer step with running totals; a stat
+    left out keeps its last shown value (the loss is only read back from the GPU at log steps).
     """
 
     def __init__(self, *, total_steps: int | None = None, total_seconds: float | None = None, desc: str = "train",
@@ -21,6 +22,7 @@ class Progress:
         self._start_seconds = initial_seconds
         self._clock = time.perf_counter()
         self._last_tokens: tuple[float, int] | None = None
+        self._stats: dict[str, float] = {}
         self.bar = tqdm(total=(round(total_seconds) if self.by_time else total_steps), desc=desc,
                         initial=(round(initial_seconds) if self.by_time else initial_step),
                         unit=("s" if self.by_time else "step"), disable=not enabled, dynamic_ncols=True,
@@ -32,6 +34,8 @@ class Progress:
         if self._last_tokens is not None and now > self._last_tokens[0]:
             stats["tok/s"] = (tokens - self._last_tokens[1]) / (now - self._last_tokens[0])
         self._last_tokens = (now, tokens)
+        self._stats.update(stats)
+        stats = self._stats
         if self.by_time:
             self.bar.update(max(0, min(round(elapsed_seconds), self.bar.total) - self.bar.n))
             stats = {"step": step, **stats}
