@@ -333,7 +333,7 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
     progress.close()
     if interrupted:
         log.warning("stopped at step %d; checkpoint %s. Continue with --resume.", step, last_checkpoint)
-    elif data.eval_blocks is not None:
+    elif data.eval_blocks is not None and not (metrics and metrics[-1].get("step") == step and "eval_ppl" in metrics[-1]):
         loss = held_out_loss(student, data.eval_blocks, eval_batch_size, accelerator)
         log_row({"step": step, "tokens": tokens, "eval_loss": loss, "eval_ppl": math.exp(loss)})
     return TrainResult(steps=step, tokens=tokens, seconds=elapsed, interrupted=interrupted,
