@@ -94,6 +94,26 @@ def warm_up(student, data, device) -> None:
     student.to("cpu")
 
 
+def piqa_accuracy(model, tokenizer, args) -> float | None:
+    """lm-eval's PIQA prompt (bitconvert's piqa_local on ../shared/data/piqa) on an in-memory model."""
+    if not args.piqa_limit:
+        return None
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    from bitconvert.eval.runner import _quiet_harness, _task_manager
+
+    was_training = model.training
+    model.eval()
+    with _quiet_harness():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=64)
+        results = simple_evaluate(model=lm, tasks=["piqa_local"], limit=args.piqa_limit if args.piqa_limit > 0 else None,
+                                  log_samples=False, bootstrap_iters=0,
+                                  task_manager=_task_manager(["piqa_local"], args.data.parent, {}))
+    model.train(was_training)
+    return results["results"]["piqa_local"]["acc,none"]
+
+
 def run_config(name, args, original, teacher, tokenizer, accelerator_factory) -> dict:
     recipe = recipe_for(name, args)
     accelerator = accelerator_factory()
@@ -108,10 +128,14 @@ def run_config(name, args, original, teacher, tokenizer, accelerator_factory) ->
     rows = result.metrics
     speeds = [r["tokens_per_second"] for r in rows if "tokens_per_second" in r][2:]
     curve = [(r["tokens"], r["eval_ppl"]) for r in rows if "eval_ppl" in r]
+    started = time.perf_counter()
+    piqa = piqa_accuracy(accelerator.unwrap_model(result.model), tokenizer, args)
+    piqa_seconds = time.perf_counter() - started
     out = {"name": name, "change": ABLATIONS[name], "steps": result.steps, "tokens": result.tokens,
            "seconds": result.seconds, "data_seconds": round(data_seconds, 1),
            "tokens_per_second": statistics.median(speeds) if speeds else None,
-           "converted_layers": len(report.converted), "final_ppl": curve[-1][1] if curve else None, "curve": curve}
+           "converted_layers": len(report.converted), "piqa_acc": piqa, "piqa_seconds": round(piqa_seconds, 1),
+           "final_ppl": curve[-1][1] if curve else None, "curve": curve}
     del student, accelerator, result
     gc.collect()
     if torch.cuda.is_available():
@@ -160,11 +184,15 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=40)
     parser.add_argument("--configs", default=",".join(ABLATIONS))
     parser.add_argument("--generate-tokens", type=int, default=100_000)
+    parser.add_argument("--piqa-limit", type=int, default=-1,
+                        help="PIQA items scored per configuration (lm-eval piqa_local; -1 = all 1838, 0 = skip)")
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--throughput-steps", type=int, default=12)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     parser.add_argument("--work", type=Path, default=Path("/tmp/qat-ablations"))
     parser.add_argument("--device", default="cuda", help="cpu only for a smoke test with a tiny model")
+    parser.add_argument("--previous", type=Path, help="qat_ablations.json of an earlier call (same model and data): "
+                        "its rows join this call's table and the choice of the winner")
     parser.add_argument("--winner-sets", type=Path, help="write the best configuration as `--set key=value` lines")
     parser.add_argument("--sequence-length", type=int, default=512)
     args = parser.parse_args()
@@ -182,8 +210,20 @@ def main() -> None:
                                       cache_dir=args.work / "data").eval_blocks
     teacher_ppl = math.exp(held_out_loss(teacher, eval_blocks, 32, accelerator_factory()))
     print(f"original perplexity on WikiText-2 test ({len(eval_blocks)} blocks of 512): {teacher_ppl:.2f}", flush=True)
-    report = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__, "seconds_per_config": args.seconds,
+    teacher_piqa = piqa_accuracy(teacher, tokenizer, args)
+    if teacher_piqa is not None:
+        print(f"original PIQA acc ({args.piqa_limit if args.piqa_limit > 0 else 'all'} items): {teacher_piqa:.4f}", flush=True)
+    report = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
+              "seconds_per_config": args.seconds, "original_piqa": teacher_piqa, "piqa_limit": args.piqa_limit,
               "reference": REFERENCE, "original_ppl": teacher_ppl, "eval_blocks": len(eval_blocks), "configs": []}
+    if args.previous:
+        earlier = json.loads(args.previous.read_text())
+        if abs(earlier["original_ppl"] - teacher_ppl) > 1e-3 * teacher_ppl:
+            sys.exit(f"--previous {args.previous} scored the original at {earlier['original_ppl']:.3f}, this call at "
+                     f"{teacher_ppl:.3f}: not the same model or data")
+        report["configs"] = earlier["configs"]
+        report["throughput"] = earlier.get("throughput")
+        report["original_piqa"] = report["original_piqa"] if teacher_piqa is not None else earlier.get("original_piqa")
     if args.throughput:
         report["throughput"] = throughput(args, original, teacher, tokenizer, accelerator_factory)
     for name in [c for c in args.configs.split(",") if c]:
@@ -191,20 +231,28 @@ def main() -> None:
         report["configs"].append(row)
         print(f"  {name:18s} steps {row['steps']:>5d}  tokens {row['tokens']:>10,d}  "
               f"{row['tokens_per_second'] or 0:>9,.0f} tok/s  ppl {row['final_ppl']:.2f} "
-              f"({row['final_ppl'] / teacher_ppl:.2f}x)", flush=True)
+              f"({row['final_ppl'] / teacher_ppl:.2f}x)  piqa {fmt(row.get('piqa_acc'))}", flush=True)
         (args.out / "qat_ablations.json").write_text(json.dumps(report, indent=2))
-    print("\n| config | change | steps | tokens | tok/s | ppl | x original |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| config | change | steps | tokens | tok/s | ppl | x original | PIQA acc |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| original | | | | | {teacher_ppl:.2f} | 1.000 | {fmt(teacher_piqa)} |")
     for row in report["configs"]:
         print(f"| {row['name']} | `{json.dumps(row['change'])}` | {row['steps']} | {row['tokens']:,} | "
-              f"{row['tokens_per_second'] or 0:,.0f} | {row['final_ppl']:.2f} | {row['final_ppl'] / teacher_ppl:.3f} |")
+              f"{row['tokens_per_second'] or 0:,.0f} | {row['final_ppl']:.2f} | {row['final_ppl'] / teacher_ppl:.3f} | "
+              f"{fmt(row.get('piqa_acc'))} |")
     (args.out / "qat_ablations.json").write_text(json.dumps(report, indent=2))
     if args.winner_sets and report["configs"]:
-        # Only configurations that keep every linear ternary may become the default.
-        eligible = [row for row in report["configs"] if row["name"] not in FULL_PRECISION_ABLATIONS]
+        # Only configurations that keep every linear ternary and that `--set` can express may become
+        # the default (a teacher-text mix changes the data list; it is reported, not applied).
+        eligible = [row for row in report["configs"] if row["name"] not in FULL_PRECISION_ABLATIONS | {"teacher_text_mix"}]
         best = min(eligible or report["configs"], key=lambda row: row["final_ppl"])
-        lines = [f"--set {key}={value}" for key, value in flatten(best["change"]).items() if key != "data.generate_mix"]
+        lines = [f"--set {key}={value}" for key, value in flatten(best["change"]).items()]
         args.winner_sets.write_text(" ".join(lines) + "\n")
         print(f"winner: {best['name']} -> {' '.join(lines) or '(the reference)'}")
+
+
+def fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
 
 
 def flatten(change: dict, prefix: str = "") -> dict[str, str]:
