@@ -152,3 +152,19 @@ def test_batches_are_deterministic_and_disjoint_across_ranks(tiny_tokenizer, cor
     assert not torch.equal(a, b)
     one_rank = torch.cat([data.batch(10, 4), data.batch(11, 4)])
     assert torch.equal(one_rank, torch.cat([a, b]))  # two ranks see what one rank sees over two micro-steps
+
+
+def test_teacher_continues_prompts_from_a_file(tmp_path, tiny_tokenizer, corpus_file):
+    from bitconvert.recipes.schema import GenerateSource
+    from bitconvert.train.data import generate_texts
+    from conftest import build_tiny_model
+
+    config = GenerateSource(tokens=64, sequence_length=16, batch_size=4, prompts_from=str(corpus_file), prompt_tokens=6)
+    texts = generate_texts(build_tiny_model("llama", len(tiny_tokenizer)), tiny_tokenizer, config, seed=0, device="cpu")
+    lines = [line for line in corpus_file.read_text().splitlines() if line.strip()]
+    starts = {tiny_tokenizer.decode(tiny_tokenizer(line, add_special_tokens=False)["input_ids"][:6]) for line in lines}
+    assert len(texts) == 4 and all(any(text.startswith(start) for start in starts) for text in texts)
+    with pytest.raises(DataError, match="no line"):
+        generate_texts(None, tiny_tokenizer, config.model_copy(update={"prompt_tokens": 10_000}), seed=0, device="cpu")
+    with pytest.raises(ValueError, match="not both"):
+        GenerateSource(prompts=["a"], prompts_from=str(corpus_file))

@@ -41,6 +41,15 @@ class GenerateSource(Strict):
     sequence_length: int = Field(default=256, gt=8, description="tokens sampled per sequence")
     batch_size: int = Field(default=32, gt=0, description="sequences sampled at once")
     prompts: list[str] = Field(default_factory=list, description="optional prompts to start from; empty = start of text")
+    prompts_from: str | None = Field(default=None, description="text file whose lines start the samples (their first "
+                                     "prompt_tokens tokens): the teacher continues in-domain text instead of starting cold")
+    prompt_tokens: int = Field(default=32, gt=0, description="tokens of each prompts_from line given as the prompt")
+
+    @model_validator(mode="after")
+    def _one_prompt_kind(self) -> "GenerateSource":
+        if self.prompts and self.prompts_from:
+            raise ValueError("give prompts or prompts_from, not both")
+        return self
 
 
 class DataSource(Strict):

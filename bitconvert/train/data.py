@@ -110,9 +110,14 @@ def generate_texts(teacher, tokenizer, config: GenerateSource, *, seed: int, dev
     progress = Progress(total_steps=batches, desc="sampling teacher text")
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
+    file_prompts = _prompts_from_file(config, tokenizer, seed) if config.prompts_from else None
     try:
         for batch in range(batches):
-            if config.prompts:
+            if file_prompts is not None:
+                rows = torch.arange(batch * config.batch_size, (batch + 1) * config.batch_size) % len(file_prompts)
+                ids = file_prompts[rows].to(device)
+                inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            elif config.prompts:
                 prompts = [config.prompts[(batch * config.batch_size + i) % len(config.prompts)]
                            for i in range(config.batch_size)]
                 inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
@@ -129,6 +134,21 @@ def generate_texts(teacher, tokenizer, config: GenerateSource, *, seed: int, dev
         progress.close()
         torch.random.set_rng_state(generator_state)
     return texts
+
+
+def _prompts_from_file(config: GenerateSource, tokenizer, seed: int) -> torch.Tensor:
+    """The first ``prompt_tokens`` tokens of every long-enough line of the file, in a seeded order:
+    equal-length prompts, so a batch needs no padding."""
+    path = Path(config.prompts_from)
+    if not path.is_file():
+        raise DataError(f"generate.prompts_from: no such file: {path}")
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    encoded = tokenizer(lines, add_special_tokens=False)["input_ids"]
+    prompts = [ids[: config.prompt_tokens] for ids in encoded if len(ids) >= config.prompt_tokens]
+    if not prompts:
+        raise DataError(f"generate.prompts_from: no line of {path} has {config.prompt_tokens} tokens")
+    table = torch.tensor(prompts, dtype=torch.long)
+    return table[torch.randperm(len(table), generator=torch.Generator().manual_seed(seed))]
 
 
 # --------------------------------------------------------------------------- blocks and batches
@@ -220,7 +240,8 @@ def build_training_data(config: DataConfig, tokenizer, *, seed: int, cache_dir: 
 
 def _generated(config: GenerateSource, index: int, teacher, tokenizer, seed: int, cache_dir: Path, device,
                is_main: bool, wait) -> list[str]:
-    key = hashlib.sha256(config.model_dump_json().encode() + str(seed).encode()).hexdigest()[:12]
+    prompt_file = Path(config.prompts_from).read_bytes() if config.prompts_from and Path(config.prompts_from).is_file() else b""
+    key = hashlib.sha256(config.model_dump_json().encode() + str(seed).encode() + prompt_file).hexdigest()[:12]
     cache = cache_dir / f"generated-{index}-{key}.jsonl"
     if is_main and not cache.is_file():
         if teacher is None:
