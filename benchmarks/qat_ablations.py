@@ -52,6 +52,7 @@ ABLATIONS: dict[str, dict] = {
     "subln_output": {"convert": {"subln": "output"}},
     "lr_2e-3": {"train": {"lr": 2e-3}},
     "lr_3e-3": {"train": {"lr": 3e-3}},
+    "lr_2e-3+temperature_2": {"train": {"lr": 2e-3, "loss": {"temperature": 2.0}}},
     "lr_5e-4": {"train": {"lr": 5e-4}},
     "batch_16": {"train": {"batch_size": 16}},
     "keep_edge_blocks": {"convert": {"skip": [r"model\.layers\.(0|29)\..*"]}},
