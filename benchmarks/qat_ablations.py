@@ -199,7 +199,13 @@ def main() -> None:
                         "its rows join this call's table and the choice of the winner")
     parser.add_argument("--winner-sets", type=Path, help="write the best configuration as `--set key=value` lines")
     parser.add_argument("--sequence-length", type=int, default=512)
+    parser.add_argument("--render", type=Path, help="only rewrite the markdown table of this qat_ablations.json")
     args = parser.parse_args()
+    if args.render:
+        report = json.loads(args.render.read_text())
+        (args.render.parent / "qat_ablations.md").write_text("# QAT ablations\n\n" + table(report))
+        print(table(report))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     from accelerate import Accelerator
 
@@ -236,23 +242,44 @@ def main() -> None:
         print(f"  {name:18s} steps {row['steps']:>5d}  tokens {row['tokens']:>10,d}  "
               f"{row['tokens_per_second'] or 0:>9,.0f} tok/s  ppl {row['final_ppl']:.2f} "
               f"({row['final_ppl'] / teacher_ppl:.2f}x)  piqa {fmt(row.get('piqa_acc'))}", flush=True)
-        (args.out / "qat_ablations.json").write_text(json.dumps(report, indent=2))
-    print("\n| config | change | steps | tokens | tok/s | ppl | x original | PIQA acc |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| original | | | | | {teacher_ppl:.2f} | 1.000 | {fmt(teacher_piqa)} |")
-    for row in report["configs"]:
-        print(f"| {row['name']} | `{json.dumps(row['change'])}` | {row['steps']} | {row['tokens']:,} | "
-              f"{row['tokens_per_second'] or 0:,.0f} | {row['final_ppl']:.2f} | {row['final_ppl'] / teacher_ppl:.3f} | "
-              f"{fmt(row.get('piqa_acc'))} |")
-    (args.out / "qat_ablations.json").write_text(json.dumps(report, indent=2))
+        save(report, args.out)
+    print("\n" + table(report))
+    save(report, args.out)
     if args.winner_sets and report["configs"]:
-        # Only configurations that keep every linear ternary and that `--set` can express may become
-        # the default (a teacher-text mix changes the data list; it is reported, not applied).
-        eligible = [row for row in report["configs"] if row["name"] not in FULL_PRECISION_ABLATIONS | {"teacher_text_mix"}]
-        best = min(eligible or report["configs"], key=lambda row: row["final_ppl"])
+        best = winner(report)
         lines = [f"--set {key}={value}" for key, value in flatten(best["change"]).items()]
         args.winner_sets.write_text(" ".join(lines) + "\n")
         print(f"winner: {best['name']} -> {' '.join(lines) or '(the reference)'}")
+
+
+def winner(report: dict) -> dict:
+    """Only configurations that keep every linear ternary and that `--set` can express may become
+    the default (a teacher-text mix changes the data list; it is reported, not applied)."""
+    eligible = [row for row in report["configs"] if row["name"] not in FULL_PRECISION_ABLATIONS | {"teacher_text_mix"}]
+    return min(eligible or report["configs"], key=lambda row: row["final_ppl"])
+
+
+def table(report: dict) -> str:
+    """The markdown table of a report, ordered by perplexity, the original first."""
+    original = report["original_ppl"]
+    lines = [f"SmolLM2-135M, {report['seconds_per_config']:g} s of distillation per configuration on {report['device']}; "
+             f"WikiText-2 test perplexity over {report['eval_blocks']} blocks of 512 tokens; PIQA: lm-eval piqa_local, "
+             f"{'all' if report['piqa_limit'] < 0 else 'first ' + str(report['piqa_limit'])} items.",
+             "", "| config | change | steps | tokens | tok/s | ppl | x original | PIQA acc |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+             f"| original | | | | | {original:.2f} | 1.000 | {fmt(report.get('original_piqa'))} |"]
+    for row in sorted(report["configs"], key=lambda row: row["final_ppl"]):
+        lines.append(f"| {row['name']} | `{json.dumps(row['change'])}` | {row['steps']} | {row['tokens']:,} | "
+                     f"{row['tokens_per_second'] or 0:,.0f} | {row['final_ppl']:.2f} | {row['final_ppl'] / original:.3f} | "
+                     f"{fmt(row.get('piqa_acc'))} |")
+    if report["configs"]:
+        lines += ["", f"Winner (all-ternary, expressible with `--set`): **{winner(report)['name']}**."]
+    return "\n".join(lines) + "\n"
+
+
+def save(report: dict, out: Path) -> None:
+    (out / "qat_ablations.json").write_text(json.dumps(report, indent=2))
+    (out / "qat_ablations.md").write_text("# QAT ablations\n\n" + table(report))
 
 
 def fmt(value: float | None) -> str:

@@ -127,7 +127,9 @@ def generate_texts(teacher, tokenizer, config: GenerateSource, *, seed: int, dev
             out = teacher.generate(**inputs, do_sample=True, temperature=config.temperature, top_p=config.top_p,
                                    max_new_tokens=config.sequence_length, min_new_tokens=config.sequence_length // 4,
                                    pad_token_id=tokenizer.pad_token_id)
-            texts.extend(tokenizer.batch_decode(out, skip_special_tokens=False))
+            # Special tokens go (start token, EOS, the padding after it): tokenize_blocks closes each
+            # document with one EOS of its own.
+            texts.extend(tokenizer.batch_decode(out, skip_special_tokens=True))
             progress.update(batch + 1, (batch + 1) * config.batch_size * config.sequence_length, 0.0)
     finally:
         tokenizer.padding_side = previous_side
