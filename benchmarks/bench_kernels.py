@@ -29,6 +29,7 @@ Python calls on the same rotating copies (includes the CPU cost of launching).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -191,6 +192,7 @@ def check_section() -> dict:
     os.environ["BITCONVERT_TUNE"] = "0"
 
     def compare(tag, x, packed, inv, bias, gran, gs, cfg=None):
+        """The result, after checking it against the reference."""
         nonlocal failures
         ref = ternary_linear_reference(x, packed, inv, bias, granularity=gran, group_size=gs)
         poison_allocator(4 * ref.numel() * 4)
@@ -213,6 +215,7 @@ def check_section() -> dict:
         cases.append({"case": tag, "relerr": err, "exact_fraction": exact, "ok": ok})
         if not ok:
             print(f"  FAIL {tag}: relerr {err:.3e}, exact {exact:.3f}, dtype {y.dtype} vs {ref.dtype}", flush=True)
+        return y
 
     gen = torch.Generator().manual_seed(7)
     for i in range(30):
@@ -231,17 +234,25 @@ def check_section() -> dict:
         compare(f"random m={m} n={n} k={k} {gran}{gs if gran == 'group' else ''} {str(dtype)[6:]} "
                 f"bias={bias is not None}", x, packed, inv, bias, gran, gs)
 
-    # every tuning candidate of a few problems, so each compiled variant (split-K included) is checked
+    # every tuning candidate of a few problems, so each compiled variant (split-K and the fused GEMV
+    # included) is checked; the fused GEMV must equal the two-launch GEMV of the same tile bit for bit
     for (m, n, k, gran, gs) in [(1, 1024, 1024, "channel", 128), (8, 512, 4096, "tensor", 128),
+                                (5, 1000, 4100, "channel", 128), (2, 512, 2048, "group", 64),
                                 (64, 1024, 512, "channel", 128)]:
         packed, inv, _ = random_packed(n, k, gran, gs, seed=m + n)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
         p = tt.Problem(m, n, k, tt.SCALE_MODES[gran], gs, x.device)
         for cfg in tt.candidate_configs(p):
-            compare(f"config m={m} n={n} k={k} {gran} {cfg}", x, packed, inv, bias, gran, gs, cfg)
+            y = compare(f"config m={m} n={n} k={k} {gran} {cfg}", x, packed, inv, bias, gran, gs, cfg)
             if cfg.split_k > 1:  # the workspace must be clean for the next call
                 compare(f"config m={m} n={n} k={k} {gran} {cfg} again", x, packed, inv, bias, gran, gs, cfg)
+            if cfg.fused:
+                two = tt.ternary_matmul(x, packed, inv, bias, tt.SCALE_MODES[gran], gs,
+                                        config=dataclasses.replace(cfg, fused=False))
+                same = torch.equal(y, two)
+                failures += not same
+                cases.append({"case": f"fused = two-launch m={m} n={n} k={k} {gran} {cfg}", "ok": same})
 
     # activation quantizer bit for bit
     from bitconvert.quant import int8_absmax_quantize
@@ -268,6 +279,17 @@ def check_section() -> dict:
 
 # --------------------------------------------------------------------------- section: kernels
 
+def config_label(cfg) -> str:
+    """A tuned configuration in a few characters: kernel, tile, split-K."""
+    if cfg is None:
+        return "reference"
+    if cfg.kind == "gemv":
+        label = f"gemv{'-fused' if cfg.fused else ''} {cfg.br}x{cfg.bkw}"
+    else:
+        label = f"gemm {cfg.bm}x{cfg.br}x{cfg.bk}"
+    return label + (f" k{cfg.split_k}" if cfg.split_k > 1 else "")
+
+
 def kernels_section(bandwidth: float, batches=BATCHES, shapes=SHAPES, deadline: float = float("inf")) -> list[dict]:
     from bitconvert.kernels import ternary_linear
     from bitconvert.kernels import triton_ternary as tt
@@ -286,27 +308,27 @@ def kernels_section(bandwidth: float, batches=BATCHES, shapes=SHAPES, deadline: 
             t0 = time.time()
             ternary_linear(x, packed, inv, granularity="channel")  # tunes this shape once
             tune_s = time.time() - t0
-            y = ternary_linear(x, packed, inv, granularity="channel")
+            # x[:] is a new tensor object each call: ternary_linear reuses the quantized activations of
+            # the very same input object (q/k/v share one), which a single-layer timing must not count on
+            y = ternary_linear(x[:], packed, inv, granularity="channel")
             ref = F.linear(x, w_bf16)
             err = relerr(y, ref)  # vs unquantized activations: the int8 rounding of x, not a kernel error
             bytes_bf16 = 2 * n * k + 2 * m * k + 2 * m * n
             bytes_packed = n * k // 4 + 4 * n + 2 * m * k + 2 * m * n
-            key = (0, tt._bucket(m), n, k, 1, 128)
-            cfg = tt._tuned.get(key)
-            row = {"out": n, "in": k, "batch": m, "config": str(cfg), "tune_s": tune_s,
+            p = tt.Problem(m, n, k, 1, 128, x.device)  # as ternary_linear sees it: activations not yet quantized
+            cfg = tt._tuned.get(p.tuning_key)
+            row = {"out": n, "in": k, "batch": m, "config": str(cfg), "config_label": config_label(cfg),
+                   "tune_s": tune_s,
                    "relerr_vs_bf16_unquantized": err,
                    "floor_bf16_us": bytes_bf16 / bandwidth * 1e6, "floor_packed_us": bytes_packed / bandwidth * 1e6}
             row["bf16_kernel_us"] = time_kernel_us(lambda: F.linear(x, w_bf16))
-            # x[:] is a new tensor object each call: ternary_linear reuses the quantized activations of
-            # the very same input object (q/k/v share one), which a single-layer timing must not count on
             row["packed_kernel_us"] = time_kernel_us(lambda: ternary_linear(x[:], packed, inv, granularity="channel"))
             acts = tt.quantize_activations(x)
             row["act_quant_kernel_us"] = time_kernel_us(lambda: tt.quantize_activations(x))
-            p = tt.Problem(m, n, k, 1, 128, x.device)
             yb = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-            if cfg is not None:
+            if cfg is not None:  # the fused GEMV: the whole operation in its one launch
                 row["matmul_only_kernel_us"] = time_kernel_us(
-                    lambda: tt.launch(cfg, p, acts, packed, inv, None, yb))
+                    lambda: tt.launch(cfg, p, x, acts, packed, inv, None, yb))
             row["bf16_graph_us"] = time_graph_us([lambda w=w: F.linear(x, w) for w in b_copies])
             row["packed_graph_us"] = time_graph_us(
                 [lambda c=c: ternary_linear(x[:], c[0], c[1], granularity="channel") for c in p_copies])
@@ -322,7 +344,7 @@ def kernels_section(bandwidth: float, batches=BATCHES, shapes=SHAPES, deadline: 
                   f"packed {row['packed_kernel_us']:6.1f} / {row['packed_graph_us']:6.1f} us  "
                   f"(act {row['act_quant_kernel_us']:.1f}, mm {row.get('matmul_only_kernel_us', float('nan')):.1f}; "
                   f"floor {row['floor_packed_us']:.1f})  x{row['speedup_kernel']:.2f} / x{row['speedup_graph']:.2f}  "
-                  f"{cfg}", flush=True)
+                  f"{config_label(cfg)}", flush=True)
         del p_copies, b_copies, w_bf16
         torch.cuda.empty_cache()
     return rows
@@ -550,13 +572,14 @@ def markdown(data: dict) -> str:
                   "where it exceeds the flush); graph = CUDA-graph replay over rotating weight copies (GPU time); "
                   "eager = back-to-back Python calls. Floors: bytes moved / measured copy bandwidth.", "",
                   "| out x in | batch | bf16 kernel | packed kernel | speedup | bf16 graph | packed graph | speedup "
-                  "| packed floor | bf16 floor | packed eager | bf16 eager |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| packed floor | bf16 floor | packed eager | bf16 eager | tuned config |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['out']}x{r['in']} | {r['batch']} | {r['bf16_kernel_us']:.1f} | {r['packed_kernel_us']:.1f} "
                          f"| {r['speedup_kernel']:.2f}x | {r['bf16_graph_us']:.1f} | {r['packed_graph_us']:.1f} | "
                          f"{r['speedup_graph']:.2f}x | {r['floor_packed_us']:.1f} | {r['floor_bf16_us']:.1f} | "
-                         f"{r['packed_eager_us']:.1f} | {r['bf16_eager_us']:.1f} |")
+                         f"{r['packed_eager_us']:.1f} | {r['bf16_eager_us']:.1f} | "
+                         f"{r.get('config_label', '')} |")
         lines.append("")
     runs = data.get("e2e")
     if runs:

@@ -122,6 +122,34 @@ INTERPRETER_CHECK = textwrap.dedent("""
     codes, inv, total = tt.quantize_activations(x)
     want_codes, _ = int8_absmax_quantize(x)
     assert torch.equal(codes, want_codes) and torch.equal(total, want_codes.int().sum(-1, dtype=torch.int32))
+    fused_cases = [  # m, n, k, granularity, group size, tile (br, bkw, split_k): K not a multiple of the tile
+        (1, 32, 100, "tensor", 128, (2, 16, 1)),
+        (3, 48, 1000, "channel", 128, (4, 32, 2)),
+        (8, 32, 516, "channel", 128, (2, 64, 1)),
+        (2, 64, 224, "tensor", 128, (8, 8, 4)),
+        (5, 32, 192, "group", 32, (2, 16, 1)),
+        (1, 16, 256, "group", 64, (4, 32, 1)),
+    ]
+    for m, n, k, gran, gs, (br, bkw, split) in fused_cases:
+        codes, inv = ternary_quantize(torch.randn(n, k), gran, gs)
+        packed = pack_ternary(codes)
+        x = torch.randn(m, k) * 3
+        x[0, :6] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5])  # inv = 1 exactly: ties round to even
+        bias = torch.randn(n) if m % 2 else None
+        want = ternary_linear_reference(x, packed, inv, bias, granularity=gran, group_size=gs)
+        cfg = tt.GemvConfig(br=br, bkw=bkw, split_k=split, fused=True)
+        got = tt.ternary_matmul(x, packed, inv, bias, tt.SCALE_MODES[gran], gs, config=cfg)
+        two_launch = tt.ternary_matmul(x, packed, inv, bias, tt.SCALE_MODES[gran], gs,
+                                       config=tt.GemvConfig(br=br, bkw=bkw, split_k=split))
+        # the same integer sums and the same scaling: the fused GEMV equals quantize-then-multiply bit for bit
+        assert torch.equal(got, two_launch), (m, n, k, gran, cfg)
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 1e-6, (m, n, k, gran, cfg, err)
+    # the tuner measures the fused GEMV against the two-launch path, unless the activations are quantized already
+    fresh = tt.candidate_configs(tt.Problem(3, 64, 256, 1, 128, torch.device("cpu")))
+    ready = tt.candidate_configs(tt.Problem(3, 64, 256, 1, 128, torch.device("cpu"), acts_ready=True))
+    assert any(c.fused for c in fresh) and any(not c.fused for c in fresh) and not any(c.fused for c in ready)
+    assert not any(c.fused for c in tt.candidate_configs(tt.Problem(9, 64, 256, 1, 128, torch.device("cpu"))))
     ws, counters = tt._workspace(torch.device("cpu"))
     assert int(ws.abs().sum()) == 0 and int(counters.abs().sum()) == 0  # split-K cleaned up after itself
     print("interpreter ok")

@@ -127,7 +127,8 @@ def triton_available() -> bool:
 
 class _LastActivations(threading.local):
     """The quantized activations of the last input, reused when the next layer gets the very same
-    tensor (q/k/v projections, gate/up projections): one quantization kernel instead of three.
+    tensor (q/k/v projections, gate/up projections): one quantization kernel instead of three. (When the
+    tuner picked the fused GEMV for a shape, nothing is kept: each of those layers quantizes inside.)
 
     Identity, not address: a weak reference to the tensor object plus its version counter, so a
     freed tensor or an in-place change never matches.
@@ -156,13 +157,12 @@ def _cuda_linear(x, packed, inv_scale, bias, granularity, group_size):
     x2d = x.reshape(-1, k)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    acts = _last_activations.get(x)
-    if acts is None:
-        acts = tt.quantize_activations(x2d)
-        _last_activations.put(x, acts)
     separate_bias = bias is not None and bias.dtype != x.dtype  # torch would promote: keep its rule
+    # Activations another layer quantized from this very tensor are reused; otherwise the tuner picks
+    # between the fused GEMV (quantizes inside, keeps nothing) and quantizing once here, kept for the next.
     y = tt.ternary_matmul(x2d, packed, inv_scale, None if separate_bias else bias, tt.SCALE_MODES[granularity],
-                          group_size, acts=acts)
+                          group_size, acts=_last_activations.get(x),
+                          keep_acts=lambda acts: _last_activations.put(x, acts))
     if y is None:
         return None
     y = y.reshape(*x.shape[:-1], y.shape[-1])

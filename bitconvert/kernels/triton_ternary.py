@@ -12,6 +12,9 @@ output rows, and each tile of output is written to four row blocks of ``y``.
 - ``_gemv_kernel`` (decode, a few tokens): CUDA cores. Four bytes of a packed row are one int32
   word; ``(word >> 2b) & 0x03030303`` are the codes+1 of four inputs of one row, and ``dp4a``
   multiplies them with four int8 activation codes and accumulates in one instruction.
+  With ``FUSED`` (batch <= 8), each program quantizes the tokens itself from ``x`` (absmax over
+  the row, then its slice's codes, as ``_act_quant_kernel`` computes them): one launch, no codes
+  in memory. Every program reads all of ``x``, from L2.
 - ``_gemm_kernel`` (prefill): tensor cores through ``tl.dot`` on int8.
 
 Both multiply with ``code + 1`` in {0, 1, 2} and subtract ``Σ x`` afterwards, which saves one
@@ -27,9 +30,12 @@ result does not depend on the order of the additions.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar
 
 import torch
 import triton
@@ -39,13 +45,15 @@ import triton.testing
 SCALE_MODES = {"tensor": 0, "channel": 1, "group": 2}
 GEMV_MAX_M = 16  # the dp4a kernel keeps one accumulator per token: beyond this, tensor cores win
 GEMV_MAX_K = 1 << 16  # its int32 sums of 64 * code * x stay exact up to this many inputs
+FUSED_MAX_M = 8  # every program of the fused GEMV quantizes all its tokens: worth it for a few only
 WORKSPACE_ROWS = 64  # split-K is used only for at most this many tokens...
 WORKSPACE_COLS = 1 << 16  # ...and at most this many output features
 COUNTERS = 1 << 16
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# triton.jit decides between compiling and interpreting when this module is imported, so this is
+# fixed from then on too (and a call no longer reads the environment several times).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -105,6 +113,19 @@ def _unpack_bytes(p, SHIFT: tl.constexpr, ON_GPU: tl.constexpr):
 
 
 @triton.jit
+def _inv_scale(amax, ON_GPU: tl.constexpr):
+    """``127 / max(amax, 1e-5)`` computed as torch does: reciprocal, then product."""
+    top = tl.maximum(amax, 1e-5)
+    return _div(tl.zeros_like(top) + 1.0, top, ON_GPU) * 127.0
+
+
+@triton.jit
+def _quantize(v, inv, ON_GPU: tl.constexpr):
+    """int8 codes (as float32) of float32 ``v``: ``round(v * inv)`` half-to-even, clamped."""
+    return tl.minimum(tl.maximum(_round_half_even(v * inv, ON_GPU), -128.0), 127.0)
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, inv_ptr, sum_ptr, K, stride_x, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
                       ON_GPU: tl.constexpr):
     """One token: ``inv = 127 / max|x|`` (computed as torch does, reciprocal then product), codes
@@ -121,17 +142,16 @@ def _act_quant_kernel(x_ptr, q_ptr, inv_ptr, sum_ptr, K, stride_x, BLOCK: tl.con
         for k0 in range(0, K, BLOCK):
             v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(v))
-    top = tl.zeros([BLOCK], tl.float32) + tl.maximum(tl.max(amax, axis=0), 1e-5)
-    inv = _div(tl.full([BLOCK], 1.0, tl.float32), top, ON_GPU) * 127.0
+    inv = _inv_scale(tl.zeros([BLOCK], tl.float32) + tl.max(amax, axis=0), ON_GPU)
     if ONE_PASS:
-        q = tl.minimum(tl.maximum(_round_half_even(v * inv, ON_GPU), -128.0), 127.0)
+        q = _quantize(v, inv, ON_GPU)
         tl.store(q_row + offs, q.to(tl.int8), mask=offs < K)
         total = tl.sum(q.to(tl.int32), axis=0)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.int32)
         for k0 in range(0, K, BLOCK):
             v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(_round_half_even(v * inv, ON_GPU), -128.0), 127.0)
+            q = _quantize(v, inv, ON_GPU)
             tl.store(q_row + k0 + offs, q.to(tl.int8), mask=k0 + offs < K)
             acc += q.to(tl.int32)
         total = tl.sum(acc, axis=0)
@@ -141,19 +161,18 @@ def _act_quant_kernel(x_ptr, q_ptr, inv_ptr, sum_ptr, K, stride_x, BLOCK: tl.con
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_n, n_mask, M, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym,
+def _epilogue(acc, offs_m, offs_n, n_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
               SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ON_GPU: tl.constexpr):
     """Turn exact sums of ``codes_x · (codes_w + 1)`` into ``y``: subtract Σ codes_x, scale, add bias.
 
-    In group mode ``acc`` is already float32, Σx subtracted and divided by the group scales.
+    ``xinv``, ``xsum``: the tokens' inverse scales and Σ codes, (BM,). In group mode ``acc`` is
+    already float32, Σx subtracted and divided by the group scales.
     """
     m_mask = offs_m < M
-    xinv = tl.load(xinv_ptr + offs_m, mask=m_mask, other=1.0)
     if SCALE_MODE == 2:
         accf = acc
         scale = xinv[:, None] + tl.zeros_like(accf)
     else:
-        xsum = tl.load(xsum_ptr + offs_m, mask=m_mask, other=0)
         accf = (acc - xsum[:, None]).to(tl.float32)
         if SCALE_MODE == 0:
             winv = tl.load(winv_ptr + tl.zeros_like(offs_n), mask=n_mask, other=1.0)
@@ -169,7 +188,7 @@ def _epilogue(acc, offs_m, offs_n, n_mask, M, xinv_ptr, xsum_ptr, winv_ptr, bias
 
 
 @triton.jit
-def _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, tile, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr,
+def _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, tile, xinv, xsum, winv_ptr, bias_ptr, y_ptr,
             stride_ym,
             ws_ptr, cnt_ptr, SPLIT_K: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
             ON_GPU: tl.constexpr):
@@ -179,13 +198,13 @@ def _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, tile, xinv_ptr, xsu
     """
     r_mask = offs_r < R
     if SPLIT_K == 1:
-        _epilogue(acc0, offs_m, offs_r, r_mask, M, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym,
+        _epilogue(acc0, offs_m, offs_r, r_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
                   SCALE_MODE, HAS_BIAS, ON_GPU)
-        _epilogue(acc1, offs_m, offs_r + R, r_mask, M, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym,
+        _epilogue(acc1, offs_m, offs_r + R, r_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
                   SCALE_MODE, HAS_BIAS, ON_GPU)
-        _epilogue(acc2, offs_m, offs_r + 2 * R, r_mask, M, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym,
+        _epilogue(acc2, offs_m, offs_r + 2 * R, r_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
                   SCALE_MODE, HAS_BIAS, ON_GPU)
-        _epilogue(acc3, offs_m, offs_r + 3 * R, r_mask, M, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym,
+        _epilogue(acc3, offs_m, offs_r + 3 * R, r_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
                   SCALE_MODE, HAS_BIAS, ON_GPU)
     else:
         mask = (offs_m < M)[:, None] & r_mask[None, :]
@@ -200,18 +219,42 @@ def _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, tile, xinv_ptr, xsu
             tl.debug_barrier()
             zero = tl.zeros_like(acc0)
             total = tl.atomic_xchg(ws, zero, mask=mask, sem="relaxed")
-            _epilogue(total, offs_m, offs_r, r_mask, M, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym,
+            _epilogue(total, offs_m, offs_r, r_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
                       SCALE_MODE, HAS_BIAS, ON_GPU)
             total = tl.atomic_xchg(ws + R, zero, mask=mask, sem="relaxed")
-            _epilogue(total, offs_m, offs_r + R, r_mask, M, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym,
+            _epilogue(total, offs_m, offs_r + R, r_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
                       SCALE_MODE, HAS_BIAS, ON_GPU)
             total = tl.atomic_xchg(ws + 2 * R, zero, mask=mask, sem="relaxed")
-            _epilogue(total, offs_m, offs_r + 2 * R, r_mask, M, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym,
+            _epilogue(total, offs_m, offs_r + 2 * R, r_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
                       SCALE_MODE, HAS_BIAS, ON_GPU)
             total = tl.atomic_xchg(ws + 3 * R, zero, mask=mask, sem="relaxed")
-            _epilogue(total, offs_m, offs_r + 3 * R, r_mask, M, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym,
+            _epilogue(total, offs_m, offs_r + 3 * R, r_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
                       SCALE_MODE, HAS_BIAS, ON_GPU)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
+
+
+@triton.jit
+def _rows_absmax(x_ptr, offs_m, m_mask, K, stride_x, BM: tl.constexpr, XBLOCK: tl.constexpr):
+    """``max |x|`` of the rows ``offs_m`` of ``x`` (M, K), as float32 (BM,)."""
+    rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_x
+    offs = tl.arange(0, XBLOCK)
+    amax = tl.zeros([BM, XBLOCK], tl.float32)
+    for k0 in range(0, K, XBLOCK):
+        v = tl.load(rows + k0 + offs[None, :], mask=m_mask[:, None] & (k0 + offs < K)[None, :], other=0.0)
+        amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
+    return tl.max(amax, axis=1)
+
+
+@triton.jit
+def _quantize_words(x_ptr, offs_m, m_mask, offs_kw, kw_mask, stride_x, inv, ON_GPU: tl.constexpr):
+    """The int8 codes of inputs ``4w .. 4w + 3`` (w in ``offs_kw``) packed into one int32 word each, byte j
+    holding input 4w + j: what ``quantize_activations`` stores, read as int32 (little-endian)."""
+    byte = tl.arange(0, 4)
+    ptrs = (x_ptr + offs_m[:, None, None].to(tl.int64) * stride_x + offs_kw[None, :, None] * 4
+            + byte[None, None, :])
+    v = tl.load(ptrs, mask=m_mask[:, None, None] & kw_mask[None, :, None], other=0.0).to(tl.float32)
+    q = _quantize(v, inv[:, None, None], ON_GPU).to(tl.int32)
+    return tl.sum((q & 0xFF) << (byte * 8)[None, None, :], axis=2)  # disjoint bytes: the sum is an OR
 
 
 @triton.jit
@@ -230,11 +273,16 @@ def _gemv_group_part(prod, xs, kw0, offs_n, r_mask, winv_ptr, n_groups, SHIFT: t
 
 @triton.jit
 def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-                 M, N, R, KW, stride_ym, n_groups,
+                 M, N, R, KW, stride_x, stride_ym, n_groups,
                  BM: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr,
                  CHAIN: tl.constexpr, SCALE_MODE: tl.constexpr, GW: tl.constexpr, GWT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, ON_GPU: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, FUSED: tl.constexpr, XBLOCK: tl.constexpr, ON_GPU: tl.constexpr):
     """A few tokens: ``xw`` int32 (M, K/4) activation codes, ``ww`` int32 (R, K/4) packed weights.
+
+    FUSED: ``xw`` is the activations themselves (M, K), rows ``stride_x`` apart, and ``xinv``/``xsum``
+    are unused: this program quantizes them (absmax over whole rows, XBLOCK inputs a step, then the
+    codes of each tile as it goes) exactly as ``_act_quant_kernel`` does. It subtracts the Σ codes of
+    its own K slice before ``_finish``, so split-K partial sums still add up to the whole.
 
     Row block b is masked in place (``word & (0x03030303 << 2b)``, no shift): its dp4a sums come out
     multiplied by 4^b and are shifted back once at the end, exactly. CHAIN keeps one running sum
@@ -250,6 +298,13 @@ def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, 
     m_mask = offs_m < M
     r_mask = offs_r < R
     zero3 = tl.zeros([BM, BR, BKW], tl.int32)
+    ones = tl.full([BM, BKW], 0x01010101, tl.int32)  # dp4a with these sums four codes
+    if FUSED:
+        xinv = _inv_scale(_rows_absmax(xw_ptr, offs_m, m_mask, KW * 4, stride_x, BM, XBLOCK), ON_GPU)
+        xsum = tl.zeros([BM], tl.int32)
+    else:
+        xinv = tl.load(xinv_ptr + offs_m, mask=m_mask, other=1.0)
+        xsum = tl.load(xsum_ptr + offs_m, mask=m_mask, other=0)
 
     tiles = tl.cdiv(KW, BKW)
     per_split = tl.cdiv(tiles, SPLIT_K)
@@ -266,16 +321,20 @@ def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, 
     acc2 = acc0
     acc3 = acc0
     w_rows = ww_ptr + offs_r[:, None].to(tl.int64) * KW
-    x_rows = xw_ptr + offs_m[:, None].to(tl.int64) * KW
+    x_rows = xw_ptr + offs_m[:, None].to(tl.int64) * stride_x
     for kw0 in range(kw_lo, kw_hi, BKW):
         offs_k = kw0 + tl.arange(0, BKW)
         k_mask = offs_k < kw_hi
         w = tl.load(w_rows + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0)[None, :, :]
-        xv = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
+        if FUSED:
+            xv = _quantize_words(xw_ptr, offs_m, m_mask, offs_k, k_mask, stride_x, xinv, ON_GPU)
+            if SCALE_MODE != 2:
+                xsum += tl.sum(_dp4a(ones, xv, tl.zeros_like(xv), ON_GPU), axis=1)
+        else:
+            xv = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
         x3 = xv[:, None, :]
         if SCALE_MODE == 2:
             NPT: tl.constexpr = BKW // GWT
-            ones = tl.full([BM, BKW], 0x01010101, tl.int32)
             xs = tl.sum(tl.reshape(_dp4a(ones, xv, tl.zeros_like(xv), ON_GPU), (BM, NPT, GWT)), axis=2)
             acc0 += _gemv_group_part(_dp4a(w & 0x03030303, x3, zero3, ON_GPU), xs, kw0, offs_r, r_mask,
                                      winv_ptr, n_groups, 0, BM, BR, BKW, GW, GWT, ON_GPU)
@@ -304,8 +363,14 @@ def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, 
         acc1 = acc1 >> 2
         acc2 = acc2 >> 4
         acc3 = acc3 >> 6
-    _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, pid_m * tl.num_programs(0) + pid_r, xinv_ptr,
-            xsum_ptr, winv_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, SPLIT_K, SCALE_MODE, HAS_BIAS, ON_GPU)
+        if FUSED:  # Σ codes of this K slice only: subtract it here, not the whole row's in the epilogue
+            acc0 -= xsum[:, None]
+            acc1 -= xsum[:, None]
+            acc2 -= xsum[:, None]
+            acc3 -= xsum[:, None]
+            xsum = tl.zeros_like(xsum)
+    _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, pid_m * tl.num_programs(0) + pid_r, xinv,
+            xsum, winv_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, SPLIT_K, SCALE_MODE, HAS_BIAS, ON_GPU)
 
 
 @triton.jit
@@ -333,6 +398,8 @@ def _gemm_kernel(xq_ptr, xinv_ptr, xsum_ptr, w_ptr, winv_ptr, bias_ptr, y_ptr, w
     offs_r = pid_r * BR + tl.arange(0, BR)
     m_mask = offs_m < M
     r_mask = offs_r < R
+    row_inv = tl.load(xinv_ptr + offs_m, mask=m_mask, other=1.0)
+    row_sum = tl.load(xsum_ptr + offs_m, mask=m_mask, other=0)
 
     tiles = tl.cdiv(K, BK)
     per_split = tl.cdiv(tiles, SPLIT_K)
@@ -382,7 +449,7 @@ def _gemm_kernel(xq_ptr, xinv_ptr, xsum_ptr, w_ptr, winv_ptr, bias_ptr, y_ptr, w
             out1 = tl.dot(a, _unpack_bytes(p, 2, ON_GPU), out1, out_dtype=tl.int32)
             out2 = tl.dot(a, _unpack_bytes(p, 4, ON_GPU), out2, out_dtype=tl.int32)
             out3 = tl.dot(a, _unpack_bytes(p, 6, ON_GPU), out3, out_dtype=tl.int32)
-    _finish(out0, out1, out2, out3, offs_m, offs_r, M, N, R, pid, xinv_ptr, xsum_ptr, winv_ptr, bias_ptr, y_ptr,
+    _finish(out0, out1, out2, out3, offs_m, offs_r, M, N, R, pid, row_inv, row_sum, winv_ptr, bias_ptr, y_ptr,
             stride_ym, ws_ptr, cnt_ptr, SPLIT_K, SCALE_MODE, HAS_BIAS, ON_GPU)
 
 
@@ -401,6 +468,7 @@ class GemvConfig:
     bkw: int = 128
     split_k: int = 1
     num_warps: int = 4
+    fused: bool = False  # quantize the activations inside the GEMV: one launch, reads x instead of codes
     kind: str = "gemv"
 
 
@@ -414,6 +482,7 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     kind: str = "gemm"
+    fused: ClassVar[bool] = False
 
 
 def _next_pow2(n: int) -> int:
@@ -421,14 +490,15 @@ def _next_pow2(n: int) -> int:
 
 
 def _sm_count(device: torch.device) -> int:
-    if _interpreting():
+    if INTERPRET:
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @dataclass(frozen=True)
 class Problem:
-    """What decides which kernel and tiles fit: the shape and the kind of scales."""
+    """What decides which kernel and tiles fit: the shape, the kind of scales, and whether the caller
+    already has the quantized activations (then the fused GEMV, which quantizes again, is no candidate)."""
 
     m: int
     n: int
@@ -436,6 +506,7 @@ class Problem:
     mode: int
     group_size: int
     device: torch.device
+    acts_ready: bool = False
 
     @property
     def rows(self) -> int:
@@ -450,6 +521,15 @@ class Problem:
     @property
     def gemm_ok(self) -> bool:
         return self.mode != 2 or (_is_pow2(self.group_size) and self.group_size >= 32)
+
+    @property
+    def fused_ok(self) -> bool:
+        return self.gemv_ok and self.m <= FUSED_MAX_M and not self.acts_ready
+
+    @cached_property
+    def tuning_key(self) -> tuple:
+        """Problems that share this share one measured choice (``fused_ok``: they have the same candidates)."""
+        return (self.device.index or 0, _bucket(self.m), self.n, self.k, self.mode, self.group_size, self.fused_ok)
 
     def split_ok(self, split_k: int) -> bool:
         """Split-K sums in int32 through the workspace: not for group scales, and only if it fits."""
@@ -485,16 +565,20 @@ def default_config(p: Problem) -> GemvConfig | GemmConfig | None:
 
 
 def candidate_configs(p: Problem) -> list[GemvConfig | GemmConfig]:
-    """What the tuner measures for one problem (few: each distinct tile is one more compilation)."""
+    """What the tuner measures for one problem (few: each distinct tile is one more compilation).
+
+    The fused GEMV comes first, so that a tuning budget running out drops the older variants.
+    """
     out: list[GemvConfig | GemmConfig] = []
     if p.gemv_ok:
         bm = _next_pow2(p.m)
-        for br, bkw in ((2, 256), (4, 128), (4, 256), (8, 128)):
-            if bm * br * bkw > 4096:
-                continue
-            for split in (1, 2, 4):
-                if p.split_ok(split) and (split == 1 or triton.cdiv(p.k // 4, bkw) >= 2 * split):
-                    out.append(GemvConfig(br=br, bkw=bkw, split_k=split))
+        for fused in (True, False) if p.fused_ok else (False,):
+            for br, bkw in ((2, 256), (4, 128), (4, 256), (8, 128)):
+                if bm * br * bkw > 4096:
+                    continue
+                for split in (1, 2, 4):
+                    if p.split_ok(split) and (split == 1 or triton.cdiv(p.k // 4, bkw) >= 2 * split):
+                        out.append(GemvConfig(br=br, bkw=bkw, split_k=split, fused=fused))
     if p.gemm_ok:
         if p.m <= GEMV_MAX_M:
             tiles = [(16, br, 128, 4, 4) for br in (16, 32)]
@@ -511,6 +595,40 @@ def candidate_configs(p: Problem) -> list[GemvConfig | GemmConfig]:
     return out
 
 
+
+# Problems and launch parameters are looked up per call: built once per shape (a frozen dataclass and a
+# dozen arithmetic steps cost microseconds of host time on every call otherwise).
+_problem = functools.lru_cache(maxsize=4096)(Problem)
+
+
+def _absmax_block(k: int, bm: int, num_warps: int) -> int:
+    """Inputs per step of the fused GEMV's absmax: whole rows when that is at most 128 values a thread
+    (one L2 round trip before the weights stream), else steps of that size."""
+    return max(16, min(_next_pow2(k), 128 * 32 * num_warps // bm))
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_params(cfg: GemvConfig | GemmConfig, p: Problem, has_bias: bool) -> tuple[tuple, int, dict]:
+    """Grid, number of scale groups and compile-time arguments of one configuration on one problem."""
+    n_groups = p.k // p.group_size if p.mode == 2 else 1
+    if cfg.kind == "gemv":
+        bm = _next_pow2(p.m)
+        gw = p.group_size // 4 if p.mode == 2 else 1
+        grid = (triton.cdiv(p.rows, cfg.br), cfg.split_k, triton.cdiv(p.m, bm))
+        meta = dict(BM=bm, BR=cfg.br, BKW=cfg.bkw, SPLIT_K=cfg.split_k,
+                    CHAIN=bm * cfg.br * cfg.bkw * 4 <= 64 * 32 * cfg.num_warps, SCALE_MODE=p.mode, GW=gw,
+                    GWT=min(gw, cfg.bkw), HAS_BIAS=has_bias, FUSED=cfg.fused,
+                    XBLOCK=_absmax_block(p.k, bm, cfg.num_warps) if cfg.fused else 1, ON_GPU=not INTERPRET,
+                    num_warps=cfg.num_warps)
+    else:
+        grid = (triton.cdiv(p.m, cfg.bm) * triton.cdiv(p.rows, cfg.br), cfg.split_k)
+        meta = dict(BM=cfg.bm, BR=cfg.br, BK=min(cfg.bk, p.group_size) if p.mode == 2 else cfg.bk,
+                    SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m, SCALE_MODE=p.mode,
+                    GS=p.group_size if p.mode == 2 else 1, HAS_BIAS=has_bias, ON_GPU=not INTERPRET,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return grid, n_groups, meta
+
+
 # --------------------------------------------------------------------------- launchers
 
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -521,7 +639,7 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
     Fixed size, allocated once, so that CUDA graphs that captured it never see it move.
     """
-    stream = 0 if _interpreting() else torch.cuda.current_stream(device).cuda_stream
+    stream = 0 if INTERPRET else torch.cuda.current_stream(device).cuda_stream
     key = (device, stream)
     if key not in _workspaces:
         _workspaces[key] = (torch.zeros(WORKSPACE_ROWS * WORKSPACE_COLS, dtype=torch.int32, device=device),
@@ -541,47 +659,36 @@ def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
         one_pass = whole <= 16384  # the whole row fits in registers: read it once
         block = whole if one_pass else 4096
         _act_quant_kernel[(m,)](x2d, codes, inv, total, k, x2d.stride(0), BLOCK=block, ONE_PASS=one_pass,
-                                ON_GPU=not _interpreting(), num_warps=min(16, max(4, block // 512)))
+                                ON_GPU=not INTERPRET, num_warps=min(16, max(4, block // 512)))
     return codes, inv, total
 
 
-def launch(cfg: GemvConfig | GemmConfig, p: Problem, acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-           packed: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
-    """Run one configuration on quantized activations ``acts`` (codes, inverse scales, sums): ``y`` (M, N)
-    receives the result."""
+def launch(cfg: GemvConfig | GemmConfig, p: Problem, x2d: torch.Tensor,
+           acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, packed: torch.Tensor,
+           inv_scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    """Run one configuration: ``y`` (M, N) receives the result. The fused GEMV reads ``x2d`` itself; the
+    others read ``acts = quantize_activations(x2d)`` (codes, inverse scales, sums)."""
+    grid, n_groups, meta = _launch_params(cfg, p, bias is not None)
+    ws, counters = _workspace(y.device) if cfg.split_k > 1 else (y, y)  # y: a pointer never touched
+    bias_arg = y if bias is None else bias
+    if cfg.fused:
+        _gemv_kernel[grid](x2d, y, y, packed.view(torch.int32), inv_scale, bias_arg, y, ws, counters,
+                           p.m, p.n, p.rows, p.k // 4, x2d.stride(0), y.stride(0), n_groups, **meta)
+        return
     codes, x_inv, x_sum = acts
-    on_gpu = not _interpreting()
-    if cfg.split_k > 1:
-        ws, counters = _workspace(codes.device)
-    else:
-        ws = counters = x_inv  # never touched
-    n_groups = p.k // p.group_size if p.mode == 2 else 1
-    bias_arg = bias if bias is not None else x_inv
     if cfg.kind == "gemv":
-        bm = _next_pow2(p.m)
-        gw = p.group_size // 4 if p.mode == 2 else 1
-        grid = (triton.cdiv(p.rows, cfg.br), cfg.split_k, triton.cdiv(p.m, bm))
         _gemv_kernel[grid](codes.view(torch.int32), x_inv, x_sum, packed.view(torch.int32), inv_scale, bias_arg, y,
-                           ws, counters, p.m, p.n, p.rows, p.k // 4, y.stride(0), n_groups,
-                           BM=bm, BR=cfg.br, BKW=cfg.bkw, SPLIT_K=cfg.split_k,
-                           CHAIN=bm * cfg.br * cfg.bkw * 4 <= 64 * 32 * cfg.num_warps, SCALE_MODE=p.mode, GW=gw,
-                           GWT=min(gw, cfg.bkw), HAS_BIAS=bias is not None, ON_GPU=on_gpu, num_warps=cfg.num_warps)
+                           ws, counters, p.m, p.n, p.rows, p.k // 4, p.k // 4, y.stride(0), n_groups, **meta)
     else:
-        bk = min(cfg.bk, p.group_size) if p.mode == 2 else cfg.bk
-        grid = (triton.cdiv(p.m, cfg.bm) * triton.cdiv(p.rows, cfg.br), cfg.split_k)
         _gemm_kernel[grid](codes, x_inv, x_sum, packed, inv_scale, bias_arg, y, ws, counters,
-                           p.m, p.n, p.rows, p.k, y.stride(0), n_groups,
-                           BM=cfg.bm, BR=cfg.br, BK=bk, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
-                           SCALE_MODE=p.mode, GS=p.group_size if p.mode == 2 else 1,
-                           HAS_BIAS=bias is not None, ON_GPU=on_gpu, num_warps=cfg.num_warps,
-                           num_stages=cfg.num_stages)
+                           p.m, p.n, p.rows, p.k, y.stride(0), n_groups, **meta)
 
 
 # --------------------------------------------------------------------------- tuning
 
 _tuned: dict[tuple, GemvConfig | GemmConfig | None] = {}
 tuning_log: dict[str, list] = {}  # what each tuning measured, for benchmarks: key -> [(config, µs)]
-TUNE_BUDGET_S = 20.0  # per problem; past it the best so far is kept
+TUNE_BUDGET_S = 40.0  # per problem (compilations included); past it the best so far is kept
 
 
 def _bucket(m: int) -> int:
@@ -589,7 +696,7 @@ def _bucket(m: int) -> int:
 
 
 def tuning_enabled() -> bool:
-    return os.environ.get("BITCONVERT_TUNE", "1") != "0" and not _interpreting()
+    return os.environ.get("BITCONVERT_TUNE", "1") != "0" and not INTERPRET
 
 
 def choose_config(p: Problem, run) -> GemvConfig | GemmConfig | None:
@@ -597,7 +704,7 @@ def choose_config(p: Problem, run) -> GemvConfig | GemmConfig | None:
 
     ``run(cfg)`` launches one configuration. Tuning never runs while a CUDA graph is being captured.
     """
-    key = (p.device.index or 0, _bucket(p.m), p.n, p.k, p.mode, p.group_size)
+    key = p.tuning_key
     cfg = _tuned.get(key, _tuned)
     if cfg is not _tuned:
         return cfg
@@ -623,24 +730,30 @@ def choose_config(p: Problem, run) -> GemvConfig | GemmConfig | None:
 
 def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None,
                    mode: int, group_size: int, config: GemvConfig | GemmConfig | None = None,
-                   acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+                   acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                   keep_acts=None) -> torch.Tensor | None:
     """``(M, K) -> (M, N)`` on the GPU; ``None`` when no kernel covers this case (the caller falls back).
 
-    ``acts`` are ``quantize_activations(x2d)`` when the caller already has them.
+    ``acts`` are ``quantize_activations(x2d)`` when the caller already has them. Without them the fused
+    GEMV (one launch) competes with quantize-then-multiply (two), each measured as a whole; when the
+    choice quantizes separately, ``keep_acts(acts)`` receives the activations for reuse.
     """
     m, k = x2d.shape
-    p = Problem(m, packed.shape[0] * 4, k, mode, group_size, x2d.device)
-    if acts is None:
-        acts = quantize_activations(x2d)
-    y = torch.empty((m, p.n), dtype=x2d.dtype, device=x2d.device)
+    y = torch.empty((m, packed.shape[0] * 4), dtype=x2d.dtype, device=x2d.device)
     if m == 0:
         return y
+    p = _problem(m, y.shape[1], k, mode, group_size, x2d.device, acts is not None)
 
     def run(cfg):
-        launch(cfg, p, acts, packed, inv_scale, bias, y)
+        launch(cfg, p, x2d, acts if acts is not None or cfg.fused else quantize_activations(x2d), packed,
+               inv_scale, bias, y)
 
     cfg = config or choose_config(p, run)
     if cfg is None:
         return None
-    run(cfg)
+    if acts is None and not cfg.fused:
+        acts = quantize_activations(x2d)
+        if keep_acts is not None:
+            keep_acts(acts)
+    launch(cfg, p, x2d, acts, packed, inv_scale, bias, y)
     return y
