@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--every", type=int, default=2, help="route every N-th block")
     p.add_argument("--aux-weight", type=float, default=0.01, help="weight of the causal-decision loss")
     p.add_argument("--decision", default="router", choices=["router", "predictor"])
+    p.add_argument("--capacity-warmup", type=float, default=0.5,
+                   help="share of the budget over which the capacity falls from 1 to --capacity (0 = from step 0)")
     p.add_argument("--eval-windows", type=int, default=0, help="score only the first N windows (0 = all)")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--timing-batch", type=int, default=8, help="sequences per timed forward pass")
@@ -157,7 +159,8 @@ def markdown(report: dict) -> str:
         "# Mixture-of-Depths under QAT", "",
         f"{cfg['model']} -> {cfg['variant']} ({cfg['weight_scale']} scales), {cfg['steps']} steps x "
         f"{cfg['batch_size']} x {cfg['seq_len']} tokens of distillation per arm on {report['device']}. MoD: every "
-        f"{cfg['every']} blocks, capacity {cfg['capacity']}, decision '{cfg['decision']}', aux weight "
+        f"{cfg['every']} blocks, capacity {cfg['capacity']} (from 1 over the first "
+        f"{cfg.get('capacity_warmup', 0):.0%} of the budget), decision '{cfg['decision']}', aux weight "
         f"{cfg['aux_weight']}. Perplexity on {Path(cfg['eval_data']).name} with causal routing "
         "(each token decided by its own router logit, as in decoding).", "",
         "| arm | perplexity | routed blocks process | forward FLOPs saved | forward tokens/s | train tokens/s |",
@@ -184,7 +187,8 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
-    routing = {"every": args.every, "capacity": args.capacity, "aux_weight": args.aux_weight, "decision": args.decision}
+    routing = {"every": args.every, "capacity": args.capacity, "aux_weight": args.aux_weight, "decision": args.decision,
+               "capacity_warmup": args.capacity_warmup}
     # Arms can run in separate processes (e.g. under a per-command time limit); same settings only.
     results_path = args.out / "results.json"
     earlier = json.loads(results_path.read_text()) if results_path.is_file() else {}

@@ -15,10 +15,13 @@ from bitconvert.export.packed import export_ternary, load_ternary, read_manifest
 from bitconvert.mod import (
     MixtureOfDepthsError,
     MoDConfig,
+    calibrate_decisions,
+    capacity_schedule,
     chosen_tokens,
     forward_flops,
     install_mixture_of_depths,
     routed_blocks,
+    set_mod_capacity,
     topk_tokens,
 )
 from bitconvert.quant import QuantSpec
@@ -103,6 +106,69 @@ def test_nothing_routed_skips_the_block():
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, shallow(input_ids=ids).logits)
     assert model.model.layers[1].mod_last_fraction == 0.0
+
+
+def test_capacity_warmup_falls_geometrically_from_every_token_to_the_capacity():
+    config = MoDConfig(capacity=0.125, capacity_warmup=0.5)
+    assert capacity_schedule(config, 0.0) == 1.0
+    assert capacity_schedule(config, 0.25) == pytest.approx(0.125 ** 0.5)
+    assert capacity_schedule(config, 0.5) == capacity_schedule(config, 0.9) == 0.125
+    assert capacity_schedule(MoDConfig(capacity=0.125, capacity_warmup=0), 0.0) == 0.125
+
+
+def test_warmup_capacity_routes_every_token_as_the_original_model():
+    """At the start of the capacity warmup a routed pretrained model computes exactly what it did."""
+    plain = build_tiny_model("llama", 320)
+    model = build_tiny_model("llama", 320)
+    install_mixture_of_depths(model, MoDConfig(capacity=0.125))
+    ids = torch.randint(0, 320, (2, 16))
+    model.train()
+    plain.train()
+    set_mod_capacity(model, 1.0)
+    torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, plain(input_ids=ids, use_cache=False).logits,
+                               rtol=1e-5, atol=1e-5)
+    assert model.model.layers[1].mod_last_fraction == 1.0
+    set_mod_capacity(model, 0.25)
+    model(input_ids=ids, use_cache=False)
+    assert model.model.layers[1].mod_last_fraction == 4 / 16
+
+
+def test_language_model_loss_only_ranks_the_router_logits():
+    """The gate is centred over the sequence: the LM loss cannot shift all of a block's logits
+    together (top-k does not see a shift), so the bias, which sets the causal threshold, is left
+    to the decision loss."""
+    model = routed_model(layers=2, capacity=0.25)
+    model.train()
+    ids = torch.randint(0, 320, (3, 16))
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    router = model.model.layers[1].mod_router
+    assert router.weight.grad.abs().sum() > 0
+    assert router.bias.grad is None or router.bias.grad.abs().item() < 1e-6
+
+
+@pytest.mark.parametrize("decision", ["router", "predictor"])
+def test_calibration_makes_the_causal_decision_route_the_capacity(decision):
+    """The decision bias follows the threshold top-k implied, so that at inference about the
+    training capacity goes through, whatever the BCE has learned so far; training is unaffected."""
+    model = routed_model(layers=2, capacity=0.25, decision=decision)
+    router = model.model.layers[1].mod_router
+    (router.bias if decision == "router" else router.predictor_out_bias).data.fill_(20.0)  # routes most tokens
+    ids = torch.randint(0, 320, (4, 32))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert model.model.layers[1].mod_last_fraction > 0.6
+    model.train()
+    with torch.no_grad():
+        before = model(input_ids=ids, use_cache=False).logits
+        for _ in range(60):
+            model(input_ids=ids, use_cache=False)
+            calibrate_decisions(model)
+        torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, before)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert model.model.layers[1].mod_last_fraction == pytest.approx(0.25, abs=0.02)
 
 
 @pytest.mark.parametrize("decision", ["router", "predictor"])
@@ -231,6 +297,9 @@ def test_recipe_and_cli_select_mixture_of_depths(tmp_path, tiny_llama_dir, corpu
     assert "routed 1 blocks" in result.output
     manifest = read_manifest(out)
     assert manifest["mixture_of_depths"]["capacity"] == 0.25 and manifest["spec"]["variant"] == "bitnet1"
+    rows = [json.loads(line) for line in (out / "training" / "metrics.jsonl").read_text().splitlines()]
+    capacities = [row["mod_capacity"] for row in rows if "mod_capacity" in row]
+    assert capacities == [1.0, 0.25]  # step 0 of 2 routes every token; by half the budget, the capacity
     model, _ = load_ternary(out)
     assert routed_blocks(model)
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from bitconvert.convert import set_quant_strength
+from bitconvert.mod import calibrate_decisions, capacity_schedule, mod_config, set_mod_capacity
 from bitconvert.recipes.schema import TrainConfig
 from bitconvert.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from bitconvert.train.data import TrainingData
@@ -258,6 +259,7 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
     interrupted = False
     last_checkpoint = checkpoint
     last_logged = (step, elapsed)
+    routing = mod_config(accelerator.unwrap_model(student))  # Mixture-of-Depths: capacity warmup, decision calibration
     with StopOnInterrupt() as stop:
         while True:
             done = (total_steps is not None and step >= total_steps) or (budget_seconds is not None and elapsed >= budget_seconds)
@@ -277,6 +279,9 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
                 group["lr"] = lr
             strength = quant_strength(cfg, step, p)
             set_quant_strength(accelerator.unwrap_model(student), strength)
+            capacity = capacity_schedule(routing, p) if routing is not None else None
+            if capacity is not None:
+                set_mod_capacity(accelerator.unwrap_model(student), capacity)
             # Loss terms stay on the device between log rows: a .item() per step would make the host
             # wait for the GPU every step, and a small model is then bound by kernel launches.
             sums: dict[str, torch.Tensor] = {}
@@ -296,6 +301,9 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
                 sums["grad_norm"] = accelerator.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if routing is not None:
+                calibrate_decisions(accelerator.unwrap_model(student),
+                                    reduce=(lambda t: accelerator.reduce(t.to(accelerator.device), "mean")) if world > 1 else None)
             step += 1
             tokens += tokens_per_step
             eval_due = data.eval_blocks is not None and cfg.eval_every and step % cfg.eval_every == 0
@@ -313,7 +321,7 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
                 window_steps, window_seconds = step - last_logged[0], elapsed - last_logged[1]
                 last_logged = (step, elapsed)
                 log_row({"step": step, "tokens": tokens, "elapsed": round(elapsed, 3), "lr": lr,
-                         "quant_strength": strength,
+                         "quant_strength": strength, **({"mod_capacity": capacity} if capacity is not None else {}),
                          "tokens_per_second": tokens_per_step * window_steps / max(window_seconds, 1e-9), **stats})
                 progress.update(step, tokens, elapsed, loss=stats["loss"], lr=lr)
             else:
