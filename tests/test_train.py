@@ -154,12 +154,14 @@ def test_batches_are_deterministic_and_disjoint_across_ranks(tiny_tokenizer, cor
     assert torch.equal(one_rank, torch.cat([a, b]))  # two ranks see what one rank sees over two micro-steps
 
 
-def test_teacher_continues_prompts_from_a_file(tmp_path, tiny_tokenizer, corpus_file):
+def test_teacher_continues_prompts_from_a_file(tmp_path, tiny_tokenizer, corpus_file, monkeypatch):
     from bitconvert.recipes.schema import GenerateSource
     from bitconvert.train.data import generate_texts
     from conftest import build_tiny_model
 
-    config = GenerateSource(tokens=64, sequence_length=16, batch_size=4, prompts_from=str(corpus_file), prompt_tokens=6)
+    monkeypatch.setenv("PROMPT_DIR", str(corpus_file.parent))  # recipes say ${BITCONVERT_DATA}/...
+    config = GenerateSource(tokens=64, sequence_length=16, batch_size=4, prompts_from="${PROMPT_DIR}/" + corpus_file.name,
+                            prompt_tokens=6)
     texts = generate_texts(build_tiny_model("llama", len(tiny_tokenizer)), tiny_tokenizer, config, seed=0, device="cpu")
     lines = [line for line in corpus_file.read_text().splitlines() if line.strip()]
     starts = {tiny_tokenizer.decode(tiny_tokenizer(line, add_special_tokens=False)["input_ids"][:6]) for line in lines}

@@ -61,6 +61,11 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
+def local_path(text: str) -> Path:
+    """A recipe's path with ``~`` and environment variables expanded (recipes say ${BITCONVERT_DATA}/...)."""
+    return Path(os.path.expandvars(text)).expanduser()
+
+
 def read_texts(source: DataSource) -> Iterator[str]:
     """The documents of one path or hub source, as strings."""
     if source.hub is not None:
@@ -72,7 +77,7 @@ def read_texts(source: DataSource) -> Iterator[str]:
             raise DataError(f"could not load hub dataset {source.hub!r} split {source.split!r}: {err}") from err
         yield from (_field(row, source.text_field, f"{source.hub} row") for row in dataset)
         return
-    path = Path(os.path.expandvars(source.path)).expanduser()  # recipes may say ${BITCONVERT_DATA}/...
+    path = local_path(source.path)
     if not path.exists():
         raise DataError(f"training data {path} does not exist")
     if path.is_dir() and _is_saved_dataset(path):
@@ -141,7 +146,7 @@ def generate_texts(teacher, tokenizer, config: GenerateSource, *, seed: int, dev
 def _prompts_from_file(config: GenerateSource, tokenizer, seed: int) -> torch.Tensor:
     """The first ``prompt_tokens`` tokens of every long-enough line of the file, in a seeded order:
     equal-length prompts, so a batch needs no padding."""
-    path = Path(config.prompts_from)
+    path = local_path(config.prompts_from)
     if not path.is_file():
         raise DataError(f"generate.prompts_from: no such file: {path}")
     lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
@@ -242,7 +247,8 @@ def build_training_data(config: DataConfig, tokenizer, *, seed: int, cache_dir: 
 
 def _generated(config: GenerateSource, index: int, teacher, tokenizer, seed: int, cache_dir: Path, device,
                is_main: bool, wait) -> list[str]:
-    prompt_file = Path(config.prompts_from).read_bytes() if config.prompts_from and Path(config.prompts_from).is_file() else b""
+    prompts = local_path(config.prompts_from) if config.prompts_from else None
+    prompt_file = prompts.read_bytes() if prompts is not None and prompts.is_file() else b""
     key = hashlib.sha256(config.model_dump_json().encode() + str(seed).encode() + prompt_file).hexdigest()[:12]
     cache = cache_dir / f"generated-{index}-{key}.jsonl"
     if is_main and not cache.is_file():
