@@ -192,17 +192,23 @@ def check_section() -> dict:
     os.environ["BITCONVERT_TUNE"] = "0"
 
     def compare(tag, x, packed, inv, bias, gran, gs, cfg=None):
-        """The result, after checking it against the reference."""
+        """The result, after checking it against the reference (None if the kernel raised)."""
         nonlocal failures
         ref = ternary_linear_reference(x, packed, inv, bias, granularity=gran, group_size=gs)
         poison_allocator(4 * ref.numel() * 4)
-        if cfg is None:
-            y = ternary_linear(x, packed, inv, bias, granularity=gran, group_size=gs)
-        else:
-            x2d = x.reshape(-1, x.shape[-1])
-            y = tt.ternary_matmul(x2d, packed, inv, bias, tt.SCALE_MODES[gran], gs, config=cfg)
-            y = y.reshape(ref.shape)
-        torch.cuda.synchronize()
+        try:
+            if cfg is None:
+                y = ternary_linear(x, packed, inv, bias, granularity=gran, group_size=gs)
+            else:
+                x2d = x.reshape(-1, x.shape[-1])
+                y = tt.ternary_matmul(x2d, packed, inv, bias, tt.SCALE_MODES[gran], gs, config=cfg)
+                y = y.reshape(ref.shape)
+            torch.cuda.synchronize()
+        except Exception as err:  # a configuration that does not compile here: the tuner skips it too
+            failures += 1
+            cases.append({"case": tag, "ok": False, "error": f"{type(err).__name__}: {str(err)[:300]}"})
+            print(f"  ERROR {tag}: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            return None
         err = relerr(y, ref)
         exact = (y == ref).float().mean().item()
         # Integer sums are exact: fp32 differs only in the last bit of a division, 16-bit outputs by
@@ -235,19 +241,20 @@ def check_section() -> dict:
                 f"bias={bias is not None}", x, packed, inv, bias, gran, gs)
 
     # every tuning candidate of a few problems, so each compiled variant (split-K and the fused GEMV
-    # included) is checked; the fused GEMV must equal the two-launch GEMV of the same tile bit for bit
-    for (m, n, k, gran, gs) in [(1, 1024, 1024, "channel", 128), (8, 512, 4096, "tensor", 128),
-                                (5, 1000, 4100, "channel", 128), (2, 512, 2048, "group", 64),
-                                (64, 1024, 512, "channel", 128)]:
+    # included) is checked; the fused GEMV must equal the two-launch GEMV of the same tile bit for bit.
+    # The first has the kernels section's K and no bias: the same binaries, compiled once for both.
+    for (m, n, k, gran, gs, has_bias) in [(1, 2048, 11008, "channel", 128, False), (1, 1024, 1024, "channel", 128, True),
+                                          (8, 512, 4096, "tensor", 128, True), (5, 1000, 4100, "channel", 128, True),
+                                          (2, 512, 2048, "group", 64, True), (64, 1024, 512, "channel", 128, True)]:
         packed, inv, _ = random_packed(n, k, gran, gs, seed=m + n)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if has_bias else None
         p = tt.Problem(m, n, k, tt.SCALE_MODES[gran], gs, x.device)
         for cfg in tt.candidate_configs(p):
             y = compare(f"config m={m} n={n} k={k} {gran} {cfg}", x, packed, inv, bias, gran, gs, cfg)
             if cfg.split_k > 1:  # the workspace must be clean for the next call
                 compare(f"config m={m} n={n} k={k} {gran} {cfg} again", x, packed, inv, bias, gran, gs, cfg)
-            if cfg.fused:
+            if cfg.fused and y is not None:
                 two = tt.ternary_matmul(x, packed, inv, bias, tt.SCALE_MODES[gran], gs,
                                         config=dataclasses.replace(cfg, fused=False))
                 same = torch.equal(y, two)
@@ -291,7 +298,7 @@ def config_label(cfg) -> str:
 
 
 def kernels_section(bandwidth: float, batches=BATCHES, shapes=SHAPES, deadline: float = float("inf")) -> list[dict]:
-    from bitconvert.kernels import ternary_linear
+    from bitconvert.kernels import ternary_linear, ternary_linear_reference
     from bitconvert.kernels import triton_ternary as tt
 
     rows = []
@@ -311,6 +318,7 @@ def kernels_section(bandwidth: float, batches=BATCHES, shapes=SHAPES, deadline: 
             # x[:] is a new tensor object each call: ternary_linear reuses the quantized activations of
             # the very same input object (q/k/v share one), which a single-layer timing must not count on
             y = ternary_linear(x[:], packed, inv, granularity="channel")
+            exact = relerr(y, ternary_linear_reference(x, packed, inv, granularity="channel"))
             ref = F.linear(x, w_bf16)
             err = relerr(y, ref)  # vs unquantized activations: the int8 rounding of x, not a kernel error
             bytes_bf16 = 2 * n * k + 2 * m * k + 2 * m * n
@@ -319,7 +327,7 @@ def kernels_section(bandwidth: float, batches=BATCHES, shapes=SHAPES, deadline: 
             cfg = tt._tuned.get(p.tuning_key)
             row = {"out": n, "in": k, "batch": m, "config": str(cfg), "config_label": config_label(cfg),
                    "tune_s": tune_s,
-                   "relerr_vs_bf16_unquantized": err,
+                   "relerr_vs_bf16_unquantized": err, "relerr_vs_reference": exact,
                    "floor_bf16_us": bytes_bf16 / bandwidth * 1e6, "floor_packed_us": bytes_packed / bandwidth * 1e6}
             row["bf16_kernel_us"] = time_kernel_us(lambda: F.linear(x, w_bf16))
             row["packed_kernel_us"] = time_kernel_us(lambda: ternary_linear(x[:], packed, inv, granularity="channel"))
@@ -420,38 +428,61 @@ def eager_decode(model, prompt, new_tokens: int) -> dict:
 
 
 @torch.no_grad()
-def graph_decode(model, prompt, new_tokens: int) -> dict:
-    """One decode step (static KV cache) captured in a CUDA graph that also feeds its argmax back."""
+def graph_decode(model, prompt, new_tokens: int, compiled: bool = False) -> dict:
+    """One decode step (static KV cache) captured in a CUDA graph that also feeds its argmax back.
+
+    ``compiled``: the step runs through ``torch.compile`` first (kernel fusion for the norms, rotary
+    embedding and residuals; the packed product is one opaque custom op), then the same capture.
+    The 2-D attention mask is explicit: without it transformers skips the mask for one query token in
+    eager mode but builds it while a graph is captured, and the two disagree about the empty cache slots.
+    """
     from transformers import StaticCache
 
     p = prompt.shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=p + new_tokens + 16)
+    length = p + new_tokens + 16
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    mask = torch.zeros(1, length, dtype=torch.long, device="cuda")
+    mask[:, :p] = 1
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    out = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(p, device="cuda"), use_cache=True)
-    ids = out.logits[:, -1:].argmax(-1)
+    out = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(p, device="cuda"),
+                attention_mask=mask, use_cache=True)
+    first_ids = out.logits[:, -1:].argmax(-1)
+    ids = first_ids.clone()
     pos = torch.tensor([p], device="cuda")
-    # the eager logits of the first decode step, to check the captured step computes the same
+    mask[:, p] = 1
+    step = torch.compile(model, dynamic=False) if compiled else model
+
+    def decode():
+        return step(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None],
+                    attention_mask=mask, use_cache=True).logits[:, -1]
+
+    # references for the first decode step: eager with the cache, and a full forward without one
     first_eager = model(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None],
-                        use_cache=True).logits[:, -1].float()
+                        attention_mask=mask, use_cache=True).logits[:, -1].float()
+    full = model(input_ids=torch.cat([prompt, first_ids], 1), use_cache=False).logits[:, -1].float()
+    t0 = time.perf_counter()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
-            model(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None], use_cache=True)
+        for _ in range(3):  # compiles (compiled) and tunes every shape outside the capture
+            decode()
     torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        logits = model(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None],
-                       use_cache=True).logits[:, -1]
+        logits = decode()
         ids.copy_(logits.argmax(-1, keepdim=True))
         pos.add_(1)
+        mask.index_fill_(1, pos, 1)
     # replay from the first decode position: same inputs as first_eager
-    ids.copy_(out.logits[:, -1:].argmax(-1))
+    ids.copy_(first_ids)
     pos.fill_(p)
     graph.replay()
     torch.cuda.synchronize()
     check = relerr(logits.float(), first_eager)
+    check_full = relerr(logits.float(), full)
     for _ in range(8):
         graph.replay()
     torch.cuda.synchronize()
@@ -461,27 +492,34 @@ def graph_decode(model, prompt, new_tokens: int) -> dict:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
     result = {"tokens_per_s": new_tokens / seconds, "first_step_relerr_vs_eager": check,
+              "first_step_relerr_vs_full_forward": check_full,
+              "eager_step_relerr_vs_full_forward": relerr(first_eager, full), "warmup_s": warmup_s,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
-    del graph, cache
+    del graph
     return result
 
 
-def measure_model(model, prompt, new_tokens: int, graph_tokens: int) -> dict:
+DECODE_MODES = ("eager", "graph", "compiled")
+
+
+def measure_model(model, prompt, new_tokens: int, graph_tokens: int, modes=DECODE_MODES) -> dict:
     row = {"weight_bytes": model_bytes(model)}
-    try:
-        row["eager"] = eager_decode(model, prompt, new_tokens)
-    except Exception as err:
-        row["eager"] = {"error": f"{type(err).__name__}: {err}"}
-        traceback.print_exc()
-    try:
-        row["graph"] = graph_decode(model, prompt, graph_tokens)
-    except Exception as err:
-        row["graph"] = {"error": f"{type(err).__name__}: {err}"}
-        traceback.print_exc()
+    runs = {"eager": lambda: eager_decode(model, prompt, new_tokens),
+            "graph": lambda: graph_decode(model, prompt, graph_tokens),
+            "compiled": lambda: graph_decode(model, prompt, graph_tokens, compiled=True)}
+    for mode in modes:
+        try:
+            row[mode] = runs[mode]()
+        except Exception as err:
+            row[mode] = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
+            traceback.print_exc()
+        torch._dynamo.reset()
+        print(f"  {mode}: {row[mode]}", flush=True)
     return row
 
 
-def e2e_model(name: str, make_bf16, spec, prompt_len: int, new_tokens: int, graph_tokens: int) -> dict:
+def e2e_model(name: str, make_bf16, spec, prompt_len: int, new_tokens: int, graph_tokens: int,
+              modes=DECODE_MODES) -> dict:
     from bitconvert.convert import convert_to_bitnet
     from bitconvert.export.packed import export_ternary, load_ternary
 
@@ -492,7 +530,7 @@ def e2e_model(name: str, make_bf16, spec, prompt_len: int, new_tokens: int, grap
               "spec": spec.model_dump(), "prompt_tokens": prompt_len, "eager_new_tokens": new_tokens,
               "graph_new_tokens": graph_tokens}
     print(f"# e2e {name} ({source}, {result['parameters'] / 1e9:.2f}B parameters)", flush=True)
-    result["bf16"] = measure_model(model, prompt, new_tokens, graph_tokens)
+    result["bf16"] = measure_model(model, prompt, new_tokens, graph_tokens, modes)
     with tempfile.TemporaryDirectory() as tmp:
         convert_to_bitnet(model, spec)
         export_ternary(model, tokenizer or placeholder_tokenizer(), tmp, spec, dtype=torch.bfloat16)
@@ -507,10 +545,10 @@ def e2e_model(name: str, make_bf16, spec, prompt_len: int, new_tokens: int, grap
         finally:
             os.environ.pop("BITCONVERT_KERNELS")
     result["packed_logits_relerr_kernels_vs_reference"] = relerr(got, want)
-    result["packed"] = measure_model(packed, prompt, new_tokens, graph_tokens)
+    result["packed"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes)
     del packed
     torch.cuda.empty_cache()
-    for mode in ("eager", "graph"):
+    for mode in DECODE_MODES:
         b, q = result["bf16"].get(mode, {}), result["packed"].get(mode, {})
         if "tokens_per_s" in b and "tokens_per_s" in q:
             result[f"speedup_{mode}"] = q["tokens_per_s"] / b["tokens_per_s"]
@@ -520,11 +558,11 @@ def e2e_model(name: str, make_bf16, spec, prompt_len: int, new_tokens: int, grap
     return result
 
 
-def e2e_section(args) -> list[dict]:
+def e2e_section(args, runs: list, save=lambda: None) -> list[dict]:
+    """Appends one result per model to ``runs`` and calls ``save`` after each, so a cut-short call keeps them."""
     from bitconvert.quant import QuantSpec
 
     spec = QuantSpec(weight_scale=args.weight_scale)
-    runs = []
 
     def smollm2():
         if args.smollm2_gguf:
@@ -543,12 +581,16 @@ def e2e_section(args) -> list[dict]:
         if time.time() > args.deadline:
             runs.append({"model": name, "error": "skipped: out of time (--budget-s)"})
             continue
+        modes = args.modes.split(",")
+        if name not in args.compile_models.split(","):
+            modes = [m for m in modes if m != "compiled"]
         try:
-            runs.append(e2e_model(name, make, spec, args.prompt_tokens, args.new_tokens, args.graph_tokens))
+            runs.append(e2e_model(name, make, spec, args.prompt_tokens, args.new_tokens, args.graph_tokens, modes))
         except Exception as err:
             traceback.print_exc()
             runs.append({"model": name, "error": f"{type(err).__name__}: {err}"})
         torch.cuda.empty_cache()
+        save()
     return runs
 
 
@@ -590,8 +632,10 @@ def markdown(data: dict) -> str:
             if "error" in r:
                 lines.append(f"| {r['model']} | error: {r['error']} | | | | | | | |")
                 continue
-            for mode in ("eager", "graph"):
+            for mode in DECODE_MODES:
                 b, q = r["bf16"].get(mode, {}), r["packed"].get(mode, {})
+                if not b and not q:
+                    continue
                 if "tokens_per_s" not in b or "tokens_per_s" not in q:
                     lines.append(f"| {r['model']} | {r['source']} | {mode} | {b.get('error', '')} | "
                                  f"{q.get('error', '')} | | | | |")
@@ -614,6 +658,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens per eager generate() run")
     parser.add_argument("--graph-tokens", type=int, default=256, help="tokens per CUDA-graph decode run")
+    parser.add_argument("--modes", default=",".join(DECODE_MODES), help="e2e decode modes")
+    parser.add_argument("--compile-models", default="Llama-2.4B",
+                        help="e2e models that also decode through torch.compile (compilation takes a minute or two)")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="out x in, in this order")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
@@ -643,7 +690,7 @@ def main(argv=None) -> int:
                                                       [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")],
                                                       deadline=args.deadline)
         elif section == "e2e":
-            results.data["e2e"] = e2e_section(args)
+            e2e_section(args, results.data.setdefault("e2e", []), results.save)
         else:
             print(f"unknown section {section!r}; expected check, kernels, e2e", file=sys.stderr)
             return 2

@@ -8,7 +8,7 @@ so CPU-only installs need no triton); CPU tensors run torch, optionally keeping 
 
 from bitconvert.kernels.binary import binary_linear_reference, onebit_linear_reference
 from bitconvert.kernels.reference import ternary_linear_reference
-from bitconvert.kernels.ternary import CPU_CACHES, TernaryCache, ternary_linear, triton_available
+from bitconvert.kernels.ternary import CPU_CACHES, TernaryCache, ternary_linear, ternary_linear_op, triton_available
 
 
 def binary_linear(x, packed, inv_scale, bias=None, *, granularity="tensor", group_size=128):
@@ -22,4 +22,5 @@ def onebit_linear(x, packed, input_scale, output_scale, bias=None):
 
 
 __all__ = ["CPU_CACHES", "TernaryCache", "binary_linear", "binary_linear_reference", "onebit_linear",
-           "onebit_linear_reference", "ternary_linear", "ternary_linear_reference", "triton_available"]
+           "onebit_linear_reference", "ternary_linear", "ternary_linear_op", "ternary_linear_reference",
+           "triton_available"]

@@ -194,3 +194,18 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tenso
           and os.environ.get("BITCONVERT_KERNELS", "auto") != "reference"):
         return _cpu_linear(x, packed, inv_scale, bias, granularity, group_size, cache)
     return ternary_linear_reference(x, packed, inv_scale, bias, granularity=granularity, group_size=group_size)
+
+
+# torch.compile sees the packed product as one opaque operator: dynamo cannot trace the dispatch above
+# (environment lookups, weak references, the tuner), and inductor must not try to fuse into the Triton
+# kernels. Inside, the call takes the same path as eager; only the CPU cache is out of reach.
+@torch.library.custom_op("bitconvert::ternary_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor packed, Tensor inv_scale, Tensor? bias, str granularity, "
+                                "int group_size) -> Tensor")
+def ternary_linear_op(x, packed, inv_scale, bias, granularity, group_size):
+    return ternary_linear(x, packed, inv_scale, bias, granularity=granularity, group_size=group_size)
+
+
+@ternary_linear_op.register_fake
+def _ternary_linear_shape(x, packed, inv_scale, bias, granularity, group_size):
+    return x.new_empty((*x.shape[:-1], packed.shape[0] * 4))

@@ -30,6 +30,7 @@ result does not depend on the order of the additions.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -40,7 +41,6 @@ from typing import ClassVar
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
 SCALE_MODES = {"tensor": 0, "channel": 1, "group": 2}
 GEMV_MAX_M = 16  # the dp4a kernel keeps one accumulator per token: beyond this, tensor cores win
@@ -193,14 +193,14 @@ def _epilogue(acc, offs_m, offs_n, n_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_
 @triton.jit
 def _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, tile, xinv, xsum, winv_ptr, bias_ptr, y_ptr,
             stride_ym,
-            ws_ptr, cnt_ptr, SPLIT_K: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+            ws_ptr, cnt_ptr, split_k, SPLIT: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
             ON_GPU: tl.constexpr):
     """Write the four output row blocks ``b * R + offs_r`` whose sums are ``acc0..acc3``.
 
     With split-K, add them into the workspace instead; the program that arrives last finishes.
     """
     r_mask = offs_r < R
-    if SPLIT_K == 1:
+    if not SPLIT:
         _epilogue(acc0, offs_m, offs_r, r_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
                   SCALE_MODE, HAS_BIAS, ON_GPU)
         _epilogue(acc1, offs_m, offs_r + R, r_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
@@ -218,7 +218,7 @@ def _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, tile, xinv, xsum, w
         tl.atomic_add(ws + 3 * R, acc3, mask=mask, sem="relaxed")
         tl.debug_barrier()  # every thread's additions precede the counter's release
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
+        if arrived == split_k - 1:
             tl.debug_barrier()
             zero = tl.zeros_like(acc0)
             total = tl.atomic_xchg(ws, zero, mask=mask, sem="relaxed")
@@ -276,8 +276,8 @@ def _gemv_group_part(prod, xs, kw0, offs_n, r_mask, winv_ptr, n_groups, SHIFT: t
 
 @triton.jit
 def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-                 M, N, R, KW, stride_x, stride_ym, n_groups,
-                 BM: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr,
+                 M, N, R, KW, stride_x, stride_ym, n_groups, split_k,
+                 BM: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr,
                  CHAIN: tl.constexpr, SCALE_MODE: tl.constexpr, GW: tl.constexpr, GWT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, FUSED: tl.constexpr, XBLOCK: tl.constexpr, ON_GPU: tl.constexpr):
     """A few tokens: ``xw`` int32 (M, K/4) activation codes, ``ww`` int32 (R, K/4) packed weights.
@@ -310,7 +310,7 @@ def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, 
         xsum = tl.load(xsum_ptr + offs_m, mask=m_mask, other=0)
 
     tiles = tl.cdiv(KW, BKW)
-    per_split = tl.cdiv(tiles, SPLIT_K)
+    per_split = tl.cdiv(tiles, split_k)
     kw_lo = pid_k * per_split * BKW
     kw_hi = tl.minimum(kw_lo + per_split * BKW, KW)
 
@@ -325,7 +325,9 @@ def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, 
     acc3 = acc0
     w_rows = ww_ptr + offs_r[:, None].to(tl.int64) * KW
     x_rows = xw_ptr + offs_m[:, None].to(tl.int64) * stride_x
-    for kw0 in range(kw_lo, kw_hi, BKW):
+    # STAGES > 1 software-pipelines the loop: the next tiles' weights are in flight while this one is
+    # multiplied. A batch-1 GEMV is bound by load latency, not bandwidth, without it.
+    for kw0 in tl.range(kw_lo, kw_hi, BKW, num_stages=STAGES):
         offs_k = kw0 + tl.arange(0, BKW)
         k_mask = offs_k < kw_hi
         w = tl.load(w_rows + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0)[None, :, :]
@@ -373,7 +375,7 @@ def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, 
             acc3 -= xsum[:, None]
             xsum = tl.zeros_like(xsum)
     _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, pid_m * tl.num_programs(0) + pid_r, xinv,
-            xsum, winv_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, SPLIT_K, SCALE_MODE, HAS_BIAS, ON_GPU)
+            xsum, winv_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, split_k, SPLIT, SCALE_MODE, HAS_BIAS, ON_GPU)
 
 
 @triton.jit
@@ -453,7 +455,7 @@ def _gemm_kernel(xq_ptr, xinv_ptr, xsum_ptr, w_ptr, winv_ptr, bias_ptr, y_ptr, w
             out2 = tl.dot(a, _unpack_bytes(p, 4, ON_GPU), out2, out_dtype=tl.int32)
             out3 = tl.dot(a, _unpack_bytes(p, 6, ON_GPU), out3, out_dtype=tl.int32)
     _finish(out0, out1, out2, out3, offs_m, offs_r, M, N, R, pid, row_inv, row_sum, winv_ptr, bias_ptr, y_ptr,
-            stride_ym, ws_ptr, cnt_ptr, SPLIT_K, SCALE_MODE, HAS_BIAS, ON_GPU)
+            stride_ym, ws_ptr, cnt_ptr, SPLIT_K, SPLIT_K > 1, SCALE_MODE, HAS_BIAS, ON_GPU)
 
 
 @triton.jit
@@ -469,9 +471,10 @@ def _gemm_group_part(acc, offs_n, r_mask, g, winv_ptr, n_groups, ON_GPU: tl.cons
 class GemvConfig:
     br: int = 4
     bkw: int = 128
-    split_k: int = 1
+    split_k: int = 1  # a launch argument, not compiled in: every split of one tile shares one binary
     num_warps: int = 4
     fused: bool = False  # quantize the activations inside the GEMV: one launch, reads x instead of codes
+    stages: int = 1  # software pipelining depth of the K loop (1 = none)
     kind: str = "gemv"
 
 
@@ -567,8 +570,16 @@ def default_config(p: Problem) -> GemvConfig | GemmConfig | None:
     return GemmConfig(bm=bm, br=br, bk=bk, split_k=split, num_warps=4 if bm <= 64 else 8)
 
 
+# GEMV tiles (packed rows, int32 words of K, warps). Batch-1 decode is bound by how many weight bytes
+# are in flight, so the larger tiles, deeper pipelines and split-K are there to keep more loads
+# outstanding per SM; registers bound the tile (one token: at most 1024 words a warp).
+GEMV_TILES = ((2, 256, 4), (4, 128, 4), (4, 256, 4), (8, 128, 4), (8, 256, 8), (4, 512, 8))
+GEMV_SPLITS = (1, 2, 4, 8)
+
+
 def candidate_configs(p: Problem) -> list[GemvConfig | GemmConfig]:
-    """What the tuner measures for one problem (few: each distinct tile is one more compilation).
+    """What the tuner measures for one problem. Each distinct tile, pipelining depth and fused flag is one
+    compilation, shared by every shape and split (split-K is a launch argument).
 
     The fused GEMV comes first, so that a tuning budget running out drops the older variants.
     """
@@ -576,12 +587,16 @@ def candidate_configs(p: Problem) -> list[GemvConfig | GemmConfig]:
     if p.gemv_ok:
         bm = _next_pow2(p.m)
         for fused in (True, False) if p.fused_ok else (False,):
-            for br, bkw in ((2, 256), (4, 128), (4, 256), (8, 128)):
-                if bm * br * bkw > 4096:
+            for br, bkw, warps in GEMV_TILES:
+                if bm * br * bkw > 1024 * warps:
                     continue
-                for split in (1, 2, 4):
-                    if p.split_ok(split) and (split == 1 or triton.cdiv(p.k // 4, bkw) >= 2 * split):
-                        out.append(GemvConfig(br=br, bkw=bkw, split_k=split, fused=fused))
+                tiles = triton.cdiv(p.k // 4, bkw)
+                for stages in (3, 1):
+                    for split in GEMV_SPLITS:
+                        # a split needs at least two tiles, a pipeline of S stages S tiles per split
+                        if not p.split_ok(split) or (split > 1 and tiles < 2 * split) or (stages > 1 and tiles < split * stages):
+                            continue
+                        out.append(GemvConfig(br=br, bkw=bkw, split_k=split, num_warps=warps, fused=fused, stages=stages))
     if p.gemm_ok:
         if p.m <= GEMV_MAX_M:
             tiles = [(16, br, 128, 4, 4) for br in (16, 32)]
@@ -596,7 +611,6 @@ def candidate_configs(p: Problem) -> list[GemvConfig | GemmConfig]:
                 if p.split_ok(split) and (split == 1 or triton.cdiv(p.k, bk) >= 2 * split):
                     out.append(GemmConfig(bm=bm, br=br, bk=bk, split_k=split, num_warps=warps, num_stages=stages))
     return out
-
 
 
 # Problems and launch parameters are looked up per call: built once per shape (a frozen dataclass and a
@@ -619,7 +633,7 @@ def _launch_params(cfg: GemvConfig | GemmConfig, p: Problem, has_bias: bool) -> 
         bm = _next_pow2(p.m)
         gw = p.group_size // 4 if p.mode == 2 else 1
         grid = (triton.cdiv(p.rows, cfg.br), cfg.split_k, triton.cdiv(p.m, bm))
-        meta = dict(BM=bm, BR=cfg.br, BKW=cfg.bkw, SPLIT_K=cfg.split_k,
+        meta = dict(BM=bm, BR=cfg.br, BKW=cfg.bkw, SPLIT=cfg.split_k > 1, STAGES=cfg.stages,
                     CHAIN=bm * cfg.br * cfg.bkw * 4 <= 64 * 32 * cfg.num_warps, SCALE_MODE=p.mode, GW=gw,
                     GWT=min(gw, cfg.bkw), HAS_BIAS=has_bias, FUSED=cfg.fused,
                     XBLOCK=_absmax_block(p.k, bm, cfg.num_warps) if cfg.fused else 1, ON_GPU=not INTERPRET,
@@ -635,20 +649,23 @@ def _launch_params(cfg: GemvConfig | GemmConfig, p: Problem, has_bias: bool) -> 
 
 # --------------------------------------------------------------------------- launchers
 
-_workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split-K scratch of one (device, stream): all zeros between kernels, which restore it.
+def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The split-K scratch of one device: all zeros between kernels, which restore it.
 
-    Fixed size, allocated once, so that CUDA graphs that captured it never see it move.
+    Fixed size and allocated outside any CUDA graph capture (None while capturing, before it exists):
+    memory allocated during a capture belongs to that graph's pool and goes away with the graph,
+    while this buffer must outlive every graph that uses it. Split-K kernels on one device therefore
+    share it, which is right as long as they run on one stream, as inference does.
     """
-    stream = 0 if INTERPRET else torch.cuda.current_stream(device).cuda_stream
-    key = (device, stream)
-    if key not in _workspaces:
-        _workspaces[key] = (torch.zeros(WORKSPACE_ROWS * WORKSPACE_COLS, dtype=torch.int32, device=device),
-                            torch.zeros(COUNTERS, dtype=torch.int32, device=device))
-    return _workspaces[key]
+    if device not in _workspaces:
+        if not INTERPRET and torch.cuda.is_current_stream_capturing():
+            return None
+        _workspaces[device] = (torch.zeros(WORKSPACE_ROWS * WORKSPACE_COLS, dtype=torch.int32, device=device),
+                               torch.zeros(COUNTERS, dtype=torch.int32, device=device))
+    return _workspaces[device]
 
 
 def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -672,17 +689,21 @@ def launch(cfg: GemvConfig | GemmConfig, p: Problem, x2d: torch.Tensor,
            inv_scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
     """Run one configuration: ``y`` (M, N) receives the result. The fused GEMV reads ``x2d`` itself; the
     others read ``acts = quantize_activations(x2d)`` (codes, inverse scales, sums)."""
+    scratch = _workspace(y.device) if cfg.split_k > 1 else None
+    if cfg.split_k > 1 and scratch is None:  # first split-K call inside a graph capture: split 1 is always right
+        cfg = dataclasses.replace(cfg, split_k=1)
     grid, n_groups, meta = _launch_params(cfg, p, bias is not None)
-    ws, counters = _workspace(y.device) if cfg.split_k > 1 else (y, y)  # y: a pointer never touched
+    ws, counters = scratch or (y, y)  # y: a pointer never touched
     bias_arg = y if bias is None else bias
     if cfg.fused:
         _gemv_kernel[grid](x2d, y, y, packed.view(torch.int32), inv_scale, bias_arg, y, ws, counters,
-                           p.m, p.n, p.rows, p.k // 4, x2d.stride(0), y.stride(0), n_groups, **meta)
+                           p.m, p.n, p.rows, p.k // 4, x2d.stride(0), y.stride(0), n_groups, cfg.split_k, **meta)
         return
     codes, x_inv, x_sum = acts
     if cfg.kind == "gemv":
         _gemv_kernel[grid](codes.view(torch.int32), x_inv, x_sum, packed.view(torch.int32), inv_scale, bias_arg, y,
-                           ws, counters, p.m, p.n, p.rows, p.k // 4, p.k // 4, y.stride(0), n_groups, **meta)
+                           ws, counters, p.m, p.n, p.rows, p.k // 4, p.k // 4, y.stride(0), n_groups, cfg.split_k,
+                           **meta)
     else:
         _gemm_kernel[grid](codes, x_inv, x_sum, packed, inv_scale, bias_arg, y, ws, counters,
                            p.m, p.n, p.rows, p.k, y.stride(0), n_groups, **meta)
@@ -692,7 +713,7 @@ def launch(cfg: GemvConfig | GemmConfig, p: Problem, x2d: torch.Tensor,
 
 _tuned: dict[tuple, GemvConfig | GemmConfig | None] = {}
 tuning_log: dict[str, list] = {}  # what each tuning measured, for benchmarks: key -> [(config, µs)]
-TUNE_BUDGET_S = 40.0  # per problem (compilations included); past it the best so far is kept
+TUNE_BUDGET_S = 60.0  # per problem (compilations included); past it the best so far is kept
 
 
 def _bucket(m: int) -> int:
@@ -703,10 +724,11 @@ def tuning_enabled() -> bool:
     return os.environ.get("BITCONVERT_TUNE", "1") != "0" and not INTERPRET
 
 
-def choose_config(p: Problem, run) -> GemvConfig | GemmConfig | None:
+def choose_config(p: Problem, measure) -> GemvConfig | GemmConfig | None:
     """The fastest candidate for this problem's shape (measured once per shape), else the default.
 
-    ``run(cfg)`` launches one configuration. Tuning never runs while a CUDA graph is being captured.
+    ``measure(cfg)`` returns the GPU time of one call in µs. Tuning never runs while a CUDA graph is
+    being captured.
     """
     key = p.tuning_key
     cfg = _tuned.get(key, _tuned)
@@ -715,21 +737,54 @@ def choose_config(p: Problem, run) -> GemvConfig | GemmConfig | None:
     fallback = default_config(p)
     if not tuning_enabled() or torch.cuda.is_current_stream_capturing():
         return fallback
-    best, best_ms, log, start = fallback, float("inf"), [], time.monotonic()
+    best, best_us, log, start = fallback, float("inf"), [], time.monotonic()
     for cand in candidate_configs(p):
         if time.monotonic() - start > TUNE_BUDGET_S:
             break
         try:
-            ms = triton.testing.do_bench(lambda: run(cand), warmup=3, rep=15, return_mode="median")
+            us = measure(cand)
         except Exception as err:  # a tile that does not compile or fit on this GPU is simply not a candidate
             log.append((str(cand), repr(err)[:200]))
             continue
-        log.append((str(cand), ms * 1e3))
-        if ms < best_ms:
-            best, best_ms = cand, ms
+        log.append((str(cand), us))
+        if us < best_us:
+            best, best_us = cand, us
     _tuned[key] = best
     tuning_log[str(key)] = log
     return best
+
+
+ROTATE_BYTES = 128 << 20  # weight copies a tuning graph cycles through: more than twice the L2 of an H100
+GRAPH_REPLAYS = 8
+
+
+def _rotation(packed: torch.Tensor, inv_scale: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The weight and copies of it, so that timed calls read their weights from memory, as decode does,
+    not from an L2 that the previous call filled."""
+    copies = max(1, min(16, -(-ROTATE_BYTES // max(1, packed.numel()))))
+    return [(packed, inv_scale)] + [(packed.clone(), inv_scale.clone()) for _ in range(copies - 1)]
+
+
+def graph_time_us(calls: list) -> float:
+    """GPU µs per call of ``calls`` (closures launching kernels), replayed from one CUDA graph.
+
+    Eager timing would measure the host: a launch through triton's Python costs more than a batch-1
+    GEMV runs. In a graph, as in CUDA-graph decode, only the GPU's time counts, launch gaps included.
+    """
+    calls[0]()  # compiles outside the capture, and fails here if this configuration cannot run
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(GRAPH_REPLAYS):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (GRAPH_REPLAYS * len(calls))
 
 
 def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -748,11 +803,20 @@ def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Ten
         return y
     p = _problem(m, y.shape[1], k, mode, group_size, x2d.device, acts is not None)
 
-    def run(cfg):
-        launch(cfg, p, x2d, acts if acts is not None or cfg.fused else quantize_activations(x2d), packed,
-               inv_scale, bias, y)
+    rotation: list = []
 
-    cfg = config or choose_config(p, run)
+    def measure(cfg) -> float:
+        if not rotation:
+            rotation.extend(_rotation(packed, inv_scale))
+
+        def call(w, w_inv):  # quantize-then-multiply pays for its quantizer on every call, as in use
+            launch(cfg, p, x2d, acts if acts is not None or cfg.fused else quantize_activations(x2d), w, w_inv,
+                   bias, y)
+
+        return graph_time_us([functools.partial(call, w, w_inv) for w, w_inv in rotation])
+
+    cfg = config or choose_config(p, measure)
+    rotation.clear()
     if cfg is None:
         return None
     if acts is None and not cfg.fused:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitconvert.kernels import TernaryCache, binary_linear, onebit_linear, ternary_linear
+from bitconvert.kernels import TernaryCache, binary_linear, onebit_linear, ternary_linear, ternary_linear_op
 from bitconvert.layers.bitlinear import RMSNorm
 from bitconvert.quant import (
     QuantSpec,
@@ -77,6 +77,9 @@ class PackedBitLinear(nn.Module):
             x = self.rms_norm(x)
         if torch.is_grad_enabled() and x.requires_grad:
             return _PackedProduct.apply(x, self)
+        if torch.compiler.is_compiling() and self.spec.variant == "b1.58":
+            return ternary_linear_op(x, self.weight, self.weight_scale, self.bias, self.spec.weight_scale,
+                                     self.spec.group_size)
         return self._packed_forward(x)
 
     @torch.no_grad()
