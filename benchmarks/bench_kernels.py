@@ -546,13 +546,21 @@ def e2e_model(name: str, make_bf16, spec, prompt_len: int, new_tokens: int, grap
             os.environ.pop("BITCONVERT_KERNELS")
     result["packed_logits_relerr_kernels_vs_reference"] = relerr(got, want)
     result["packed"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes)
+    # q/k/v and gate/up as one product each, as `bitconvert generate` runs the model
+    from bitconvert.layers.fused import fuse_projections
+
+    result["fused_groups"] = len(fuse_projections(packed))
+    with torch.no_grad():
+        result["fused_logits_relerr_vs_unfused"] = relerr(packed(prompt).logits.float(), got)
+    result["packed_fused"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes)
     del packed
     torch.cuda.empty_cache()
     for mode in DECODE_MODES:
-        b, q = result["bf16"].get(mode, {}), result["packed"].get(mode, {})
-        if "tokens_per_s" in b and "tokens_per_s" in q:
-            result[f"speedup_{mode}"] = q["tokens_per_s"] / b["tokens_per_s"]
-            result[f"peak_mem_ratio_{mode}"] = b["peak_mem_gib"] / q["peak_mem_gib"]
+        for variant, suffix in (("packed", ""), ("packed_fused", "_fused")):
+            b, q = result["bf16"].get(mode, {}), result[variant].get(mode, {})
+            if "tokens_per_s" in b and "tokens_per_s" in q:
+                result[f"speedup_{mode}{suffix}"] = q["tokens_per_s"] / b["tokens_per_s"]
+                result[f"peak_mem_ratio_{mode}{suffix}"] = b["peak_mem_gib"] / q["peak_mem_gib"]
     result["weight_bytes_ratio"] = result["bf16"]["weight_bytes"] / result["packed"]["weight_bytes"]
     print(json.dumps({k: v for k, v in result.items() if k not in ("spec",)}, indent=1, default=str), flush=True)
     return result
@@ -626,23 +634,29 @@ def markdown(data: dict) -> str:
     runs = data.get("e2e")
     if runs:
         lines += ["## End-to-end greedy decode, batch 1", "",
-                  "| model | source | mode | bf16 tok/s | packed tok/s | speedup | bf16 peak GiB | packed peak GiB "
-                  "| weights bf16 / packed |", "|---|---|---|---|---|---|---|---|---|"]
+                  "packed = the export as loaded; packed+fused = q/k/v and gate/up stacked into one product each "
+                  "(as `bitconvert generate` runs it). graph = one decode step in a CUDA graph; compiled = "
+                  "torch.compile, then the same graph.", "",
+                  "| model | source | mode | bf16 tok/s | packed tok/s | speedup | packed+fused tok/s | speedup "
+                  "| bf16 peak GiB | packed peak GiB | weights bf16 / packed |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in runs:
             if "error" in r:
-                lines.append(f"| {r['model']} | error: {r['error']} | | | | | | | |")
+                lines.append(f"| {r['model']} | error: {r['error']} | | | | | | | | | |")
                 continue
+
+            def cell(variant, mode, r=r):
+                got = r.get(variant, {}).get(mode, {})
+                return f"{got['tokens_per_s']:.1f}" if "tokens_per_s" in got else got.get("error", "")[:80]
+
             for mode in DECODE_MODES:
                 b, q = r["bf16"].get(mode, {}), r["packed"].get(mode, {})
                 if not b and not q:
                     continue
-                if "tokens_per_s" not in b or "tokens_per_s" not in q:
-                    lines.append(f"| {r['model']} | {r['source']} | {mode} | {b.get('error', '')} | "
-                                 f"{q.get('error', '')} | | | | |")
-                    continue
-                lines.append(f"| {r['model']} | {r['source']} | {mode} | {b['tokens_per_s']:.1f} | "
-                             f"{q['tokens_per_s']:.1f} | {r[f'speedup_{mode}']:.2f}x | {b['peak_mem_gib']:.2f} | "
-                             f"{q['peak_mem_gib']:.2f} | {r['bf16']['weight_bytes'] / 2**20:.0f} MiB / "
+                lines.append(f"| {r['model']} | {r['source']} | {mode} | {cell('bf16', mode)} | {cell('packed', mode)} | "
+                             f"{r.get(f'speedup_{mode}', float('nan')):.2f}x | {cell('packed_fused', mode)} | "
+                             f"{r.get(f'speedup_{mode}_fused', float('nan')):.2f}x | {b.get('peak_mem_gib', float('nan')):.2f} | "
+                             f"{q.get('peak_mem_gib', float('nan')):.2f} | {r['bf16']['weight_bytes'] / 2**20:.0f} MiB / "
                              f"{r['packed']['weight_bytes'] / 2**20:.0f} MiB ({r['weight_bytes_ratio']:.2f}x) |")
         lines.append("")
     return "\n".join(lines)

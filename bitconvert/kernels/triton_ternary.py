@@ -46,9 +46,9 @@ SCALE_MODES = {"tensor": 0, "channel": 1, "group": 2}
 GEMV_MAX_M = 16  # the dp4a kernel keeps one accumulator per token: beyond this, tensor cores win
 GEMV_MAX_K = 1 << 16  # its int32 sums of 64 * code * x stay exact up to this many inputs
 FUSED_MAX_M = 8  # every program of the fused GEMV quantizes all its tokens: worth it for a few only
-# The fused GEMV passes in triton's interpreter and compiles for sm_90 but has not run on a GPU yet:
-# opt-in (BITCONVERT_FUSED_GEMV=1) until benchmarks/bench_kernels.py's check has passed on one.
-FUSED_GEMV = os.environ.get("BITCONVERT_FUSED_GEMV", "0") == "1"
+# The fused GEMV passed every check of benchmarks/bench_kernels.py on an H200 and won most batch-1
+# shapes there; BITCONVERT_FUSED_GEMV=0 takes it out of the tuner's candidates.
+FUSED_GEMV = os.environ.get("BITCONVERT_FUSED_GEMV", "1") == "1"
 WORKSPACE_ROWS = 64  # split-K is used only for at most this many tokens...
 WORKSPACE_COLS = 1 << 16  # ...and at most this many output features
 COUNTERS = 1 << 16
@@ -591,7 +591,7 @@ def candidate_configs(p: Problem) -> list[GemvConfig | GemmConfig]:
                 if bm * br * bkw > 1024 * warps:
                     continue
                 tiles = triton.cdiv(p.k // 4, bkw)
-                for stages in (3, 1):
+                for stages in (5, 3, 1):
                     for split in GEMV_SPLITS:
                         # a split needs at least two tiles, a pipeline of S stages S tiles per split
                         if not p.split_ok(split) or (split > 1 and tiles < 2 * split) or (stages > 1 and tiles < split * stages):

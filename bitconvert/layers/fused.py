@@ -1,0 +1,108 @@
+"""Packed projections that read the same input, multiplied as one matrix at inference.
+
+Decoding a token runs every linear layer once, and at batch 1 each packed product costs a kernel
+launch and a memory round trip more than its bytes: attention's q, k and v and the MLP's gate and
+up projections each read the same activations, so one product with their rows stacked does the
+work of three (or two) in one launch. This is what serving engines do with full-precision weights;
+here the stacked weight is repacked once at load time.
+
+:func:`fuse_projections` replaces each such group by views of one :class:`FusedProjections`; the
+first view called with an input computes every output, the others return theirs. Only for frozen
+inference (LoRA and training keep the separate layers).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bitconvert.layers.packed import PackedBitLinear
+from bitconvert.quant import pack_ternary, unpack_ternary
+
+# Sibling layers that modelling code calls on one and the same tensor, in the order it calls them.
+PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class FusedProjections(nn.Module):
+    """One packed product for several projections of the same input; remembers the last one.
+
+    The memory is keyed by the identity of the input tensor (and its version counter in eager
+    mode), and forgotten once every projection has taken its output, so it holds nothing between
+    forward passes and a different input is always multiplied afresh.
+    """
+
+    def __init__(self, fused: PackedBitLinear, sizes: tuple[int, ...]):
+        super().__init__()
+        self.fused, self.sizes = fused, sizes
+        self._last: tuple | None = None  # (input, version, outputs, taken flags)
+
+    def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        last = self._last
+        version = 0 if torch.compiler.is_compiling() else x._version  # dynamo cannot read versions
+        if last is None or last[0] is not x or last[1] != version or last[3][index]:
+            last = (x, version, self.fused(x).split(self.sizes, dim=-1), [False] * len(self.sizes))
+        last[3][index] = True
+        self._last = None if all(last[3]) else last
+        return last[2][index]
+
+
+class ProjectionView(nn.Module):
+    """Stands in for one fused projection: ``q_proj(x)`` is the q rows of the fused product."""
+
+    def __init__(self, group: FusedProjections, index: int, in_features: int, out_features: int):
+        super().__init__()
+        # Not a submodule: the group is registered once, on the parent, under a name of its own.
+        object.__setattr__(self, "group", group)
+        self.index, self.in_features, self.out_features = index, in_features, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.output(x, self.index)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, part {self.index} of a fused product"
+
+
+def _fusable(layers: list) -> bool:
+    first = layers[0]
+    return (all(isinstance(layer, PackedBitLinear) for layer in layers)
+            and all(layer.spec == first.spec and layer.in_features == first.in_features for layer in layers)
+            and first.spec.variant == "b1.58" and all(layer.rms_norm is None for layer in layers))
+
+
+@torch.no_grad()
+def stack_packed(layers: list[PackedBitLinear]) -> PackedBitLinear:
+    """One PackedBitLinear whose output rows are those of ``layers`` in order (per-tensor scales
+    become per-row scales, which hold the same numbers)."""
+    first = layers[0]
+    granularity = "channel" if first.spec.weight_scale == "tensor" else first.spec.weight_scale
+    spec = first.spec.model_copy(update={"weight_scale": granularity})
+    out_features = sum(layer.out_features for layer in layers)
+    has_bias = any(layer.bias is not None for layer in layers)
+    device, dtype = first.weight.device, next((l.bias.dtype for l in layers if l.bias is not None), None)
+    stacked = PackedBitLinear(first.in_features, out_features, has_bias, spec=spec, device=device, dtype=dtype)
+    stacked.weight.copy_(pack_ternary(torch.cat([unpack_ternary(layer.weight) for layer in layers])))
+    scales = [layer.weight_scale.expand(layer.out_features) if first.spec.weight_scale == "tensor"
+              else layer.weight_scale for layer in layers]
+    stacked.weight_scale.copy_(torch.cat(scales))
+    if has_bias:
+        stacked.bias.copy_(torch.cat([layer.bias if layer.bias is not None
+                                      else torch.zeros(layer.out_features, dtype=dtype, device=device)
+                                      for layer in layers]))
+    return stacked
+
+
+def fuse_projections(model: nn.Module) -> list[str]:
+    """Fuse every group of :data:`PROJECTION_GROUPS` whose layers are packed alike; returns the parents'
+    names. Idempotent: fused groups are views afterwards and are left alone."""
+    fused = []
+    for name, parent in list(model.named_modules()):
+        for group in PROJECTION_GROUPS:
+            layers = [getattr(parent, child, None) for child in group]
+            if any(layer is None for layer in layers) or not _fusable(layers):
+                continue
+            shared = FusedProjections(stack_packed(layers), tuple(layer.out_features for layer in layers))
+            parent.add_module("_".join(child.split("_")[0] for child in group) + "_fused", shared)
+            for index, (child, layer) in enumerate(zip(group, layers)):
+                setattr(parent, child, ProjectionView(shared, index, layer.in_features, layer.out_features))
+            fused.append(f"{name}.{{{','.join(group)}}}" if name else "{" + ",".join(group) + "}")
+    return fused
