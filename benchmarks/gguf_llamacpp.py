@@ -6,10 +6,12 @@ with bitconvert's on the same token ids (windows of WikiText-2 test text): top-1
 share of bitconvert's top token inside llama.cpp's top 5, KL divergence, logit correlation, and the
 perplexity each assigns. A control row does the same for the original model: transformers on the
 dequantized source GGUF against llama.cpp on that file, which is the floor of disagreement between
-the two runtimes when the weights are identical. Writes gguf_llamacpp.json and gguf_llamacpp.md.
+the two runtimes when the weights are identical. Writes gguf_llamacpp.json and gguf_llamacpp.md
+(gguf_llamacpp_trained.* after --train-minutes, with the training's metrics.jsonl).
 
     python benchmarks/gguf_llamacpp.py                         # SmolLM2-135M, post-training ternary
     python benchmarks/gguf_llamacpp.py --train-minutes 10      # short CPU distillation first
+    python benchmarks/gguf_llamacpp.py --train-minutes 30 --lr 3e-3 --windows 16  # results/gguf_llamacpp_trained.*
     python benchmarks/gguf_llamacpp.py --model path/to/export  # a (GPU-trained) packed export
 """
 
@@ -21,6 +23,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -38,7 +41,7 @@ from bitconvert.quant import QuantSpec  # noqa: E402
 from bitconvert.sources import load_model, resolve  # noqa: E402
 
 log = logging.getLogger("gguf_llamacpp")
-DATA = Path("/work/shared/data/wikitext-2")
+DATA = Path(os.environ.get("BITCONVERT_DATA", "/work/shared/data")) / "wikitext-2"
 
 
 def token_windows(tokenizer, text_file: Path, seq_len: int, windows: int) -> list[list[int]]:
@@ -163,7 +166,7 @@ def tokenization_agreement(gguf_path: Path, tokenizer, text: str) -> dict:
             "same_prefix_positions": same}
 
 
-def train_briefly(model: str, out: Path, minutes: float, spec: QuantSpec) -> Path:
+def train_briefly(model: str, out: Path, minutes: float, spec: QuantSpec, lr: float) -> Path:
     """A short CPU distillation through bitconvert's own pipeline (also exports the GGUFs via its registry)."""
     from bitconvert.api import quantize
     from bitconvert.recipes.loading import recipe_from_dict
@@ -172,13 +175,27 @@ def train_briefly(model: str, out: Path, minutes: float, spec: QuantSpec) -> Pat
         "model": model, "output": str(out), "device": "cpu",
         "convert": {"weight_scale": spec.weight_scale, "group_size": spec.group_size},
         "data": {"train": [{"path": str(DATA / "valid.txt")}], "sequence_length": 128},
-        "train": {"mode": "distill", "minutes": minutes, "batch_size": 4, "lr": 1e-3, "quant_warmup_steps": 20,
+        "train": {"mode": "distill", "minutes": minutes, "batch_size": 4, "lr": lr, "quant_warmup_steps": 20,
                   "warmup_steps": 5, "log_every": 5, "save_every": 0, "save_every_minutes": 0},
         "export": {"formats": ["packed", "gguf-tq2_0", "gguf-tq1_0"], "dtype": "float32"},
     }, [], source="benchmark")
     result = quantize(recipe)
     log.info("trained %d steps on %d tokens in %.0f s", result.train.steps, result.train.tokens, result.train.seconds)
     return out
+
+
+def file_tensor_types(path: Path, qtype: str) -> tuple[dict[str, int], list[str]]:
+    """Tensor types of a GGUF written elsewhere (by the recipe's exporters), and why some ternary ones are Q8_0."""
+    from gguf import GGUFReader
+
+    tensors = GGUFReader(path).tensors
+    kinds = [t.tensor_type.name for t in tensors]
+    # the reader gives shapes innermost first: shape[0] is the row length the TQ blocks would span
+    rows = sorted({int(t.shape[0]) for t in tensors if t.tensor_type.name == "Q8_0"})
+    note = (f"{qtype}: {kinds.count('Q8_0')} tensors with rows of {rows} inputs (not a multiple of 256) are Q8_0 "
+            f"instead of {qtype.upper()} (lossless for ternary codes)")
+    notes = [note] if rows else []
+    return {t: kinds.count(t) for t in sorted(set(kinds))}, notes
 
 
 def markdown(results: dict) -> str:
@@ -222,6 +239,7 @@ def main() -> None:
     parser.add_argument("--weight-scale", default="channel", choices=["tensor", "channel", "group"])
     parser.add_argument("--group-size", type=int, default=256)
     parser.add_argument("--train-minutes", type=float, default=0.0, help="CPU distillation before export (0 = none)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of that distillation")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
@@ -245,9 +263,11 @@ def main() -> None:
         how = "packed export"
         files = {}
     elif args.train_minutes > 0:
-        export = train_briefly(args.model, work / "trained", args.train_minutes, spec)
+        export = train_briefly(args.model, work / "trained", args.train_minutes, spec, args.lr)
         model, tokenizer = load_ternary(export)
-        how = f"{args.train_minutes:g} min CPU distillation on WikiText-2 valid"
+        # the original is the control row and says how far the short training got
+        original, _ = load_model(args.model)
+        how = f"{args.train_minutes:g} min CPU distillation on WikiText-2 valid, lr {args.lr:g}"
         files = {q: export / gguf_filename(q) for q in ("tq2_0", "tq1_0")}  # written by the recipe's exporters
     else:
         original, tokenizer = load_model(args.model)
@@ -274,10 +294,8 @@ def main() -> None:
             for reason, names in report.fallbacks.items():
                 notes.append(f"{qtype}: {len(names)} tensors: {reason}")
         else:
-            from gguf import GGUFReader
-
-            kinds = [t.tensor_type.name for t in GGUFReader(path).tensors]
-            types = {t: kinds.count(t) for t in sorted(set(kinds))}
+            types, fallbacks = file_tensor_types(path, qtype)
+            notes += fallbacks
         theirs, timing = llama_cpp_logits(path, windows, args.threads, args.decode_tokens)
         rows.append({"name": f"bitconvert (int8 per-token activations) vs GGUF {qtype.upper()}",
                      "mib": path.stat().st_size / 2**20, "tensor_types": types,
@@ -322,6 +340,8 @@ def main() -> None:
     stem += "_export" if source.kind == "ternary" else ""
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(results))
+    if args.train_minutes > 0:  # the loss curve is the evidence of how far the short training got
+        shutil.copyfile(export / "training" / "metrics.jsonl", args.out / f"{stem}_metrics.jsonl")
     print(markdown(results))
 
 
