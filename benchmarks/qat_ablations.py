@@ -2,12 +2,27 @@
 
 Every configuration starts from the same original model, trains by distillation on WikiText-2
 valid.txt for the same number of seconds, and is scored by perplexity on WikiText-2 test.txt
-(non-overlapping 512-token blocks, the same blocks for the original). Prints a table and writes
-``qat_ablations.json`` (with per-configuration curves) under --out.
+(non-overlapping blocks, the same blocks for the original) and lm-eval PIQA. Prints a table and
+writes ``<report>.json`` (per-configuration curves and timings) and ``<report>.md`` under --out
+after every configuration, so that a call cut short keeps what it measured.
 
-    python benchmarks/qat_ablations.py --model /root/m/smollm2.gguf --data .data/wikitext-2 \
-        --seconds 40 --configs reference,tensor_scale,no_quant_warmup --out $OUT
-    python benchmarks/qat_ablations.py ... --throughput   # eager vs fused quantizers vs compiled model
+Round 1 (``--round 1``, report qat_ablations): one change at a time against the calibration runs'
+recipe. Round 2 (``--round 2``, report qat_round2): the reference is the convert and train sections
+of recipes/smollm2-gpu.yaml; one row draws half its blocks from a fresh teacher-text mix that the
+static-cache sampler writes once, up front, for every row that uses it (its time is reported apart).
+``--deadline`` (Unix seconds) skips the configurations that would not finish before it.
+
+    python benchmarks/qat_ablations.py --model /root/m/smol-hf --data .data/wikitext-2 --round 2 \
+        --seconds 22 --deadline $(( $(date +%s) + 400 )) --out $OUT
+    python benchmarks/qat_ablations.py ... --configs "" --throughput --throughput-settings sampling
+    python benchmarks/qat_ablations.py ... --configs "" --throughput \
+        --throughput-settings eager,compiled_model,compiled_blocks --report-name qat_step_compile
+
+Throughput settings (each measured on its own, failures recorded, not fatal): ``sampling`` (teacher
+text: transformers' generate() vs the decode loop, eager and CUDA graph, same batch and length),
+``eager`` / ``compiled_quantizers`` (the two fake quantizers under torch.compile, round 1's
+comparison) / ``compiled_blocks`` (each decoder block torch.compiled) / ``compiled_model``
+(``train.compile: true``: the whole student torch.compiled by the loop): distillation tokens/s.
 """
 
 from __future__ import annotations
@@ -18,9 +33,11 @@ import gc
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -29,11 +46,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bitconvert.convert import convert_to_bitnet  # noqa: E402
 from bitconvert.recipes.loading import recipe_from_dict  # noqa: E402
+from bitconvert.recipes.schema import GenerateSource, Recipe  # noqa: E402
 from bitconvert.sources import load_model  # noqa: E402
-from bitconvert.train.data import build_training_data  # noqa: E402
+from bitconvert.train.data import (  # noqa: E402
+    build_training_data,
+    eos_token_ids,
+    generate_texts,
+    generation_top_k,
+    prompts_from_file,
+    sample_continuations,
+    truncate_at_eos,
+)
 from bitconvert.train.loop import held_out_loss, train  # noqa: E402
+from bitconvert.utils.io import atomic_write_text  # noqa: E402
 
-# The reference: the best recipe known before these ablations (calibration notes), one change per row below.
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-gpu.yaml"
+
+# Round 1's reference: the best recipe known before these ablations (calibration notes), one change per row below.
 REFERENCE = {
     "convert": {"weight_scale": "channel"},
     "train": {"mode": "distill", "batch_size": 32, "lr": 1e-3, "schedule": "cosine", "warmup_steps": 20,
@@ -59,8 +88,26 @@ ABLATIONS: dict[str, dict] = {
     "teacher_text_mix": {"data": {"generate_mix": 0.3}},
 }
 
+# Round 2, in priority order (a deadline drops the tail). Two keys are the benchmark's own:
+# data.teacher_mix (share of blocks from the shared fresh teacher text) and convert.keep_edge_blocks
+# (the first and last decoder block stay in full precision, whatever the model's depth).
+ROUND2_ABLATIONS: dict[str, dict] = {
+    "reference": {},
+    "teacher_mix_fresh": {"data": {"teacher_mix": 0.5}},
+    "group64_scale": {"convert": {"weight_scale": "group", "group_size": 64}},
+    "keep_edge_blocks": {"convert": {"keep_edge_blocks": True}},
+    "lr_4e-3": {"train": {"lr": 4e-3}},
+    "batch_64": {"train": {"batch_size": 64}},
+    "min_lr_0": {"train": {"min_lr_ratio": 0.0}},
+    "weight_decay_0.1": {"train": {"weight_decay": 0.1}},
+    # Not in the default list: quant_strength is max(step / warmup, 2 x progress), so under ~400
+    # steps (every short row) 100 and 200 warmup steps give the same schedule. Run it in long calls.
+    "quant_warmup_200": {"train": {"quant_warmup_steps": 200}},
+}
+ROUND2_DEFAULT = [name for name in ROUND2_ABLATIONS if name != "quant_warmup_200"]
 
-FULL_PRECISION_ABLATIONS = {"keep_edge_blocks"}
+# What the benchmark changes in every row: budget, logging, no mid-run checkpoints.
+ROW_TRAIN = {"log_every": 5, "save_every": 0, "save_every_minutes": 0}
 
 
 def merge(base: dict, change: dict) -> dict:
@@ -70,36 +117,69 @@ def merge(base: dict, change: dict) -> dict:
     return out
 
 
-def recipe_for(name: str, args) -> "Recipe":  # noqa: F821
-    spec = merge(REFERENCE, ABLATIONS[name])
-    mix = spec.get("data", {}).pop("generate_mix", None)
+def recipe_reference(path: Path = RECIPE) -> dict:
+    """The convert and train sections of a recipe file (its data section is the benchmark's)."""
+    import yaml
+
+    recipe = yaml.safe_load(path.read_text())
+    train = {k: v for k, v in recipe.get("train", {}).items() if k not in ("minutes", "steps", "tokens", "eval_every")}
+    return {"convert": recipe.get("convert", {}), "train": {**train, **ROW_TRAIN}}
+
+
+def round_settings(number: int) -> tuple[dict, dict[str, dict], list[str], str]:
+    """(reference, ablations, default configuration list, report name) of one round."""
+    if number == 1:
+        return REFERENCE, ABLATIONS, list(ABLATIONS), "qat_ablations"
+    return recipe_reference(), ROUND2_ABLATIONS, ROUND2_DEFAULT, "qat_round2"
+
+
+def spec_for(name: str, args) -> dict:
+    """The recipe dict of one configuration (before validation)."""
+    spec = merge(args.reference, args.ablations[name])
+    data_change = spec.pop("data", {})
+    if spec["convert"].pop("keep_edge_blocks", False):
+        spec["convert"]["skip"] = [rf"model\.layers\.(0|{args.num_layers - 1})\..*"]
     sources = [{"path": str(args.data / "valid.txt")}]
-    if mix:
-        # The teacher continues the first 32 tokens of WikiText lines: fresh in-domain text. One large
-        # batch, since sampling a 135M model is launch-bound (batch 64 ran at ~1.8K tokens/s on an H100).
+    if data_change.get("generate_mix"):
+        # Round 1: the teacher continues the first 32 tokens of WikiText lines inside the row.
+        mix = data_change["generate_mix"]
         sources.append({"generate": {"tokens": args.generate_tokens, "sequence_length": args.sequence_length,
                                      "batch_size": 512, "prompts_from": str(args.data / "valid.txt")},
                         "weight": mix / (1 - mix)})
+    if data_change.get("teacher_mix"):
+        if args.mix_file is None or not args.mix_file.is_file():
+            raise RuntimeError("no fresh teacher text: the up-front sampling did not run or wrote nothing")
+        mix = data_change["teacher_mix"]
+        sources.append({"path": str(args.mix_file), "weight": mix / (1 - mix)})
     spec["data"] = {"train": sources, "eval": {"path": str(args.data / "test.txt")},
                     "sequence_length": args.sequence_length}
     spec["model"] = str(args.model)
     spec["train"]["minutes"] = args.seconds / 60
     spec["train"]["eval_every"] = args.eval_every
-    return recipe_from_dict(spec, source=f"ablation {name}")
+    return spec
 
 
-def warm_up(student, data, device) -> None:
-    """One forward/backward outside the clock: the fused quantizers compile for this layer layout
-    here, so that no configuration pays compile time out of its training budget."""
+def recipe_for(name: str, args) -> Recipe:
+    return recipe_from_dict(spec_for(name, args), source=f"ablation {name}")
+
+
+def is_settable(name: str, args) -> bool:
+    """Expressible as `--set` overrides of the recipe (a data-list change is not)."""
+    return "data" not in args.ablations[name] and not args.ablations[name].get("convert", {}).get("keep_edge_blocks")
+
+
+def warm_up(student, data, device, batch_size: int = 2) -> None:
+    """One forward/backward outside the clock: the fused quantizers (and compiled blocks) compile for
+    this layer layout here, so that no configuration pays compile time out of its training budget."""
     student.to(device).train()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        student(input_ids=data.batch(0, 2).to(device)).logits.float().mean().backward()
+        student(input_ids=data.batch(0, batch_size).to(device)).logits.float().mean().backward()
     student.zero_grad(set_to_none=True)
     student.to("cpu")
 
 
 def piqa_accuracy(model, tokenizer, args) -> float | None:
-    """lm-eval's PIQA prompt (bitconvert's piqa_local on ../shared/data/piqa) on an in-memory model."""
+    """lm-eval's PIQA prompt (bitconvert's piqa_local on <data>/../piqa) on an in-memory model."""
     if not args.piqa_limit:
         return None
     from lm_eval.evaluator import simple_evaluate
@@ -118,7 +198,28 @@ def piqa_accuracy(model, tokenizer, args) -> float | None:
     return results["results"]["piqa_local"]["acc,none"]
 
 
+def scored_piqa(model, tokenizer, args) -> tuple[float | None, str | None]:
+    """PIQA accuracy, or None and the error: a harness failure must not cost a row its perplexity."""
+    try:
+        return piqa_accuracy(model, tokenizer, args), None
+    except Exception as err:
+        print(f"  PIQA failed: {error_text(err)}", flush=True)
+        return None, error_text(err)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0.0
+
+
 def run_config(name, args, original, teacher, tokenizer, accelerator_factory) -> dict:
+    wall = time.perf_counter()
     recipe = recipe_for(name, args)
     accelerator = accelerator_factory()
     student = copy.deepcopy(original)
@@ -126,160 +227,449 @@ def run_config(name, args, original, teacher, tokenizer, accelerator_factory) ->
     started = time.perf_counter()
     data = build_training_data(recipe.data, tokenizer, seed=0, cache_dir=args.work / "data", teacher=teacher,
                                device=accelerator.device)
+    if args.eval_blocks:
+        data.eval_blocks = data.eval_blocks[: args.eval_blocks]
     data_seconds = time.perf_counter() - started
     warm_up(student, data, accelerator.device)
+    started = time.perf_counter()
     result = train(student, teacher, data, recipe.train, args.work / name, accelerator=accelerator, eval_batch_size=32)
+    train_wall = time.perf_counter() - started
     rows = result.metrics
     speeds = [r["tokens_per_second"] for r in rows if "tokens_per_second" in r][2:]
     curve = [(r["tokens"], r["eval_ppl"]) for r in rows if "eval_ppl" in r]
     started = time.perf_counter()
-    piqa = piqa_accuracy(accelerator.unwrap_model(result.model), tokenizer, args)
+    piqa, piqa_error = scored_piqa(accelerator.unwrap_model(result.model), tokenizer, args)
     piqa_seconds = time.perf_counter() - started
-    out = {"name": name, "change": ABLATIONS[name], "steps": result.steps, "tokens": result.tokens,
+    out = {"name": name, "change": args.ablations[name], "all_ternary": not recipe.convert.skip,
+           "settable": is_settable(name, args), "steps": result.steps, "tokens": result.tokens,
            "seconds": result.seconds, "data_seconds": round(data_seconds, 1),
+           "eval_and_checkpoint_seconds": round(train_wall - result.seconds, 1),
            "tokens_per_second": statistics.median(speeds) if speeds else None,
-           "converted_layers": len(report.converted), "piqa_acc": piqa, "piqa_seconds": round(piqa_seconds, 1),
-           "final_ppl": curve[-1][1] if curve else None, "curve": curve}
-    del student, accelerator, result
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+           "converted_layers": len(report.converted), "kept_full_precision": len(report.skipped),
+           "pool_blocks": len(data.pool), "piqa_acc": piqa, "piqa_seconds": round(piqa_seconds, 1),
+           **({"piqa_error": piqa_error} if piqa_error else {}),
+           "peak_gib": peak_gib(), "final_ppl": curve[-1][1] if curve else None, "curve": curve}
+    del student, accelerator, result, data
+    shutil.rmtree(args.work / name, ignore_errors=True)  # ~2 GB of checkpoint per row
+    free_memory()
+    out["wall_seconds"] = round(time.perf_counter() - wall, 1)
     return out
 
 
-def throughput(args, original, teacher, tokenizer, accelerator_factory) -> list[dict]:
-    """Tokens/s of one distillation step with eager quantizers and with both quantizers compiled."""
+# --------------------------------------------------------------------------- throughput
+
+def sampling_throughput(teacher, tokenizer, args, device) -> list[dict]:
+    """Teacher-text tokens/s at one batch and length: transformers' generate() against the decode
+    loop (eager, then CUDA graph), the same prompts (WikiText lines) and sampling settings. The
+    teacher's mean NLL of each sampler's tokens checks that they draw from the same distribution."""
+    batch, new = args.sampling_batch, args.sampling_new_tokens
+    config = GenerateSource(tokens=batch * new, sequence_length=new, batch_size=batch,
+                            prompts_from=str(args.data / "valid.txt"))
+    table = prompts_from_file(config, tokenizer, seed=0)
+    prompts = table[torch.arange(batch) % len(table)].to(device)
+    eos = eos_token_ids(teacher, tokenizer)
+    top_k = generation_top_k(teacher)
+
+    def with_generate(new_tokens: int):
+        out = teacher.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                               temperature=config.temperature, top_p=config.top_p, max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens // 4, pad_token_id=tokenizer.pad_token_id)
+        return out[:, prompts.shape[1]:], None
+
+    def with_loop(graph: bool):
+        def run(new_tokens: int):
+            sampled = sample_continuations(teacher, prompts, new_tokens=new_tokens, min_new_tokens=new_tokens // 4,
+                                           temperature=config.temperature, top_k=top_k, top_p=config.top_p,
+                                           eos_token_ids=eos, seed=1, cuda_graph=graph)
+            return sampled.tokens, sampled.used_cuda_graph
+        return run
+
+    results = []
+    for label, run in (("generate()", with_generate), ("decode loop, eager", with_loop(False)),
+                       ("decode loop, CUDA graph", with_loop(True))):
+        row = {"setting": f"sampling: {label}", "batch": batch, "new_tokens": new, "prompt_tokens": prompts.shape[1]}
+        try:
+            run(8)  # warm-up: kernels, cuBLAS handles, the graph path's capture machinery
+            free_memory()
+            synchronize(device)
+            started = time.perf_counter()
+            tokens, graph = run(new)
+            synchronize(device)
+            seconds = time.perf_counter() - started
+            row.update(seconds=round(seconds, 2), tokens_per_second=batch * tokens.shape[1] / seconds,
+                       peak_gib=peak_gib(), teacher_nll=round(sample_nll(teacher, prompts, tokens, eos), 4),
+                       mean_tokens_before_eos=round(statistics.mean(map(len, truncate_at_eos(tokens.cpu(), eos))), 1))
+            if graph is not None:
+                row["used_cuda_graph"] = graph
+        except Exception as err:  # recorded, the benchmark goes on
+            row["error"] = error_text(err)
+        results.append(row)
+        print(f"  {row['setting']:34s} " + (f"{row['tokens_per_second']:>10,.0f} tok/s  nll {row['teacher_nll']:.3f}"
+                                            if "error" not in row else f"failed: {row['error'][:200]}"), flush=True)
+        free_memory()
+    return results
+
+
+@torch.no_grad()
+def sample_nll(model, prompts: torch.Tensor, tokens: torch.Tensor, eos_ids: list[int], rows: int = 64) -> float:
+    """Mean negative log-likelihood under ``model`` of the sampled tokens before each row's EOS."""
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    for i, row in enumerate(truncate_at_eos(tokens.cpu(), eos_ids)):
+        keep[i, len(row):] = False
+    total, count = 0.0, 0
+    for start in range(0, len(tokens), rows):
+        ids = torch.cat([prompts[start:start + rows], tokens[start:start + rows]], dim=1)
+        logits = model(input_ids=ids, use_cache=False).logits[:, prompts.shape[1] - 1:-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[start:start + rows], reduction="none")
+        mask = keep[start:start + rows].to(nll.device)
+        total += nll[mask].sum().item()
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+STEP_SETTINGS = ("eager", "compiled_quantizers", "compiled_blocks", "compiled_model")
+
+
+def step_throughput(setting: str, args, original, teacher, tokenizer, accelerator_factory) -> dict:
+    """Distillation tokens/s of the reference configuration with one compile setting."""
     import bitconvert.layers.bitlinear as bl
 
     recipe = recipe_for("reference", args)
     data = build_training_data(recipe.data, tokenizer, seed=0, cache_dir=args.work / "data")
-    results = []
+    data.eval_blocks = None
+    cfg = recipe.train.model_copy(update={"minutes": None, "steps": args.throughput_steps, "eval_every": 0,
+                                          "log_every": 1, "compile": setting == "compiled_model"})
     eager = (bl.activation_ste, bl.weight_ste)
-    compiled = (torch.compile(bl.activation_ste, dynamic=True), torch.compile(bl.weight_ste, dynamic=True))
-    for label, (act, weight) in (("eager quantizers", eager), ("compiled quantizers", compiled)):
-        bl.activation_ste, bl.weight_ste = act, weight  # BitLinear looks these up at call time
-        cfg = recipe.train.model_copy(update={"minutes": None, "steps": args.throughput_steps, "eval_every": 0,
-                                              "log_every": 1})
+    if setting == "compiled_quantizers":
+        bl.activation_ste = torch.compile(bl.activation_ste, dynamic=True)  # BitLinear looks these up per call
+        bl.weight_ste = torch.compile(bl.weight_ste, dynamic=True)
+    try:
         accelerator = accelerator_factory()
         student = copy.deepcopy(original)
         convert_to_bitnet(student, recipe.convert.quant_spec())
-        warm_up(student, data, accelerator.device)
-        nodata = copy.copy(data)
-        nodata.eval_blocks = None
-        result = train(student, teacher, nodata, cfg, args.work / f"tp-{len(results)}", accelerator=accelerator)
-        speeds = [r["tokens_per_second"] for r in result.metrics if "tokens_per_second" in r][3:]
-        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-        results.append({"setting": label, "tokens_per_second": statistics.median(speeds), "peak_gib": round(peak, 2)})
-        print(f"  {label:26s} {results[-1]['tokens_per_second']:>10,.0f} tok/s  peak {peak:.1f} GiB", flush=True)
+        if setting == "compiled_blocks":
+            for block in decoder_blocks(student):
+                block.compile()
+        started = time.perf_counter()
+        # at the training batch size: compiled code is specialised to the shapes it first sees
+        warm_up(student, data, accelerator.device, batch_size=cfg.batch_size)
+        warm_seconds = time.perf_counter() - started
+        result = train(student, teacher, data, cfg, args.work / f"tp-{setting}", accelerator=accelerator)
+        rows = [r for r in result.metrics if "tokens_per_second" in r]
+        speeds = [r["tokens_per_second"] for r in rows][3:]
+        out = {"setting": setting, "tokens_per_second": statistics.median(speeds), "steps": result.steps,
+               "batch": cfg.batch_size, "sequence_length": data.sequence_length, "peak_gib": peak_gib(),
+               "warm_up_seconds": round(warm_seconds, 1), "first_step_seconds": round(rows[0]["elapsed"], 2),
+               "final_loss": rows[-1].get("loss")}
         del student, accelerator, result
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-    bl.activation_ste, bl.weight_ste = eager
-    return results
+    finally:
+        bl.activation_ste, bl.weight_ste = eager
+        shutil.rmtree(args.work / f"tp-{setting}", ignore_errors=True)
+        free_memory()
+    return out
+
+
+def decoder_blocks(model) -> torch.nn.ModuleList:
+    """The repeated decoder blocks (``model.layers`` in Llama-style models)."""
+    inner = getattr(model, "model", None)
+    blocks = getattr(inner, "layers", None)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no model.layers to compile block by block")
+    return blocks
+
+
+# --------------------------------------------------------------------------- fresh teacher text
+
+def sample_teacher_mix(teacher, tokenizer, args, device, deadline: float | None) -> dict:
+    """Up to --mix-tokens of teacher text continuing WikiText lines, written once to a jsonl that every
+    row with data.teacher_mix reads. Batch by batch, stopping before one would pass --mix-seconds or
+    the deadline; each batch has its own seed, so no two draw the same continuations."""
+    per_batch = args.mix_batch_size * args.sequence_length
+    wanted = max(1, math.ceil(args.mix_tokens / per_batch))
+    texts: list[str] = []
+    times: list[float] = []
+    for batch in range(wanted):
+        if times and (sum(times) + max(times) > args.mix_seconds
+                      or (deadline is not None and time.time() + max(times) > deadline)):
+            break
+        config = GenerateSource(tokens=per_batch, sequence_length=args.sequence_length,
+                                batch_size=args.mix_batch_size, prompts_from=str(args.data / "valid.txt"))
+        started = time.perf_counter()
+        texts.extend(generate_texts(teacher, tokenizer, config, seed=args.mix_seed + batch, device=device))
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    args.mix_file = args.work / "teacher_mix.jsonl"
+    atomic_write_text(args.mix_file, "".join(json.dumps({"text": t}) + "\n" for t in texts))
+    sampled = len(times) * per_batch
+    return {"tokens_sampled": sampled, "texts": len(texts), "batches": len(times), "batches_wanted": wanted,
+            "batch_size": args.mix_batch_size, "new_tokens_per_text": args.sequence_length,
+            "seconds": round(sum(times), 1), "tokens_per_second": sampled / sum(times) if times else None}
+
+
+# --------------------------------------------------------------------------- main
+
+def error_text(err: BaseException) -> str:
+    where = traceback.extract_tb(err.__traceback__)[-3:]
+    return f"{type(err).__name__}: {err} (at " + " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(where)) + ")"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("BITCONVERT_DATA", ".data")) / "wikitext-2")
-    parser.add_argument("--seconds", type=float, default=40)
-    parser.add_argument("--eval-every", type=int, default=40)
-    parser.add_argument("--configs", default=",".join(ABLATIONS))
-    parser.add_argument("--generate-tokens", type=int, default=262_144)
+    parser.add_argument("--round", type=int, choices=(1, 2), default=1, help="which set of configurations")
+    parser.add_argument("--seconds", type=float, default=40, help="training seconds per configuration")
+    parser.add_argument("--eval-every", type=int, default=40, help="steps between held-out checks (0: end only)")
+    parser.add_argument("--configs", default=None, help="comma list (default: the round's list)")
+    parser.add_argument("--generate-tokens", type=int, default=262_144, help="round 1's teacher_text_mix row")
     parser.add_argument("--piqa-limit", type=int, default=-1,
                         help="PIQA items scored per configuration (lm-eval piqa_local; -1 = all 1838, 0 = skip)")
+    parser.add_argument("--eval-blocks", type=int, default=0, help="score only the first N test blocks (smoke runs)")
+    parser.add_argument("--deadline", type=float, help="Unix time by which the call must be done: later rows are skipped")
+    parser.add_argument("--row-overhead", type=float, default=20.0,
+                        help="seconds a row needs beyond its training budget, until a row has been measured")
+    parser.add_argument("--mix-tokens", type=int, default=4 * 1024 * 512, help="fresh teacher text for data.teacher_mix")
+    parser.add_argument("--mix-seconds", type=float, default=60, help="most seconds spent sampling it")
+    parser.add_argument("--mix-batch-size", type=int, default=1024)
+    parser.add_argument("--mix-seed", type=int, default=1000)
     parser.add_argument("--throughput", action="store_true")
+    parser.add_argument("--throughput-settings", default="eager,compiled_quantizers",
+                        help=f"comma list of sampling,{','.join(STEP_SETTINGS)}")
     parser.add_argument("--throughput-steps", type=int, default=12)
+    parser.add_argument("--sampling-batch", type=int, default=1024)
+    parser.add_argument("--sampling-new-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
+    parser.add_argument("--report-name", help="file stem of the report (default: qat_ablations or qat_round2)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/qat-ablations"))
     parser.add_argument("--device", default="cuda", help="cpu only for a smoke test with a tiny model")
-    parser.add_argument("--previous", type=Path, help="qat_ablations.json of an earlier call (same model and data): "
+    parser.add_argument("--previous", type=Path, help="report of an earlier call (same model and data): "
                         "its rows join this call's table and the choice of the winner")
     parser.add_argument("--winner-sets", type=Path, help="write the best configuration as `--set key=value` lines")
     parser.add_argument("--sequence-length", type=int, default=512)
-    parser.add_argument("--render", type=Path, help="only rewrite the markdown table of this qat_ablations.json")
+    parser.add_argument("--render", type=Path, help="only rewrite the markdown table of this report json")
     args = parser.parse_args()
     if args.render:
         report = json.loads(args.render.read_text())
-        (args.render.parent / "qat_ablations.md").write_text("# QAT ablations\n\n" + table(report))
+        args.render.with_suffix(".md").write_text(f"# {title(report)}\n\n" + table(report))
         print(table(report))
         return
+    run(args)
+
+
+def run(args) -> None:
+    started_at = time.time()
+    args.reference, args.ablations, default_configs, default_name = round_settings(args.round)
+    args.report_name = args.report_name or default_name
+    configs = default_configs if args.configs is None else [c for c in args.configs.split(",") if c]
+    unknown = [c for c in configs if c not in args.ablations]
+    if unknown:
+        sys.exit(f"unknown configurations {unknown}; round {args.round} has {list(args.ablations)}")
+    settings = [s for s in args.throughput_settings.split(",") if s] if args.throughput else []
     args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.mix_file = None
     from accelerate import Accelerator
 
     on_gpu = args.device == "cuda"
+    device = torch.device(args.device)
 
     def accelerator_factory():
         return Accelerator(mixed_precision="bf16" if on_gpu else "no", cpu=not on_gpu)
 
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
     original, tokenizer = load_model(args.model, dtype=torch.float32, device="cpu")
+    args.num_layers = original.config.num_hidden_layers
     teacher = copy.deepcopy(original).to(device=args.device, dtype=torch.bfloat16 if on_gpu else torch.float32).eval()
-    eval_blocks = build_training_data(recipe_for("reference", args).data, tokenizer, seed=0,
-                                      cache_dir=args.work / "data").eval_blocks
-    teacher_ppl = math.exp(held_out_loss(teacher, eval_blocks, 32, accelerator_factory()))
-    print(f"original perplexity on WikiText-2 test ({len(eval_blocks)} blocks of 512): {teacher_ppl:.2f}", flush=True)
-    teacher_piqa = piqa_accuracy(teacher, tokenizer, args)
-    if teacher_piqa is not None:
-        print(f"original PIQA acc ({args.piqa_limit if args.piqa_limit > 0 else 'all'} items): {teacher_piqa:.4f}", flush=True)
-    report = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
-              "seconds_per_config": args.seconds, "original_piqa": teacher_piqa, "piqa_limit": args.piqa_limit,
-              "reference": REFERENCE, "original_ppl": teacher_ppl, "eval_blocks": len(eval_blocks), "configs": []}
+    timings["load_seconds"] = round(time.perf_counter() - clock, 1)
+    import transformers
+
+    report = {"round": args.round, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "model": str(args.model), "seconds_per_config": args.seconds, "piqa_limit": args.piqa_limit,
+              "sequence_length": args.sequence_length, "reference": args.reference, "original_ppl": None,
+              "original_piqa": None, "eval_blocks": None, "configs": [], "throughput": [], "timings": timings,
+              "deadline": args.deadline, "started_at": started_at}
+    if configs:  # the original's scores: the yardstick of every row
+        clock = time.perf_counter()
+        eval_blocks = build_training_data(recipe_for("reference", args).data, tokenizer, seed=0,
+                                          cache_dir=args.work / "data").eval_blocks
+        eval_blocks = eval_blocks[: args.eval_blocks] if args.eval_blocks else eval_blocks
+        report["eval_blocks"] = len(eval_blocks)
+        report["original_ppl"] = math.exp(held_out_loss(teacher, eval_blocks, 32, accelerator_factory()))
+        print(f"original perplexity on WikiText-2 test ({len(eval_blocks)} blocks of {args.sequence_length}): "
+              f"{report['original_ppl']:.2f}", flush=True)
+        report["original_piqa"], piqa_error = scored_piqa(teacher, tokenizer, args)
+        if piqa_error:
+            report["original_piqa_error"] = piqa_error
+        if report["original_piqa"] is not None:
+            print(f"original PIQA acc ({args.piqa_limit if args.piqa_limit > 0 else 'all'} items): "
+                  f"{report['original_piqa']:.4f}", flush=True)
+        timings["original_scores_seconds"] = round(time.perf_counter() - clock, 1)
     if args.previous:
         earlier = json.loads(args.previous.read_text())
-        if abs(earlier["original_ppl"] - teacher_ppl) > 1e-3 * teacher_ppl:
+        if report["original_ppl"] and abs(earlier["original_ppl"] - report["original_ppl"]) > 1e-3 * report["original_ppl"]:
             sys.exit(f"--previous {args.previous} scored the original at {earlier['original_ppl']:.3f}, this call at "
-                     f"{teacher_ppl:.3f}: not the same model or data")
+                     f"{report['original_ppl']:.3f}: not the same model or data")
         report["configs"] = earlier["configs"]
-        report["throughput"] = earlier.get("throughput")
-        report["original_piqa"] = report["original_piqa"] if teacher_piqa is not None else earlier.get("original_piqa")
-    if args.throughput:
-        report["throughput"] = throughput(args, original, teacher, tokenizer, accelerator_factory)
-    for name in [c for c in args.configs.split(",") if c]:
-        row = run_config(name, args, original, teacher, tokenizer, accelerator_factory)
+        report["throughput"] = earlier.get("throughput") or []
+        report["original_piqa"] = report["original_piqa"] if report["original_piqa"] is not None else earlier.get("original_piqa")
+    save(report, args)
+
+    for setting in settings:
+        clock = time.perf_counter()
+        if setting == "sampling":
+            try:  # each sampler records its own failure; this catches the set-up (prompts) only
+                report["throughput"] += sampling_throughput(teacher, tokenizer, args, device)
+            except Exception as err:
+                report["throughput"].append({"setting": "sampling", "error": error_text(err)})
+                print(f"  sampling failed: {report['throughput'][-1]['error']}", flush=True)
+        elif setting in STEP_SETTINGS:
+            # Written before it runs: a measurement that a time limit kills still shows up.
+            report["throughput"].append({"setting": setting, "error": "did not finish (killed by a time limit?)"})
+            save(report, args)
+            try:
+                row = step_throughput(setting, args, original, teacher, tokenizer, accelerator_factory)
+                print(f"  {setting:34s} {row['tokens_per_second']:>10,.0f} tok/s  peak {row['peak_gib']:.1f} GiB  "
+                      f"first step {row['first_step_seconds']:.1f} s", flush=True)
+            except Exception as err:
+                row = {"setting": setting, "error": error_text(err)}
+                print(f"  {setting:34s} failed: {row['error'][:300]}", flush=True)
+            report["throughput"][-1] = row
+        else:
+            report["throughput"].append({"setting": setting, "error": f"unknown setting; known: sampling, {STEP_SETTINGS}"})
+        timings[f"throughput_{setting}_seconds"] = round(time.perf_counter() - clock, 1)
+        save(report, args)
+
+    if any(args.ablations[c].get("data", {}).get("teacher_mix") for c in configs):
+        clock = time.perf_counter()
+        try:
+            report["teacher_mix"] = sample_teacher_mix(teacher, tokenizer, args, device, args.deadline)
+            mix = report["teacher_mix"]
+            print(f"fresh teacher text: {mix['tokens_sampled']:,} tokens in {mix['seconds']} s "
+                  f"({mix['tokens_per_second'] or 0:,.0f} tokens/s, {mix['batches']} of {mix['batches_wanted']} batches)",
+                  flush=True)
+        except Exception as err:
+            report["teacher_mix"] = {"error": error_text(err)}
+            print(f"fresh teacher text failed: {report['teacher_mix']['error']}", flush=True)
+        timings["teacher_mix_seconds"] = round(time.perf_counter() - clock, 1)
+        save(report, args)
+
+    overheads: list[float] = []  # seconds each finished row took beyond its training budget
+    for name in configs:
+        # the recent rows' overhead, plus a margin: the first row also pays one-off kernel compiles
+        overhead = statistics.median(overheads[-3:]) + 3 if overheads else args.row_overhead
+        if args.deadline is not None:
+            left = args.deadline - time.time()
+            if left < args.seconds + overhead:
+                report["configs"].append({"name": name, "change": args.ablations[name],
+                                          "skipped": f"deadline: needs ~{args.seconds + overhead:.0f} s, {left:.0f} s left"})
+                print(f"  {name:18s} skipped ({report['configs'][-1]['skipped']})", flush=True)
+                save(report, args)
+                continue
+        try:
+            row = run_config(name, args, original, teacher, tokenizer, accelerator_factory)
+            overheads.append(row["wall_seconds"] - args.seconds)
+            print(f"  {name:18s} steps {row['steps']:>5d}  tokens {row['tokens']:>10,d}  "
+                  f"{row['tokens_per_second'] or 0:>9,.0f} tok/s  ppl {row['final_ppl']:.2f} "
+                  f"({row['final_ppl'] / report['original_ppl']:.2f}x)  piqa {fmt(row.get('piqa_acc'))}  "
+                  f"wall {row['wall_seconds']:.0f} s", flush=True)
+        except Exception as err:  # one broken configuration must not cost the others
+            row = {"name": name, "change": args.ablations[name], "error": error_text(err)}
+            print(f"  {name:18s} failed: {row['error']}", flush=True)
+            free_memory()
         report["configs"].append(row)
-        print(f"  {name:18s} steps {row['steps']:>5d}  tokens {row['tokens']:>10,d}  "
-              f"{row['tokens_per_second'] or 0:>9,.0f} tok/s  ppl {row['final_ppl']:.2f} "
-              f"({row['final_ppl'] / teacher_ppl:.2f}x)  piqa {fmt(row.get('piqa_acc'))}", flush=True)
-        save(report, args.out)
+        save(report, args)
+    timings["total_seconds"] = round(time.time() - started_at, 1)
+    save(report, args)
     print("\n" + table(report))
-    save(report, args.out)
-    if args.winner_sets and report["configs"]:
+    measured = [row for row in report["configs"] if row.get("final_ppl") is not None]
+    if args.winner_sets and measured:
         best = winner(report)
         lines = [f"--set {key}={value}" for key, value in flatten(best["change"]).items()]
         args.winner_sets.write_text(" ".join(lines) + "\n")
         print(f"winner: {best['name']} -> {' '.join(lines) or '(the reference)'}")
 
 
+def measured_rows(report: dict) -> list[dict]:
+    return [row for row in report["configs"] if row.get("final_ppl") is not None]
+
+
 def winner(report: dict) -> dict:
     """Only configurations that keep every linear ternary and that `--set` can express may become
     the default (a teacher-text mix changes the data list; it is reported, not applied)."""
-    eligible = [row for row in report["configs"] if row["name"] not in FULL_PRECISION_ABLATIONS | {"teacher_text_mix"}]
-    return min(eligible or report["configs"], key=lambda row: row["final_ppl"])
+    rows = measured_rows(report)
+    # round-1 reports have no flags: their two exceptions by name
+    eligible = [row for row in rows if row.get("all_ternary", row["name"] != "keep_edge_blocks")
+                and row.get("settable", row["name"] != "teacher_text_mix")]
+    return min(eligible or rows, key=lambda row: row["final_ppl"])
+
+
+def title(report: dict) -> str:
+    if report.get("original_ppl") is None and report.get("throughput"):
+        return "QAT step and teacher sampling throughput"
+    return "QAT ablations, round 2" if report.get("round") == 2 else "QAT ablations"
 
 
 def table(report: dict) -> str:
-    """The markdown table of a report, ordered by perplexity, the original first."""
-    original = report["original_ppl"]
-    lines = [f"SmolLM2-135M, {report['seconds_per_config']:g} s of distillation per configuration on {report['device']}; "
-             f"WikiText-2 test perplexity over {report['eval_blocks']} blocks of 512 tokens; PIQA: lm-eval piqa_local, "
-             f"{'all' if report['piqa_limit'] < 0 else 'first ' + str(report['piqa_limit'])} items.",
-             "", "| config | change | steps | tokens | tok/s | ppl | x original | PIQA acc |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-             f"| original | | | | | {original:.2f} | 1.000 | {fmt(report.get('original_piqa'))} |"]
-    for row in sorted(report["configs"], key=lambda row: row["final_ppl"]):
-        lines.append(f"| {row['name']} | `{json.dumps(row['change'])}` | {row['steps']} | {row['tokens']:,} | "
-                     f"{row['tokens_per_second'] or 0:,.0f} | {row['final_ppl']:.2f} | {row['final_ppl'] / original:.3f} | "
-                     f"{fmt(row.get('piqa_acc'))} |")
-    if report["configs"]:
+    """The markdown table of a report, ordered by perplexity, the original first; then the rows that
+    failed or were skipped, the fresh teacher text and the throughput measurements."""
+    original = report.get("original_ppl")
+    blocks = report.get("eval_blocks")
+    limit = report.get("piqa_limit", -1)
+    rows = measured_rows(report)
+    if original is None:
+        lines = [f"On {report['device']} (torch {report.get('torch')}, transformers {report.get('transformers')}), "
+                 f"model {report.get('model', 'SmolLM2-135M')}.", ""]
+    else:
+        lines = [f"SmolLM2-135M, {report['seconds_per_config']:g} s of distillation per configuration on {report['device']}; "
+                 f"WikiText-2 test perplexity over {blocks} blocks of {report.get('sequence_length', 512)} tokens; "
+                 f"PIQA: lm-eval piqa_local, {'all' if limit < 0 else 'first ' + str(limit)} items.", ""]
+
+        lines += ["| config | change | all ternary | steps | tokens | tok/s | ppl | x original | PIQA acc |",
+                  "| --- | --- | :---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+                  f"| original | | | | | | {original:.2f} | 1.000 | {fmt(report.get('original_piqa'))} |"]
+        for row in sorted(rows, key=lambda row: row["final_ppl"]):
+            ternary = row.get("all_ternary", row["name"] != "keep_edge_blocks")
+            lines.append(f"| {row['name']} | `{json.dumps(row['change'])}` | {'yes' if ternary else '**no**'} | "
+                         f"{row['steps']} | {row['tokens']:,} | {speed(row)} | "
+                         f"{row['final_ppl']:.2f} | {row['final_ppl'] / original:.3f} | {fmt(row.get('piqa_acc'))} |")
+    if rows:
         lines += ["", f"Winner (all-ternary, expressible with `--set`): **{winner(report)['name']}**."]
+    for row in report["configs"]:
+        if row.get("final_ppl") is None:
+            lines.append(f"- {row['name']}: {'skipped, ' + row['skipped'] if 'skipped' in row else 'failed: ' + str(row.get('error'))}")
+    mix = report.get("teacher_mix")
+    if mix:
+        lines += ["", "Fresh teacher text (sampled once, not part of any row's budget): " +
+                  (f"{mix['tokens_sampled']:,} tokens ({mix['texts']:,} texts) in {mix['seconds']} s, "
+                   f"{mix['tokens_per_second'] or 0:,.0f} tokens/s" if "error" not in mix else f"failed: {mix['error']}") + "."]
+    if report.get("throughput"):
+        lines += ["", "| throughput | tokens/s | peak GiB | notes |", "| --- | ---: | ---: | --- |"]
+        for row in report["throughput"]:
+            notes = row.get("error") or ", ".join(f"{k} {v}" for k, v in row.items() if k in (
+                "batch", "new_tokens", "used_cuda_graph", "teacher_nll", "mean_tokens_before_eos", "first_step_seconds",
+                "warm_up_seconds", "sequence_length"))
+            lines.append(f"| {row['setting']} | {speed(row)} | {row.get('peak_gib', '—')} | {notes} |")
+    if report.get("timings"):
+        lines += ["", "Timings (s): " + ", ".join(f"{k.removesuffix('_seconds')} {v}" for k, v in report["timings"].items())]
     return "\n".join(lines) + "\n"
 
 
-def save(report: dict, out: Path) -> None:
-    (out / "qat_ablations.json").write_text(json.dumps(report, indent=2))
-    (out / "qat_ablations.md").write_text("# QAT ablations\n\n" + table(report))
+def save(report: dict, args) -> None:
+    for path, text in ((args.out / f"{args.report_name}.json", json.dumps(report, indent=2)),
+                       (args.out / f"{args.report_name}.md", f"# {title(report)}\n\n" + table(report))):
+        atomic_write_text(path, text)
+        path.chmod(0o644)  # atomic writes start private; these are results to hand around
+
+
+def speed(row: dict) -> str:
+    return f"{row['tokens_per_second']:,.0f}" if row.get("tokens_per_second") else "—"
 
 
 def fmt(value: float | None) -> str:

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import math
 import os
 import signal
 
@@ -170,3 +171,16 @@ def test_teacher_continues_prompts_from_a_file(tmp_path, tiny_tokenizer, corpus_
         generate_texts(None, tiny_tokenizer, config.model_copy(update={"prompt_tokens": 10_000}), seed=0, device="cpu")
     with pytest.raises(ValueError, match="not both"):
         GenerateSource(prompts=["a"], prompts_from=str(corpus_file))
+
+
+def test_compiled_student_trains_like_eager(tmp_path, tiny_tokenizer, corpus_file):
+    """train.compile: torch.compile over BitLinear layers (straight-through quantizers, the quant
+    strength buffer) runs a training step and gives the eager loss."""
+    losses = {}
+    for compiled in (False, True):
+        student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file, steps=2, compile=compiled)
+        result = train(student, teacher, data, cfg, tmp_path / str(compiled), accelerator=acc)
+        losses[compiled] = [r["loss"] for r in result.metrics if "loss" in r]
+        assert result.steps == 2
+    assert all(math.isfinite(x) for x in losses[True])
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Issue 6, ablation round 2, in one GPU call of at most BUDGET_SECONDS (default 560) in all:
+#   1. the SmolLM2 GGUF becomes an HF folder (skipped when it is there already);
+#   2. benchmarks/qat_ablations.py --round 2: the original's scores, teacher-sampling throughput
+#      (generate() vs the static-cache decode loop, eager and CUDA graph), the fresh teacher text,
+#      then the configurations in priority order until the deadline (BUDGET_SECONDS - COMPILE_SECONDS);
+#   3. QAT step tokens/s, eager vs compiled blocks vs `train.compile: true`, in its own process under
+#      `timeout` with whatever time is left (a long compile is cut, not fatal).
+# Writes to $OUT: qat_round2.{json,md}, qat_step_compile.{json,md}, round2.log (progress bars dropped).
+#
+#   OUT=/path GGUF=/root/m/smollm2.gguf bash benchmarks/qat_round2.sh         (repo as CWD, data in .data/)
+#   SMOKE=1 OUT=/tmp/smoke bash benchmarks/qat_round2.sh                     (CPU, tiny random Llama)
+# Knobs: ROW_SECONDS (training seconds per configuration), CONFIGS (comma list), BUDGET_SECONDS,
+# COMPILE_SECONDS, WORK (scratch folder), BITCONVERT_DATA (folder with wikitext-2/ and piqa/).
+set -uo pipefail
+start=$(date +%s)
+out=${OUT:?set OUT}
+smoke=${SMOKE:-0}
+data=${BITCONVERT_DATA:-$PWD/.data}
+work=${WORK:-/tmp/qat-round2}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 BITCONVERT_DATA=$data TOKENIZERS_PARALLELISM=true
+mkdir -p "$out" "$work"
+log=$out/round2.log
+: > "$log"
+
+# tqdm redraws a bar with \r: keep only what ends in \n (log lines, and each bar's final state).
+read -r -d '' KEEP_LINES <<'EOF'
+import os, sys
+pending = b""
+while True:
+    chunk = os.read(0, 65536)
+    if not chunk:
+        break
+    pending += chunk
+    while True:
+        ends = [i for i in (pending.find(b"\r"), pending.find(b"\n")) if i >= 0]
+        if not ends:
+            break
+        cut = min(ends)
+        if pending[cut:cut + 1] == b"\n":
+            sys.stdout.buffer.write(pending[:cut + 1])
+            sys.stdout.flush()
+        pending = pending[cut + 1:]
+sys.stdout.buffer.write(pending)
+EOF
+say() { python3 -u -c "$KEEP_LINES" | tee -a "$log"; }
+
+if [ "$smoke" = 1 ]; then
+  # a shared CPU: OpenMP threads spin-waiting on a busy core make small matrix products crawl
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  device=cpu; budget=${BUDGET_SECONDS:-1200}; compile_seconds=${COMPILE_SECONDS:-500}
+  gguf=${GGUF:-$(python3 -c "from bitconvert.sources import resolve; s = resolve('smollm2-135m'); print(s.path / s.gguf_file)")}
+  row_seconds=${ROW_SECONDS:-3}
+  sizes=(--sequence-length 32 --piqa-limit 8 --eval-blocks 16 --mix-tokens 1024 --mix-batch-size 16 --mix-seconds 30
+         --sampling-batch 16 --sampling-new-tokens 16 --throughput-steps 5 --row-overhead 10)
+else
+  device=cuda; budget=${BUDGET_SECONDS:-560}; compile_seconds=${COMPILE_SECONDS:-130}
+  gguf=${GGUF:-/root/m/smollm2.gguf}
+  row_seconds=${ROW_SECONDS:-22}
+  sizes=(--piqa-limit 400 --mix-tokens 4194304 --mix-batch-size 1024 --mix-seconds 60
+         --sampling-batch 1024 --sampling-new-tokens 128 --throughput-steps 12)
+fi
+configs=()
+[ -n "${CONFIGS:-}" ] && configs=(--configs "$CONFIGS")
+
+{
+  echo "== qat_round2.sh: device $device, $row_seconds s per configuration, budget $budget s (compile $compile_seconds s)"
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
+      'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
+} 2>&1 | say
+
+hf=$work/smol-hf
+if [ ! -f "$hf/config.json" ]; then
+  python3 -c "
+import sys
+from bitconvert.sources import load_model
+model, tokenizer = load_model(sys.argv[1])
+model.save_pretrained(sys.argv[2]); tokenizer.save_pretrained(sys.argv[2])" "$gguf" "$hf" 2>&1 | say
+fi
+model=$hf
+if [ "$smoke" = 1 ]; then  # the real tokenizer and data, a model small enough for a CPU
+  model=$work/tiny-hf
+  python3 -c "
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id)
+torch.manual_seed(0)
+AutoModelForCausalLM.from_config(config).save_pretrained(sys.argv[2]); tokenizer.save_pretrained(sys.argv[2])" \
+    "$hf" "$model" 2>&1 | say
+fi
+echo "== model ready after $(( $(date +%s) - start )) s" | say
+
+common=(--model "$model" --data "$data/wikitext-2" --device "$device" --out "$out" "${sizes[@]}")
+python3 benchmarks/qat_ablations.py --round 2 "${common[@]}" "${configs[@]}" --seconds "$row_seconds" --eval-every 0 \
+  --throughput --throughput-settings sampling --deadline $(( start + budget - compile_seconds )) \
+  --work "$work/ablations" 2>&1 | say
+echo "== ablations done after $(( $(date +%s) - start )) s" | say
+
+left=$(( start + budget - $(date +%s) ))
+if [ "$left" -ge 45 ]; then
+  timeout -k 5 "$left" python3 benchmarks/qat_ablations.py --round 2 "${common[@]}" --configs "" --throughput \
+    --throughput-settings eager,compiled_model,compiled_blocks --report-name qat_step_compile \
+    --work "$work/compile" 2>&1 | say
+  [ "${PIPESTATUS[0]}" = 124 ] && echo "== step-speed measurements cut at the time limit ($left s)" | say
+else
+  echo "== no time left for the step-speed measurements ($left s)" | say
+fi
+echo "== finished after $(( $(date +%s) - start )) s" | say
+cat "$out/qat_round2.md" "$out/qat_step_compile.md" 2>/dev/null
+ls -la "$out"
