@@ -240,7 +240,10 @@ class RoutedBlock:
         batch, seq = hidden_states.shape[:2]
         router = self.mod_router
         logits = router(hidden_states)
-        cache = get("past_key_values")
+        # transformers renamed the decoder layers' cache argument (past_key_values, then cache in 5.2x)
+        cache_key = next((k for k in ("cache", "past_key_values") if k in signature.parameters or k in extra),
+                         "past_key_values")
+        cache = get(cache_key)
         past = cache.get_seq_length(self.mod_layer_idx) if cache is not None else 0
         if router.training:  # the router's own flag: fine-tuning can keep inference routing while the rest trains
             idx, valid = topk_tokens(logits, router.capacity), None
@@ -261,7 +264,7 @@ class RoutedBlock:
             raise MixtureOfDepthsError("Mixture-of-Depths decoding with a KV cache supports batch size 1 "
                                        "(each sequence routes different tokens, so their caches differ in length)")
         if cache is not None and batch > 1:
-            put("past_key_values", None)  # one-shot forward of a batch: nothing is decoded after it
+            put(cache_key, None)  # one-shot forward of a batch: nothing is decoded after it
             past = 0
 
         sub = _gather_seq(hidden_states, idx)
