@@ -149,18 +149,20 @@ def export_all(student, tokenizer, recipe: Recipe, result: QuantizeResult, secon
     out = Path(recipe.output)
     spec = recipe.convert.quant_spec()
     student = student.to("cpu").float()
+    summary = None
+    if result.train is not None:
+        # Before the packed export: its manifest hashes the folder's files, the curves of an earlier
+        # run in this folder (continued with a larger budget) included, so they must be final by then.
+        curves = plot_training_curves(out / "training" / "metrics.jsonl", out / "training_curves.png",
+                                      title=f"{recipe.model} -> BitNet b1.58")
+        summary = {"mode": recipe.train.mode, "steps": result.train.steps, "tokens": result.train.tokens,
+                   "seconds": result.train.seconds, "curves": curves.name if curves else None}
     provenance = {"source": recipe.model, "export_dir": str(out), "conversion": result.report.summary()}
     exports = {"packed": export_ternary(student, tokenizer, out, spec, dtype=DTYPES[recipe.export.dtype],
                                         provenance=provenance)}
     for name in recipe.export.formats:
         if name != "packed":
             exports[name] = EXPORTERS[name](student, tokenizer, out, spec)
-    summary = None
-    if result.train is not None:
-        curves = plot_training_curves(out / "training" / "metrics.jsonl", out / "training_curves.png",
-                                      title=f"{recipe.model} -> BitNet b1.58")
-        summary = {"mode": recipe.train.mode, "steps": result.train.steps, "tokens": result.train.tokens,
-                   "seconds": result.train.seconds, "curves": curves.name if curves else None}
     manifest = read_manifest(out, verify=False)
     write_card(out, render_card(manifest, dump_recipe(recipe), summary))
     log.info("done in %.0f s: %s", seconds, out)

@@ -30,6 +30,15 @@ def test_quantize_then_inspect_and_generate(tmp_path, tiny_llama_dir, corpus_fil
     result = invoke("generate", out, "The river", "--max-new-tokens", 4, "--device", "cpu")
     assert result.exit_code == 0 and result.output.startswith("The river")
 
+    # a finished run continued with a larger budget: trains on from its checkpoint, re-exports, verifies
+    result = invoke("quantize", tiny_llama_dir, "--out", out, "--data", corpus_file, "--steps", 5, "--seq-len", 32,
+                    "--batch-size", 2, "--weight-scale", "tensor", "--device", "cpu", "--set", "train.log_every=1",
+                    "--resume")
+    assert result.exit_code == 0, result.output
+    assert "trained 5 steps" in result.output
+    result = invoke("inspect", out)
+    assert result.exit_code == 0 and "files verified" in result.output, result.output
+
 
 def test_bad_inputs_are_one_line_errors(tmp_path, tiny_llama_dir):
     result = invoke("quantize", tmp_path / "no-such-model", "--out", tmp_path / "x", "--steps", 1)
