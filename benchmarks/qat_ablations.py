@@ -48,12 +48,11 @@ from bitconvert.convert import convert_to_bitnet  # noqa: E402
 from bitconvert.recipes.loading import recipe_from_dict  # noqa: E402
 from bitconvert.recipes.schema import GenerateSource, Recipe  # noqa: E402
 from bitconvert.sources import load_model  # noqa: E402
-from bitconvert.train.data import (  # noqa: E402
-    build_training_data,
+from bitconvert.train.data import build_training_data, prompts_from_file  # noqa: E402
+from bitconvert.train.sampling import (  # noqa: E402
     eos_token_ids,
     generate_texts,
     generation_top_k,
-    prompts_from_file,
     sample_continuations,
     truncate_at_eos,
 )

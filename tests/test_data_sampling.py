@@ -9,8 +9,9 @@ from conftest import build_tiny_model
 
 from bitconvert.recipes.schema import DataConfig, DataSource, GenerateSource
 from bitconvert.train import data as data_module
-from bitconvert.train.data import (
-    build_training_data,
+from bitconvert.train import sampling as sampling_module
+from bitconvert.train.data import build_training_data
+from bitconvert.train.sampling import (
     eos_token_ids,
     generate_texts,
     next_tokens,
@@ -67,18 +68,18 @@ def test_decode_steps_attend_per_key_value_group_without_copies(teacher, monkeyp
     query, key, value = (torch.randn(shape, generator=generator) for shape in ((2, 6, 1, 8), (2, 2, 7, 8), (2, 2, 7, 8)))
     mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
     mask[0, ..., 4:] = False  # the static cache's unwritten slots
-    ours, _ = data_module._grouped_decode_attention(module, query, key, value, mask, scaling=8 ** -0.5)
+    ours, _ = sampling_module._grouped_decode_attention(module, query, key, value, mask, scaling=8 ** -0.5)
     theirs, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, mask, scaling=8 ** -0.5)
     assert ours.shape == theirs.shape == (2, 1, 6, 8) and torch.allclose(ours, theirs, atol=1e-6)
 
     grouped_calls = []
-    real = data_module._grouped_decode_attention
+    real = sampling_module._grouped_decode_attention
 
     def spy(module, query, *args, **kwargs):
         grouped_calls.append(query.shape[2])
         return real(module, query, *args, **kwargs)
 
-    monkeypatch.setattr(data_module, "_grouped_decode_attention", spy)
+    monkeypatch.setattr(sampling_module, "_grouped_decode_attention", spy)
     sample_continuations(teacher, prompts_of(teacher.config.vocab_size), new_tokens=4, greedy=True)
     layers = teacher.config.num_hidden_layers
     assert grouped_calls == [5] * layers + [1] * 3 * layers  # the prefill, then three decode steps
@@ -201,7 +202,7 @@ def test_generate_texts_is_deterministic_and_falls_back_to_generate(teacher, tin
     def unsupported(*args, **kwargs):
         raise TypeError("forward() got an unexpected keyword argument 'cache'")
 
-    monkeypatch.setattr(data_module, "sample_continuations", unsupported)
+    monkeypatch.setattr(sampling_module, "sample_continuations", unsupported)
     texts = generate_texts(teacher, tiny_tokenizer, config, seed=5, device="cpu")
     assert len(texts) == 4 and "sampling with transformers' generate() instead" in caplog.text
 

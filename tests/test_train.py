@@ -157,7 +157,7 @@ def test_batches_are_deterministic_and_disjoint_across_ranks(tiny_tokenizer, cor
 
 def test_teacher_continues_prompts_from_a_file(tmp_path, tiny_tokenizer, corpus_file, monkeypatch):
     from bitconvert.recipes.schema import GenerateSource
-    from bitconvert.train.data import generate_texts
+    from bitconvert.train.sampling import generate_texts
     from conftest import build_tiny_model
 
     monkeypatch.setenv("PROMPT_DIR", str(corpus_file.parent))  # recipes say ${BITCONVERT_DATA}/...
