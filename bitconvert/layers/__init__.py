@@ -2,7 +2,7 @@
 
 from bitconvert.layers.bitlinear import BitExperts, BitLinear, QuantStrength, RMSNorm
 from bitconvert.layers.packed import PackedBitLinear, PackedExperts
-from bitconvert.layers.fused import FusedProjections, ProjectionView, fuse_projections  # noqa: E402 (needs packed)
+from bitconvert.layers.fused import FusedProjections, ProjectionView, fuse_projections
 
 __all__ = ["BitExperts", "BitLinear", "FusedProjections", "PackedBitLinear", "PackedExperts", "ProjectionView",
            "QuantStrength", "RMSNorm", "fuse_projections"]

@@ -78,7 +78,7 @@ def stack_packed(layers: list[PackedBitLinear]) -> PackedBitLinear:
     spec = first.spec.model_copy(update={"weight_scale": granularity})
     out_features = sum(layer.out_features for layer in layers)
     has_bias = any(layer.bias is not None for layer in layers)
-    device, dtype = first.weight.device, next((l.bias.dtype for l in layers if l.bias is not None), None)
+    device, dtype = first.weight.device, next((layer.bias.dtype for layer in layers if layer.bias is not None), None)
     stacked = PackedBitLinear(first.in_features, out_features, has_bias, spec=spec, device=device, dtype=dtype)
     stacked.weight.copy_(pack_ternary(torch.cat([unpack_ternary(layer.weight) for layer in layers])))
     scales = [layer.weight_scale.expand(layer.out_features) if first.spec.weight_scale == "tensor"
@@ -92,8 +92,9 @@ def stack_packed(layers: list[PackedBitLinear]) -> PackedBitLinear:
 
 
 def fuse_projections(model: nn.Module) -> list[str]:
-    """Fuse every group of :data:`PROJECTION_GROUPS` whose layers are packed alike; returns the parents'
-    names. Idempotent: fused groups are views afterwards and are left alone."""
+    """Fuse every group of :data:`PROJECTION_GROUPS` whose layers are packed alike; returns one name per
+    fused group (``model.layers.0.self_attn.{q_proj,k_proj,v_proj}``). Idempotent: fused groups are
+    views afterwards and are left alone."""
     fused = []
     for name, parent in list(model.named_modules()):
         for group in PROJECTION_GROUPS:
