@@ -587,8 +587,7 @@ def run(args) -> None:
     timings["total_seconds"] = round(time.time() - started_at, 1)
     save(report, args)
     print("\n" + table(report))
-    measured = [row for row in report["configs"] if row.get("final_ppl") is not None]
-    if args.winner_sets and measured:
+    if args.winner_sets and measured_rows(report):
         best = winner(report)
         lines = [f"--set {key}={value}" for key, value in flatten(best["change"]).items()]
         args.winner_sets.write_text(" ".join(lines) + "\n")
