@@ -29,6 +29,7 @@ Python calls on the same rotating copies (includes the CPU cost of launching).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -291,7 +292,7 @@ def config_label(cfg) -> str:
     if cfg is None:
         return "reference"
     if cfg.kind == "gemv":
-        label = f"gemv{'-fused' if cfg.fused else ''} {cfg.br}x{cfg.bkw}"
+        label = f"gemv{'-fused' if cfg.fused else ''} {cfg.br}x{cfg.bkw}" + (f" s{cfg.stages}" if cfg.stages > 1 else "")
     else:
         label = f"gemm {cfg.bm}x{cfg.br}x{cfg.bk}"
     return label + (f" k{cfg.split_k}" if cfg.split_k > 1 else "")
@@ -428,13 +429,17 @@ def eager_decode(model, prompt, new_tokens: int) -> dict:
 
 
 @torch.no_grad()
-def graph_decode(model, prompt, new_tokens: int, compiled: bool = False) -> dict:
+def graph_decode(model, prompt, new_tokens: int, compiled: bool = False, profile: bool = False,
+                 check: bool = True) -> dict:
     """One decode step (static KV cache) captured in a CUDA graph that also feeds its argmax back.
 
     ``compiled``: the step runs through ``torch.compile`` first (kernel fusion for the norms, rotary
     embedding and residuals; the packed product is one opaque custom op), then the same capture.
     The 2-D attention mask is explicit: without it transformers skips the mask for one query token in
     eager mode but builds it while a graph is captured, and the two disagree about the empty cache slots.
+    ``profile``: also where the GPU time of a step goes, by kind of kernel (:func:`kernel_profile`).
+    ``check=False`` skips the comparisons with eager and full forwards (for the products-free model,
+    whose outputs mean nothing).
     """
     from transformers import StaticCache
 
@@ -460,7 +465,8 @@ def graph_decode(model, prompt, new_tokens: int, compiled: bool = False) -> dict
     # references for the first decode step: eager with the cache, and a full forward without one
     first_eager = model(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None],
                         attention_mask=mask, use_cache=True).logits[:, -1].float()
-    full = model(input_ids=torch.cat([prompt, first_ids], 1), use_cache=False).logits[:, -1].float()
+    full = (model(input_ids=torch.cat([prompt, first_ids], 1), use_cache=False).logits[:, -1].float()
+            if check else first_eager)
     t0 = time.perf_counter()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -481,7 +487,7 @@ def graph_decode(model, prompt, new_tokens: int, compiled: bool = False) -> dict
     pos.fill_(p)
     graph.replay()
     torch.cuda.synchronize()
-    check = relerr(logits.float(), first_eager)
+    step_check = relerr(logits.float(), first_eager)
     check_full = relerr(logits.float(), full)
     for _ in range(8):
         graph.replay()
@@ -491,25 +497,95 @@ def graph_decode(model, prompt, new_tokens: int, compiled: bool = False) -> dict
         graph.replay()
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
-    result = {"tokens_per_s": new_tokens / seconds, "first_step_relerr_vs_eager": check,
-              "first_step_relerr_vs_full_forward": check_full,
-              "eager_step_relerr_vs_full_forward": relerr(first_eager, full), "warmup_s": warmup_s,
+    result = {"tokens_per_s": new_tokens / seconds, "warmup_s": warmup_s,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if check:
+        result.update(first_step_relerr_vs_eager=step_check, first_step_relerr_vs_full_forward=check_full,
+                      eager_step_relerr_vs_full_forward=relerr(first_eager, full))
+    if profile:
+        try:
+            result["profile"] = kernel_profile(graph.replay, steps=8)
+        except Exception as err:  # the profile is extra: a profiler that fails here must not cost the timing
+            result["profile_error"] = f"{type(err).__name__}: {str(err)[:300]}"
     del graph
     return result
+
+
+KERNEL_KINDS = ("ternary product", "bf16 product (cuBLAS)", "attention",
+                "inductor fused (norms, rotary, residuals, cache)", "other (eager elementwise, copies, argmax)")
+
+
+def kernel_kind(name: str) -> str:
+    if "_gemv_kernel" in name or "_gemm_kernel" in name or "_act_quant" in name:
+        return "ternary product"
+    if any(t in name for t in ("gemv", "gemm", "nvjet", "cutlass", "xmma", "splitKreduce")):
+        return "bf16 product (cuBLAS)"
+    if any(t in name for t in ("fmha", "flash", "attention", "attn")):
+        return "attention"
+    if name.startswith("triton_"):
+        return "inductor fused (norms, rotary, residuals, cache)"
+    return "other (eager elementwise, copies, argmax)"
+
+
+def kernel_profile(run, steps: int) -> dict:
+    """GPU time per decode step by kind of kernel, from CUPTI's records of ``steps`` calls of ``run``.
+
+    Kernel durations only: the gaps between kernels of a graph (about a microsecond each) are the
+    difference between their sum and the measured step time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+        torch.cuda.synchronize()
+    kinds: dict[str, dict] = {}
+    top = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", 0) or getattr(evt, "cuda_time_total", 0)
+        if not us or evt.key.startswith("cuda"):  # runtime calls on the host, not kernels
+            continue
+        kind = kernel_kind(evt.key)
+        entry = kinds.setdefault(kind, {"kernels_per_step": 0.0, "us_per_step": 0.0})
+        entry["kernels_per_step"] += evt.count / steps
+        entry["us_per_step"] += us / steps
+        top.append((us / steps, evt.count / steps, evt.key[:120]))
+    top.sort(reverse=True)
+    return {"by_kind": kinds, "kernels_per_step": sum(k["kernels_per_step"] for k in kinds.values()),
+            "kernel_us_per_step": sum(k["us_per_step"] for k in kinds.values()),
+            "top": [{"us_per_step": round(us, 2), "per_step": n, "kernel": name} for us, n, name in top[:15]]}
+
+
+@contextlib.contextmanager
+def products_free():
+    """Every packed product returns an uninitialised tensor of its shape, which launches no kernel.
+
+    What is left of a decode step (norms, rotary embedding, attention, residuals, the bf16 head, the
+    graph's gaps) bounds any product kernel: the speedup of a model whose products took no time at all.
+    """
+    from bitconvert.layers import PackedBitLinear
+
+    original = PackedBitLinear.forward
+    PackedBitLinear.forward = lambda self, x: x.new_empty(*x.shape[:-1], self.out_features)
+    try:
+        yield
+    finally:
+        PackedBitLinear.forward = original
 
 
 DECODE_MODES = ("eager", "graph", "compiled")
 
 
-def measure_model(model, prompt, new_tokens: int, graph_tokens: int, modes=DECODE_MODES) -> dict:
+def measure_model(model, prompt, new_tokens: int, graph_tokens: int, modes=DECODE_MODES, profile: bool = False,
+                  check: bool = True) -> dict:
     row = {"weight_bytes": model_bytes(model)}
     with torch.no_grad():  # tune the prompt's and one token's shapes first: the tuner's weight copies
         model(prompt[:, :1])  # are temporary and must not count in the peak memory measured below
         model(prompt)
     runs = {"eager": lambda: eager_decode(model, prompt, new_tokens),
-            "graph": lambda: graph_decode(model, prompt, graph_tokens),
-            "compiled": lambda: graph_decode(model, prompt, graph_tokens, compiled=True)}
+            "graph": lambda: graph_decode(model, prompt, graph_tokens, profile=profile, check=check),
+            "compiled": lambda: graph_decode(model, prompt, graph_tokens, compiled=True, profile=profile,
+                                             check=check)}
     for mode in modes:
         try:
             row[mode] = runs[mode]()
@@ -522,7 +598,7 @@ def measure_model(model, prompt, new_tokens: int, graph_tokens: int, modes=DECOD
 
 
 def e2e_model(name: str, make_bf16, spec, prompt_len: int, new_tokens: int, graph_tokens: int,
-              modes=DECODE_MODES) -> dict:
+              modes=DECODE_MODES, profile: bool = False) -> dict:
     from bitconvert.convert import convert_to_bitnet
     from bitconvert.export.packed import export_ternary, load_ternary
 
@@ -533,7 +609,7 @@ def e2e_model(name: str, make_bf16, spec, prompt_len: int, new_tokens: int, grap
               "spec": spec.model_dump(), "prompt_tokens": prompt_len, "eager_new_tokens": new_tokens,
               "graph_new_tokens": graph_tokens}
     print(f"# e2e {name} ({source}, {result['parameters'] / 1e9:.2f}B parameters)", flush=True)
-    result["bf16"] = measure_model(model, prompt, new_tokens, graph_tokens, modes)
+    result["bf16"] = measure_model(model, prompt, new_tokens, graph_tokens, modes, profile)
     with tempfile.TemporaryDirectory() as tmp:
         convert_to_bitnet(model, spec)
         export_ternary(model, tokenizer or placeholder_tokenizer(), tmp, spec, dtype=torch.bfloat16)
@@ -548,18 +624,21 @@ def e2e_model(name: str, make_bf16, spec, prompt_len: int, new_tokens: int, grap
         finally:
             os.environ.pop("BITCONVERT_KERNELS")
     result["packed_logits_relerr_kernels_vs_reference"] = relerr(got, want)
-    result["packed"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes)
+    result["packed"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes, profile)
     # q/k/v and gate/up as one product each, as `bitconvert generate` runs the model
     from bitconvert.layers.fused import fuse_projections
 
     result["fused_groups"] = len(fuse_projections(packed))
     with torch.no_grad():
         result["fused_logits_relerr_vs_unfused"] = relerr(packed(prompt).logits.float(), got)
-    result["packed_fused"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes)
+    result["packed_fused"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes, profile)
+    with products_free():  # the fused model without its products: the ceiling of any product kernel
+        result["products_free"] = measure_model(packed, prompt, new_tokens, graph_tokens,
+                                                [m for m in modes if m != "eager"], profile, check=False)
     del packed
     torch.cuda.empty_cache()
     for mode in DECODE_MODES:
-        for variant, suffix in (("packed", ""), ("packed_fused", "_fused")):
+        for variant, suffix in (("packed", ""), ("packed_fused", "_fused"), ("products_free", "_ceiling")):
             b, q = result["bf16"].get(mode, {}), result[variant].get(mode, {})
             if "tokens_per_s" in b and "tokens_per_s" in q:
                 result[f"speedup_{mode}{suffix}"] = q["tokens_per_s"] / b["tokens_per_s"]
@@ -596,7 +675,8 @@ def e2e_section(args, runs: list, save=lambda: None) -> list[dict]:
         if name not in args.compile_models.split(","):
             modes = [m for m in modes if m != "compiled"]
         try:
-            runs.append(e2e_model(name, make, spec, args.prompt_tokens, args.new_tokens, args.graph_tokens, modes))
+            runs.append(e2e_model(name, make, spec, args.prompt_tokens, args.new_tokens, args.graph_tokens, modes,
+                                  args.profile))
         except Exception as err:
             traceback.print_exc()
             runs.append({"model": name, "error": f"{type(err).__name__}: {err}"})
@@ -639,10 +719,12 @@ def markdown(data: dict) -> str:
         lines += ["## End-to-end greedy decode, batch 1", "",
                   "packed = the export as loaded; packed+fused = q/k/v and gate/up stacked into one product each "
                   "(as `bitconvert generate` runs it). graph = one decode step in a CUDA graph; compiled = "
-                  "torch.compile, then the same graph.", "",
+                  "torch.compile, then the same graph. products-free = packed+fused with every ternary product "
+                  "returning an uninitialised tensor (no kernel): the rest of the step alone, so its speedup is the "
+                  "most that any product kernel could give.", "",
                   "| model | source | mode | bf16 tok/s | packed tok/s | speedup | packed+fused tok/s | speedup "
-                  "| bf16 peak GiB | packed peak GiB | weights bf16 / packed |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| products-free tok/s | ceiling | bf16 peak GiB | packed peak GiB | weights bf16 / packed |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in runs:
             if "error" in r:
                 lines.append(f"| {r['model']} | error: {r['error']} | | | | | | | | | |")
@@ -658,10 +740,28 @@ def markdown(data: dict) -> str:
                     continue
                 lines.append(f"| {r['model']} | {r['source']} | {mode} | {cell('bf16', mode)} | {cell('packed', mode)} | "
                              f"{r.get(f'speedup_{mode}', float('nan')):.2f}x | {cell('packed_fused', mode)} | "
-                             f"{r.get(f'speedup_{mode}_fused', float('nan')):.2f}x | {b.get('peak_mem_gib', float('nan')):.2f} | "
+                             f"{r.get(f'speedup_{mode}_fused', float('nan')):.2f}x | {cell('products_free', mode)} | "
+                             f"{r.get(f'speedup_{mode}_ceiling', float('nan')):.2f}x | {b.get('peak_mem_gib', float('nan')):.2f} | "
                              f"{q.get('peak_mem_gib', float('nan')):.2f} | {r['bf16']['weight_bytes'] / 2**20:.0f} MiB / "
                              f"{r['packed']['weight_bytes'] / 2**20:.0f} MiB ({r['weight_bytes_ratio']:.2f}x) |")
         lines.append("")
+        profiled = [(r, v, m) for r in runs if "error" not in r for m in DECODE_MODES
+                    for v in ("bf16", "packed", "packed_fused", "products_free")
+                    if "profile" in r.get(v, {}).get(m, {})]
+        if profiled:
+            lines += ["### Where a decode step's GPU time goes", "",
+                      "µs per step (kernels per step) by kind of kernel, from CUPTI during graph replays; the step is "
+                      "1e6 / tok/s, and what the kernels do not cover is the gaps between them.", "",
+                      "| model | mode | variant | step µs | kernels | " + " | ".join(KERNEL_KINDS) + " |",
+                      "|---|---|---|---|---|" + "---|" * len(KERNEL_KINDS)]
+            for r, v, m in profiled:
+                run = r[v][m]
+                kinds = run["profile"]["by_kind"]
+                cells = [f"{kinds[k]['us_per_step']:.0f} ({kinds[k]['kernels_per_step']:.0f})" if k in kinds else ""
+                         for k in KERNEL_KINDS]
+                lines.append(f"| {r['model']} | {m} | {v} | {1e6 / run['tokens_per_s']:.0f} | "
+                             f"{run['profile']['kernels_per_step']:.0f} | " + " | ".join(cells) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -678,6 +778,8 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default=",".join(DECODE_MODES), help="e2e decode modes")
     parser.add_argument("--compile-models", default="Llama-2.4B",
                         help="e2e models that also decode through torch.compile (compilation takes a minute or two)")
+    parser.add_argument("--profile", action="store_true",
+                        help="e2e: also break each graph decode step's GPU time down by kind of kernel")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="out x in, in this order")
     parser.add_argument("--budget-s", type=float, default=float("inf"),

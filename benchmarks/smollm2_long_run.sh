@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# recipes/smollm2-gpu.yaml for its whole budget (10 minutes of training) when one GPU call is only 10
+# minutes long: three calls back to back on one warm machine, the run folder kept on it in between.
+#   call 1, carry .whl .models/part-a:  STAGE=setup  bash benchmarks/smollm2_long_run.sh
+#   call 2, carry .models/part-b .data: STAGE=train  bash benchmarks/smollm2_long_run.sh
+#       joins the GGUF, samples the teacher's text, trains; at STOP_S seconds a SIGINT makes the trainer
+#       write its checkpoint and stop (the clock it keeps counts training steps only)
+#   call 3, carry nothing:              STAGE=finish bash benchmarks/smollm2_long_run.sh
+#       --resume trains to the end of the budget, exports, then benchmarks/eval_smollm2.py scores the
+#       original and the export (perplexity, PIQA) and fit_curve.py fits the curve
+# .whl comes from benchmarks/device/wheels.sh, .models from ../shared/tools/smollm2-parts.sh .models,
+# .data is a copy of ../shared/data.
+set -uo pipefail
+out=${OUT:?}; stage=${STAGE:?setup, train or finish}
+work=/root/m
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 BITCONVERT_DATA=$work/data PYTHONPATH=$work/site
+quiet() { grep --line-buffered -v 'it/s\]' ; }
+# $1: seconds after which the trainer gets a SIGINT (checkpoint, then stop); the rest goes to bitconvert run
+run() { timeout -s INT "$1" python3 -m bitconvert.cli run recipes/smollm2-gpu.yaml --set model="$work/smol-hf" \
+          --set output="$work/tern" "${@:2}" 2>&1 | quiet | tail -12 ; }
+case $stage in
+  setup)
+    mkdir -p $work && cp .models/part-a/smol.part-aa $work/
+    python3 -m pip install -q --no-index --no-deps --target $work/site .whl/*.whl 2>&1 | tail -2
+    python3 -c "import gguf, lm_eval, pydantic; print('gguf, lm_eval, pydantic', pydantic.VERSION)" ;;
+  train)
+    cat $work/smol.part-aa .models/part-b/smol.part-ab > $work/smollm2.gguf
+    mkdir -p $work/data && cp -r .data/. $work/data/ && chmod -R u+w $work/data
+    python3 -c "
+from bitconvert.sources import load_model
+m, t = load_model('$work/smollm2.gguf'); m.save_pretrained('$work/smol-hf'); t.save_pretrained('$work/smol-hf')" 2>&1 | quiet
+    run "${STOP_S:-540}"
+    ls -la $work/tern/training | tail -5 ;;
+  finish)
+    run 450 --resume
+    python3 benchmarks/eval_smollm2.py --model "$work/smol-hf" --ternary "$work/tern" --data-dir "$BITCONVERT_DATA" \
+      --out "$out" 2>&1 | quiet | tail -25
+    cp "$work/tern/training/metrics.jsonl" "$out/smollm2_distill_h200_10min_metrics.jsonl"
+    cp "$work/tern/training_curves.png" "$out/smollm2_distill_h200_10min_curves.png" 2>/dev/null
+    cp "$work/tern/README.md" "$out/model_card.md" 2>/dev/null
+    python3 benchmarks/fit_curve.py "$out/smollm2_distill_h200_10min_metrics.jsonl" --out "$out" 2>&1 | tail -12
+    ls -la "$out" ;;
+esac
