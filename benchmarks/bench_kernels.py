@@ -502,7 +502,9 @@ def graph_decode(model, prompt, new_tokens: int, compiled: bool = False, profile
     if check:
         result.update(first_step_relerr_vs_eager=step_check, first_step_relerr_vs_full_forward=check_full,
                       eager_step_relerr_vs_full_forward=relerr(first_eager, full))
-    if profile:
+    if profile:  # from the first decode position again: the cache has room for new_tokens + 16 steps only
+        ids.copy_(first_ids)
+        pos.fill_(p)
         try:
             result["profile"] = kernel_profile(graph.replay, steps=8)
         except Exception as err:  # the profile is extra: a profiler that fails here must not cost the timing
