@@ -444,7 +444,9 @@ def graph_decode(model, prompt, new_tokens: int, compiled: bool = False, profile
     from transformers import StaticCache
 
     p = prompt.shape[1]
-    length = p + new_tokens + 16
+    # the cache keeps its own write position, which the graph advances on every replay: room for the
+    # first step, 8 warm-up steps, the timed ones and the profiled ones
+    length = p + new_tokens + 16 + (PROFILE_STEPS if profile else 0)
     cache = StaticCache(config=model.config, max_cache_len=length)
     mask = torch.zeros(1, length, dtype=torch.long, device="cuda")
     mask[:, :p] = 1
@@ -502,17 +504,16 @@ def graph_decode(model, prompt, new_tokens: int, compiled: bool = False, profile
     if check:
         result.update(first_step_relerr_vs_eager=step_check, first_step_relerr_vs_full_forward=check_full,
                       eager_step_relerr_vs_full_forward=relerr(first_eager, full))
-    if profile:  # from the first decode position again: the cache has room for new_tokens + 16 steps only
-        ids.copy_(first_ids)
-        pos.fill_(p)
+    if profile:
         try:
-            result["profile"] = kernel_profile(graph.replay, steps=8)
+            result["profile"] = kernel_profile(graph.replay, steps=PROFILE_STEPS)
         except Exception as err:  # the profile is extra: a profiler that fails here must not cost the timing
             result["profile_error"] = f"{type(err).__name__}: {str(err)[:300]}"
     del graph
     return result
 
 
+PROFILE_STEPS = 8
 KERNEL_KINDS = ("ternary product", "bf16 product (cuBLAS)", "attention",
                 "inductor fused (norms, rotary, residuals, cache)", "other (eager elementwise, copies, argmax)")
 
@@ -599,19 +600,24 @@ def measure_model(model, prompt, new_tokens: int, graph_tokens: int, modes=DECOD
     return row
 
 
-def e2e_model(name: str, make_bf16, spec, prompt_len: int, new_tokens: int, graph_tokens: int,
-              modes=DECODE_MODES, profile: bool = False) -> dict:
+VARIANTS = ("packed", "packed_fused", "products_free")
+
+
+def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, graph_tokens: int,
+              modes=DECODE_MODES, profile: bool = False, variants=VARIANTS, save=lambda: None) -> dict:
+    """Fills ``result`` (which names the model) one variant at a time, calling ``save`` after each."""
     from bitconvert.convert import convert_to_bitnet
     from bitconvert.export.packed import export_ternary, load_ternary
 
+    name = result["model"]
     model, tokenizer, source = make_bf16()
     vocab = model.config.vocab_size
     prompt = torch.randint(3, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0)).cuda()
-    result = {"model": name, "source": source, "parameters": sum(p.numel() for p in model.parameters()),
-              "spec": spec.model_dump(), "prompt_tokens": prompt_len, "eager_new_tokens": new_tokens,
-              "graph_new_tokens": graph_tokens}
+    result.update(source=source, parameters=sum(p.numel() for p in model.parameters()), spec=spec.model_dump(),
+                  prompt_tokens=prompt_len, eager_new_tokens=new_tokens, graph_new_tokens=graph_tokens)
     print(f"# e2e {name} ({source}, {result['parameters'] / 1e9:.2f}B parameters)", flush=True)
     result["bf16"] = measure_model(model, prompt, new_tokens, graph_tokens, modes, profile)
+    save()
     with tempfile.TemporaryDirectory() as tmp:
         convert_to_bitnet(model, spec)
         export_ternary(model, tokenizer or placeholder_tokenizer(), tmp, spec, dtype=torch.bfloat16)
@@ -626,26 +632,32 @@ def e2e_model(name: str, make_bf16, spec, prompt_len: int, new_tokens: int, grap
         finally:
             os.environ.pop("BITCONVERT_KERNELS")
     result["packed_logits_relerr_kernels_vs_reference"] = relerr(got, want)
-    result["packed"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes, profile)
+    result["weight_bytes_ratio"] = result["bf16"]["weight_bytes"] / model_bytes(packed)
+    if "packed" in variants:
+        result["packed"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes, profile)
+        save()
     # q/k/v and gate/up as one product each, as `bitconvert generate` runs the model
     from bitconvert.layers.fused import fuse_projections
 
     result["fused_groups"] = len(fuse_projections(packed))
     with torch.no_grad():
         result["fused_logits_relerr_vs_unfused"] = relerr(packed(prompt).logits.float(), got)
-    result["packed_fused"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes, profile)
-    with products_free():  # the fused model without its products: the ceiling of any product kernel
-        result["products_free"] = measure_model(packed, prompt, new_tokens, graph_tokens,
-                                                [m for m in modes if m != "eager"], profile, check=False)
+    if "packed_fused" in variants:
+        result["packed_fused"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes, profile)
+        save()
+    if "products_free" in variants:
+        with products_free():  # the fused model without its products: the ceiling of any product kernel
+            result["products_free"] = measure_model(packed, prompt, new_tokens, graph_tokens,
+                                                    [m for m in modes if m != "eager"], profile, check=False)
     del packed
     torch.cuda.empty_cache()
     for mode in DECODE_MODES:
         for variant, suffix in (("packed", ""), ("packed_fused", "_fused"), ("products_free", "_ceiling")):
-            b, q = result["bf16"].get(mode, {}), result[variant].get(mode, {})
+            b, q = result["bf16"].get(mode, {}), result.get(variant, {}).get(mode, {})
             if "tokens_per_s" in b and "tokens_per_s" in q:
                 result[f"speedup_{mode}{suffix}"] = q["tokens_per_s"] / b["tokens_per_s"]
-                result[f"peak_mem_ratio_{mode}{suffix}"] = b["peak_mem_gib"] / q["peak_mem_gib"]
-    result["weight_bytes_ratio"] = result["bf16"]["weight_bytes"] / result["packed"]["weight_bytes"]
+                if variant != "products_free":
+                    result[f"peak_mem_ratio_{mode}{suffix}"] = b["peak_mem_gib"] / q["peak_mem_gib"]
     print(json.dumps({k: v for k, v in result.items() if k not in ("spec",)}, indent=1, default=str), flush=True)
     return result
 
@@ -676,12 +688,14 @@ def e2e_section(args, runs: list, save=lambda: None) -> list[dict]:
         modes = args.modes.split(",")
         if name not in args.compile_models.split(","):
             modes = [m for m in modes if m != "compiled"]
+        result = {"model": name}
+        runs.append(result)
         try:
-            runs.append(e2e_model(name, make, spec, args.prompt_tokens, args.new_tokens, args.graph_tokens, modes,
-                                  args.profile))
+            e2e_model(result, make, spec, args.prompt_tokens, args.new_tokens, args.graph_tokens, modes,
+                      args.profile, args.variants.split(","), save)
         except Exception as err:
             traceback.print_exc()
-            runs.append({"model": name, "error": f"{type(err).__name__}: {err}"})
+            result["error"] = f"{type(err).__name__}: {err}"
         torch.cuda.empty_cache()
         save()
     return runs
@@ -732,20 +746,29 @@ def markdown(data: dict) -> str:
                 lines.append(f"| {r['model']} | error: {r['error']} | | | | | | | | | |")
                 continue
 
+            if "bf16" not in r or "weight_bytes_ratio" not in r:  # cut short before anything was compared
+                continue
+
             def cell(variant, mode, r=r):
                 got = r.get(variant, {}).get(mode, {})
                 return f"{got['tokens_per_s']:.1f}" if "tokens_per_s" in got else got.get("error", "")[:80]
 
+            def ratio(variant, mode, r=r):  # from the rows themselves: a run cut short has no speedup_* keys
+                got, base = r.get(variant, {}).get(mode, {}), r["bf16"].get(mode, {})
+                both = "tokens_per_s" in got and "tokens_per_s" in base
+                return f"{got['tokens_per_s'] / base['tokens_per_s']:.2f}x" if both else ""
+
             for mode in DECODE_MODES:
-                b, q = r["bf16"].get(mode, {}), r["packed"].get(mode, {})
+                b, q = r["bf16"].get(mode, {}), (r.get("packed") or r.get("packed_fused") or {}).get(mode, {})
                 if not b and not q:
                     continue
                 lines.append(f"| {r['model']} | {r['source']} | {mode} | {cell('bf16', mode)} | {cell('packed', mode)} | "
-                             f"{r.get(f'speedup_{mode}', float('nan')):.2f}x | {cell('packed_fused', mode)} | "
-                             f"{r.get(f'speedup_{mode}_fused', float('nan')):.2f}x | {cell('products_free', mode)} | "
-                             f"{r.get(f'speedup_{mode}_ceiling', float('nan')):.2f}x | {b.get('peak_mem_gib', float('nan')):.2f} | "
+                             f"{ratio('packed', mode)} | {cell('packed_fused', mode)} | {ratio('packed_fused', mode)} | "
+                             f"{cell('products_free', mode)} | {ratio('products_free', mode)} | "
+                             f"{b.get('peak_mem_gib', float('nan')):.2f} | "
                              f"{q.get('peak_mem_gib', float('nan')):.2f} | {r['bf16']['weight_bytes'] / 2**20:.0f} MiB / "
-                             f"{r['packed']['weight_bytes'] / 2**20:.0f} MiB ({r['weight_bytes_ratio']:.2f}x) |")
+                             f"{r['bf16']['weight_bytes'] / r['weight_bytes_ratio'] / 2**20:.0f} MiB "
+                             f"({r['weight_bytes_ratio']:.2f}x) |")
         lines.append("")
         profiled = [(r, v, m) for r in runs if "error" not in r for m in DECODE_MODES
                     for v in ("bf16", "packed", "packed_fused", "products_free")
@@ -780,6 +803,8 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default=",".join(DECODE_MODES), help="e2e decode modes")
     parser.add_argument("--compile-models", default="Llama-2.4B",
                         help="e2e models that also decode through torch.compile (compilation takes a minute or two)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="e2e variants besides bf16: packed, packed_fused, products_free")
     parser.add_argument("--profile", action="store_true",
                         help="e2e: also break each graph decode step's GPU time down by kind of kernel")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))

@@ -279,16 +279,13 @@ def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, 
                  M, N, R, KW, stride_x, stride_ym, n_groups, split_k,
                  BM: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr,
                  CHAIN: tl.constexpr, SCALE_MODE: tl.constexpr, GW: tl.constexpr, GWT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, FUSED: tl.constexpr, XBLOCK: tl.constexpr, ONE_TILE: tl.constexpr,
-                 ON_GPU: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, FUSED: tl.constexpr, XBLOCK: tl.constexpr, ON_GPU: tl.constexpr):
     """A few tokens: ``xw`` int32 (M, K/4) activation codes, ``ww`` int32 (R, K/4) packed weights.
 
     FUSED: ``xw`` is the activations themselves (M, K), rows ``stride_x`` apart, and ``xinv``/``xsum``
     are unused: this program quantizes them (absmax over whole rows, XBLOCK inputs a step, then the
     codes of each tile as it goes) exactly as ``_act_quant_kernel`` does. It subtracts the Σ codes of
     its own K slice before ``_finish``, so split-K partial sums still add up to the whole.
-    ONE_TILE: the loop runs once per program (its K slice fits one tile), so the fused absmax is taken
-    inside it, after the weights' load is issued: the two latencies overlap instead of adding up.
 
     Row block b is masked in place (``word & (0x03030303 << 2b)``, no shift): its dp4a sums come out
     multiplied by 4^b and are shifted back once at the end, exactly. CHAIN keeps one running sum
@@ -306,10 +303,7 @@ def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, 
     zero3 = tl.zeros([BM, BR, BKW], tl.int32)
     ones = tl.full([BM, BKW], 0x01010101, tl.int32)  # dp4a with these sums four codes
     if FUSED:
-        if ONE_TILE:
-            xinv = tl.zeros([BM], tl.float32)  # taken in the loop, once the weights are in flight
-        else:
-            xinv = _inv_scale(_rows_absmax(xw_ptr, offs_m, m_mask, KW * 4, stride_x, BM, XBLOCK), ON_GPU)
+        xinv = _inv_scale(_rows_absmax(xw_ptr, offs_m, m_mask, KW * 4, stride_x, BM, XBLOCK), ON_GPU)
         xsum = tl.zeros([BM], tl.int32)
     else:
         xinv = tl.load(xinv_ptr + offs_m, mask=m_mask, other=1.0)
@@ -338,8 +332,6 @@ def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, 
         k_mask = offs_k < kw_hi
         w = tl.load(w_rows + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0)[None, :, :]
         if FUSED:
-            if ONE_TILE:
-                xinv = _inv_scale(_rows_absmax(xw_ptr, offs_m, m_mask, KW * 4, stride_x, BM, XBLOCK), ON_GPU)
             xv = _quantize_words(xw_ptr, offs_m, m_mask, offs_k, k_mask, stride_x, xinv, ON_GPU)
             if SCALE_MODE != 2:
                 xsum += tl.sum(_dp4a(ones, xv, tl.zeros_like(xv), ON_GPU), axis=1)
@@ -583,34 +575,18 @@ def default_config(p: Problem) -> GemvConfig | GemmConfig | None:
 # outstanding per SM; registers bound the tile (one token: at most 1024 words a warp).
 GEMV_TILES = ((2, 256, 4), (4, 128, 4), (4, 256, 4), (8, 128, 4), (8, 256, 8), (4, 512, 8))
 GEMV_SPLITS = (1, 2, 4, 8)
-# One-tile GEMVs: each program loads its whole K slice at once (the tile is K / split words, rounded up
-# to a power of two), then reduces it; no loop, so all of its weight bytes are in flight together.
-ONE_TILE_ROWS = (1, 2, 4)
-ONE_TILE_MAX_WORDS = 4096
 
 
 def candidate_configs(p: Problem) -> list[GemvConfig | GemmConfig]:
     """What the tuner measures for one problem. Each distinct tile, pipelining depth and fused flag is one
     compilation, shared by every shape and split (split-K is a launch argument).
 
-    The fused GEMV comes first, and within each the one-tile GEMV, so that a tuning budget running out
-    drops the older variants.
+    The fused GEMV comes first, so that a tuning budget running out drops the older variants.
     """
     out: list[GemvConfig | GemmConfig] = []
     if p.gemv_ok:
         bm = _next_pow2(p.m)
         for fused in (True, False) if p.fused_ok else (False,):
-            for split in GEMV_SPLITS:
-                bkw = _next_pow2(triton.cdiv(p.k // 4, split))
-                # every split must get its tile: an empty program would finish a split-K sum without x's scale
-                if (not p.split_ok(split) or bkw > ONE_TILE_MAX_WORDS or (split > 1 and bkw < 16)
-                        or triton.cdiv(p.k // 4, bkw) < split):
-                    continue
-                for br in ONE_TILE_ROWS:
-                    words = bm * br * bkw
-                    warps = 4 if words <= 2048 else 8
-                    if words <= 1024 * warps:
-                        out.append(GemvConfig(br=br, bkw=bkw, split_k=split, num_warps=warps, fused=fused))
             for br, bkw, warps in GEMV_TILES:
                 if bm * br * bkw > 1024 * warps:
                     continue
@@ -642,10 +618,6 @@ def candidate_configs(p: Problem) -> list[GemvConfig | GemmConfig]:
 _problem = functools.lru_cache(maxsize=4096)(Problem)
 
 
-def _tiles_per_split(p: Problem, cfg: GemvConfig) -> int:
-    return triton.cdiv(triton.cdiv(p.k // 4, cfg.bkw), cfg.split_k)
-
-
 def _absmax_block(k: int, bm: int, num_warps: int) -> int:
     """Inputs per step of the fused GEMV's absmax: at most 32 values a thread. Each step is one L2 round
     trip before the weights stream, but registers bound occupancy: compiled for sm_90 (1 token, 4x128
@@ -664,8 +636,8 @@ def _launch_params(cfg: GemvConfig | GemmConfig, p: Problem, has_bias: bool) -> 
         meta = dict(BM=bm, BR=cfg.br, BKW=cfg.bkw, SPLIT=cfg.split_k > 1, STAGES=cfg.stages,
                     CHAIN=bm * cfg.br * cfg.bkw * 4 <= 64 * 32 * cfg.num_warps, SCALE_MODE=p.mode, GW=gw,
                     GWT=min(gw, cfg.bkw), HAS_BIAS=has_bias, FUSED=cfg.fused,
-                    XBLOCK=_absmax_block(p.k, bm, cfg.num_warps) if cfg.fused else 1,
-                    ONE_TILE=cfg.stages == 1 and _tiles_per_split(p, cfg) == 1, ON_GPU=not INTERPRET, num_warps=cfg.num_warps)
+                    XBLOCK=_absmax_block(p.k, bm, cfg.num_warps) if cfg.fused else 1, ON_GPU=not INTERPRET,
+                    num_warps=cfg.num_warps)
     else:
         grid = (triton.cdiv(p.m, cfg.bm) * triton.cdiv(p.rows, cfg.br), cfg.split_k)
         meta = dict(BM=cfg.bm, BR=cfg.br, BK=min(cfg.bk, p.group_size) if p.mode == 2 else cfg.bk,
