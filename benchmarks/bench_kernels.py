@@ -29,7 +29,6 @@ Python calls on the same rotating copies (includes the CPU cost of launching).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -429,8 +428,7 @@ def eager_decode(model, prompt, new_tokens: int) -> dict:
 
 
 @torch.no_grad()
-def graph_decode(model, prompt, new_tokens: int, compiled: bool = False, profile: bool = False,
-                 check: bool = True) -> dict:
+def graph_decode(model, prompt, new_tokens: int, compiled: bool = False, profile: bool = False) -> dict:
     """One decode step (static KV cache) captured in a CUDA graph that also feeds its argmax back.
 
     ``compiled``: the step runs through ``torch.compile`` first (kernel fusion for the norms, rotary
@@ -438,8 +436,6 @@ def graph_decode(model, prompt, new_tokens: int, compiled: bool = False, profile
     The 2-D attention mask is explicit: without it transformers skips the mask for one query token in
     eager mode but builds it while a graph is captured, and the two disagree about the empty cache slots.
     ``profile``: also where the GPU time of a step goes, by kind of kernel (:func:`kernel_profile`).
-    ``check=False`` skips the comparisons with eager and full forwards (for the products-free model,
-    whose outputs mean nothing).
     """
     from transformers import StaticCache
 
@@ -467,8 +463,7 @@ def graph_decode(model, prompt, new_tokens: int, compiled: bool = False, profile
     # references for the first decode step: eager with the cache, and a full forward without one
     first_eager = model(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None],
                         attention_mask=mask, use_cache=True).logits[:, -1].float()
-    full = (model(input_ids=torch.cat([prompt, first_ids], 1), use_cache=False).logits[:, -1].float()
-            if check else first_eager)
+    full = model(input_ids=torch.cat([prompt, first_ids], 1), use_cache=False).logits[:, -1].float()
     t0 = time.perf_counter()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -499,11 +494,10 @@ def graph_decode(model, prompt, new_tokens: int, compiled: bool = False, profile
         graph.replay()
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
-    result = {"tokens_per_s": new_tokens / seconds, "warmup_s": warmup_s,
+    result = {"tokens_per_s": new_tokens / seconds, "first_step_relerr_vs_eager": step_check,
+              "first_step_relerr_vs_full_forward": check_full,
+              "eager_step_relerr_vs_full_forward": relerr(first_eager, full), "warmup_s": warmup_s,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
-    if check:
-        result.update(first_step_relerr_vs_eager=step_check, first_step_relerr_vs_full_forward=check_full,
-                      eager_step_relerr_vs_full_forward=relerr(first_eager, full))
     if profile:
         try:
             result["profile"] = kernel_profile(graph.replay, steps=PROFILE_STEPS)
@@ -559,36 +553,18 @@ def kernel_profile(run, steps: int) -> dict:
             "top": [{"us_per_step": round(us, 2), "per_step": n, "kernel": name} for us, n, name in top[:15]]}
 
 
-@contextlib.contextmanager
-def products_free():
-    """Every packed product returns an uninitialised tensor of its shape, which launches no kernel.
-
-    What is left of a decode step (norms, rotary embedding, attention, residuals, the bf16 head, the
-    graph's gaps) bounds any product kernel: the speedup of a model whose products took no time at all.
-    """
-    from bitconvert.layers import PackedBitLinear
-
-    original = PackedBitLinear.forward
-    PackedBitLinear.forward = lambda self, x: x.new_empty(*x.shape[:-1], self.out_features)
-    try:
-        yield
-    finally:
-        PackedBitLinear.forward = original
-
-
 DECODE_MODES = ("eager", "graph", "compiled")
 
 
-def measure_model(model, prompt, new_tokens: int, graph_tokens: int, modes=DECODE_MODES, profile: bool = False,
-                  check: bool = True) -> dict:
+def measure_model(model, prompt, new_tokens: int, graph_tokens: int, modes=DECODE_MODES,
+                  profile: bool = False) -> dict:
     row = {"weight_bytes": model_bytes(model)}
     with torch.no_grad():  # tune the prompt's and one token's shapes first: the tuner's weight copies
         model(prompt[:, :1])  # are temporary and must not count in the peak memory measured below
         model(prompt)
     runs = {"eager": lambda: eager_decode(model, prompt, new_tokens),
-            "graph": lambda: graph_decode(model, prompt, graph_tokens, profile=profile, check=check),
-            "compiled": lambda: graph_decode(model, prompt, graph_tokens, compiled=True, profile=profile,
-                                             check=check)}
+            "graph": lambda: graph_decode(model, prompt, graph_tokens, profile=profile),
+            "compiled": lambda: graph_decode(model, prompt, graph_tokens, compiled=True, profile=profile)}
     for mode in modes:
         try:
             row[mode] = runs[mode]()
@@ -600,7 +576,7 @@ def measure_model(model, prompt, new_tokens: int, graph_tokens: int, modes=DECOD
     return row
 
 
-VARIANTS = ("packed", "packed_fused", "products_free")
+VARIANTS = ("packed", "packed_fused")
 
 
 def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, graph_tokens: int,
@@ -645,19 +621,14 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
     if "packed_fused" in variants:
         result["packed_fused"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes, profile)
         save()
-    if "products_free" in variants:
-        with products_free():  # the fused model without its products: the ceiling of any product kernel
-            result["products_free"] = measure_model(packed, prompt, new_tokens, graph_tokens,
-                                                    [m for m in modes if m != "eager"], profile, check=False)
     del packed
     torch.cuda.empty_cache()
     for mode in DECODE_MODES:
-        for variant, suffix in (("packed", ""), ("packed_fused", "_fused"), ("products_free", "_ceiling")):
+        for variant, suffix in (("packed", ""), ("packed_fused", "_fused")):
             b, q = result["bf16"].get(mode, {}), result.get(variant, {}).get(mode, {})
             if "tokens_per_s" in b and "tokens_per_s" in q:
                 result[f"speedup_{mode}{suffix}"] = q["tokens_per_s"] / b["tokens_per_s"]
-                if variant != "products_free":
-                    result[f"peak_mem_ratio_{mode}{suffix}"] = b["peak_mem_gib"] / q["peak_mem_gib"]
+                result[f"peak_mem_ratio_{mode}{suffix}"] = b["peak_mem_gib"] / q["peak_mem_gib"]
     print(json.dumps({k: v for k, v in result.items() if k not in ("spec",)}, indent=1, default=str), flush=True)
     return result
 
@@ -735,12 +706,10 @@ def markdown(data: dict) -> str:
         lines += ["## End-to-end greedy decode, batch 1", "",
                   "packed = the export as loaded; packed+fused = q/k/v and gate/up stacked into one product each "
                   "(as `bitconvert generate` runs it). graph = one decode step in a CUDA graph; compiled = "
-                  "torch.compile, then the same graph. products-free = packed+fused with every ternary product "
-                  "returning an uninitialised tensor (no kernel): the rest of the step alone, so its speedup is the "
-                  "most that any product kernel could give.", "",
+                  "torch.compile, then the same graph.", "",
                   "| model | source | mode | bf16 tok/s | packed tok/s | speedup | packed+fused tok/s | speedup "
-                  "| products-free tok/s | ceiling | bf16 peak GiB | packed peak GiB | weights bf16 / packed |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| bf16 peak GiB | packed peak GiB | weights bf16 / packed |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in runs:
             if "error" in r:
                 lines.append(f"| {r['model']} | error: {r['error']} | | | | | | | | | |")
@@ -764,28 +733,31 @@ def markdown(data: dict) -> str:
                     continue
                 lines.append(f"| {r['model']} | {r['source']} | {mode} | {cell('bf16', mode)} | {cell('packed', mode)} | "
                              f"{ratio('packed', mode)} | {cell('packed_fused', mode)} | {ratio('packed_fused', mode)} | "
-                             f"{cell('products_free', mode)} | {ratio('products_free', mode)} | "
                              f"{b.get('peak_mem_gib', float('nan')):.2f} | "
                              f"{q.get('peak_mem_gib', float('nan')):.2f} | {r['bf16']['weight_bytes'] / 2**20:.0f} MiB / "
                              f"{r['bf16']['weight_bytes'] / r['weight_bytes_ratio'] / 2**20:.0f} MiB "
                              f"({r['weight_bytes_ratio']:.2f}x) |")
         lines.append("")
-        profiled = [(r, v, m) for r in runs if "error" not in r for m in DECODE_MODES
-                    for v in ("bf16", "packed", "packed_fused", "products_free")
-                    if "profile" in r.get(v, {}).get(m, {})]
+        profiled = [(r, v, m) for r in runs if "bf16" in r for m in DECODE_MODES
+                    for v in ("bf16", "packed", "packed_fused") if "profile" in r.get(v, {}).get(m, {})]
         if profiled:
             lines += ["### Where a decode step's GPU time goes", "",
                       "µs per step (kernels per step) by kind of kernel, from CUPTI during graph replays; the step is "
-                      "1e6 / tok/s, and what the kernels do not cover is the gaps between them.", "",
-                      "| model | mode | variant | step µs | kernels | " + " | ".join(KERNEL_KINDS) + " |",
-                      "|---|---|---|---|---|" + "---|" * len(KERNEL_KINDS)]
+                      "1e6 / tok/s, and what the kernels do not cover is the gaps between them. rest = the step less "
+                      "its ternary product kernels; bound = bf16 step / rest, the speedup if those took no time.", "",
+                      "| model | mode | variant | step µs | kernels | " + " | ".join(KERNEL_KINDS) + " | rest µs | bound |",
+                      "|---|---|---|---|---|" + "---|" * (len(KERNEL_KINDS) + 2)]
             for r, v, m in profiled:
-                run = r[v][m]
+                run, step_us = r[v][m], 1e6 / r[v][m]["tokens_per_s"]
                 kinds = run["profile"]["by_kind"]
                 cells = [f"{kinds[k]['us_per_step']:.0f} ({kinds[k]['kernels_per_step']:.0f})" if k in kinds else ""
                          for k in KERNEL_KINDS]
-                lines.append(f"| {r['model']} | {m} | {v} | {1e6 / run['tokens_per_s']:.0f} | "
-                             f"{run['profile']['kernels_per_step']:.0f} | " + " | ".join(cells) + " |")
+                rest, bound = "", ""
+                if v != "bf16" and "tokens_per_s" in r["bf16"].get(m, {}):
+                    rest_us = step_us - kinds.get("ternary product", {}).get("us_per_step", 0.0)
+                    rest, bound = f"{rest_us:.0f}", f"{1e6 / r['bf16'][m]['tokens_per_s'] / rest_us:.2f}x"
+                lines.append(f"| {r['model']} | {m} | {v} | {step_us:.0f} | {run['profile']['kernels_per_step']:.0f} | "
+                             + " | ".join(cells) + f" | {rest} | {bound} |")
             lines.append("")
     return "\n".join(lines)
 
@@ -804,7 +776,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-models", default="Llama-2.4B",
                         help="e2e models that also decode through torch.compile (compilation takes a minute or two)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="e2e variants besides bf16: packed, packed_fused, products_free")
+                        help="e2e variants besides bf16: packed, packed_fused")
     parser.add_argument("--profile", action="store_true",
                         help="e2e: also break each graph decode step's GPU time down by kind of kernel")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
