@@ -184,3 +184,57 @@ def test_compiled_student_trains_like_eager(tmp_path, tiny_tokenizer, corpus_fil
         assert result.steps == 2
     assert all(math.isfinite(x) for x in losses[True])
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)
+
+
+def test_attention_relation_loss_compares_relations_not_scales():
+    from bitconvert.train.losses import attention_relation_kl
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 7, 32, generator=g) for _ in range(3))
+    assert attention_relation_kl([q, k, v], [q, k, v], head_dim=16).item() == pytest.approx(0.0, abs=1e-6)
+    # one scale per whole tensor changes the relations' sharpness, so it is not free; a different
+    # tensor costs more than the same one sharpened slightly
+    other = [torch.randn(2, 7, 32, generator=g) for _ in range(3)]
+    student = [t.clone().requires_grad_() for t in other]
+    loss = attention_relation_kl(student, [q, k, v], head_dim=16)
+    assert loss.item() > attention_relation_kl([1.05 * q, k, v], [q, k, v], head_dim=16).item() > 0
+    loss.backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in student)
+    # causal: the relation of the first token is to itself only, so changing later tokens leaves row 0 alone
+    later = q.clone()
+    later[:, 1:] += 1.0
+    rows = []
+    for a in (q, later):
+        heads = a.reshape(2, 7, 2, 16).transpose(1, 2)
+        rows.append(torch.softmax((heads @ heads.transpose(-1, -2)).masked_fill(
+            torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf")), -1)[..., 0, :])
+    assert torch.equal(rows[0], rows[1])
+
+
+def test_attention_inputs_find_the_layer_or_say_why():
+    from bitconvert.train.losses import AttentionInputs
+    from conftest import build_tiny_model
+
+    model = build_tiny_model("llama", 320)
+    capture = AttentionInputs(model, -1)
+    assert capture.layer == 1
+    with capture:
+        model(input_ids=torch.randint(0, 320, (2, 5)))
+    q, k, v = capture.states
+    assert q.shape == (2, 5, 64) and k.shape == v.shape == (2, 5, 32)  # 4 query heads, 2 key/value heads of 16
+    assert not model.model.layers[1].self_attn.q_proj._forward_hooks  # hooks removed on exit
+    with pytest.raises(ValueError, match="not one of this model's 2 decoder layers"):
+        AttentionInputs(model, 2)
+    with pytest.raises(ValueError, match="q_proj"):
+        AttentionInputs(build_tiny_model("gpt2", 320), -1)
+
+
+def test_distillation_with_the_attention_relation_loss(tmp_path, tiny_tokenizer, corpus_file):
+    student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file, steps=3,
+                                                loss={"kl": 1.0, "ce": 0.0, "attention": 1.0, "attention_layer": 0})
+    result = train(student, teacher, data, cfg, tmp_path, accelerator=acc)
+    rows = [r for r in result.metrics if "attention" in r]
+    assert result.steps == 3 and len(rows) == 3
+    # the student starts as a copy of the teacher at quantization strength 0: relations differ once it quantizes
+    assert all(math.isfinite(r["attention"]) and r["attention"] >= 0 for r in rows) and rows[-1]["attention"] > 0
+    assert all(r["loss"] == pytest.approx(r["kl"] + r["attention"], rel=1e-4) for r in rows)

@@ -84,11 +84,14 @@ class LossConfig(Strict):
     ce: float = Field(default=0.5, ge=0, description="next-token cross-entropy")
     hidden: float = Field(default=0.0, ge=0, description="MSE between normalised hidden states (distillation only)")
     temperature: float = Field(default=1.0, gt=0, description="distillation temperature (KL is scaled by T squared)")
+    attention: float = Field(default=0.0, ge=0, description="KL between teacher and student self-attention relations "
+                             "of Q, K and V at one layer (MiniLM, as BitDistill uses; distillation only)")
+    attention_layer: int = Field(default=-1, description="decoder layer of the attention-relation loss (negative: from the end)")
 
     @model_validator(mode="after")
     def _something(self) -> "LossConfig":
-        if self.kl == self.ce == self.hidden == 0:
-            raise ValueError("all loss weights are 0; give kl, ce or hidden a positive weight")
+        if self.kl == self.ce == self.hidden == self.attention == 0:
+            raise ValueError("all loss weights are 0; give kl, ce, hidden or attention a positive weight")
         return self
 
 

@@ -26,7 +26,7 @@ from bitconvert.mod import calibrate_decisions, capacity_schedule, mod_config, s
 from bitconvert.recipes.schema import TrainConfig
 from bitconvert.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from bitconvert.train.data import TrainingData
-from bitconvert.train.losses import hidden_mse, logit_kl, next_token_ce
+from bitconvert.train.losses import AttentionInputs, attention_relation_kl, hidden_mse, logit_kl, next_token_ce
 from bitconvert.utils.io import atomic_write_text
 from bitconvert.utils.progress import Progress
 
@@ -108,17 +108,26 @@ def compute_losses(student, teacher, input_ids: torch.Tensor, cfg: TrainConfig) 
     weights = cfg.loss
     distill = teacher is not None and cfg.mode == "distill"
     need_hidden = distill and weights.hidden > 0
-    out = student(input_ids=input_ids, output_hidden_states=need_hidden, use_cache=False)
+    need_attention = distill and weights.attention > 0
+
+    def keep(model):  # the q/k/v projections' outputs of one layer, when the attention-relation loss wants them
+        return AttentionInputs(model, weights.attention_layer) if need_attention else nullcontext()
+
+    with keep(student) as student_attention:
+        out = student(input_ids=input_ids, output_hidden_states=need_hidden, use_cache=False)
     terms: dict[str, torch.Tensor] = {}
     if weights.ce > 0 or not distill:
         terms["ce"] = next_token_ce(out.logits, input_ids)
-    if distill and (weights.kl > 0 or need_hidden):
-        with torch.no_grad():
+    if distill and (weights.kl > 0 or need_hidden or need_attention):
+        with torch.no_grad(), keep(teacher) as teacher_attention:
             reference = teacher(input_ids=input_ids, output_hidden_states=need_hidden, use_cache=False)
         if weights.kl > 0:
             terms["kl"] = logit_kl(out.logits, reference.logits, weights.temperature)
         if need_hidden:
             terms["hidden"] = hidden_mse(out.hidden_states, reference.hidden_states)
+        if need_attention:
+            terms["attention"] = attention_relation_kl(student_attention.states, teacher_attention.states,
+                                                       head_dim_of(teacher))
     if not distill:  # continued pretraining: cross-entropy is the whole objective
         terms["loss"] = terms["ce"]
     else:
@@ -128,6 +137,13 @@ def compute_losses(student, teacher, input_ids: torch.Tensor, cfg: TrainConfig) 
         terms["aux"] = aux
         terms["loss"] = terms["loss"] + aux
     return terms
+
+
+def head_dim_of(model) -> int:
+    config = getattr(model, "config", None)
+    if config is None:  # a wrapper (DDP, FSDP, compiled): the model it wraps has the config
+        config = model.module.config if hasattr(model, "module") else model._orig_mod.config
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def auxiliary_loss(model) -> torch.Tensor | None:

@@ -1,9 +1,17 @@
-"""Training objectives: next-token cross-entropy, logit distillation, hidden-state distillation."""
+"""Training objectives: next-token cross-entropy, logit distillation, hidden-state distillation and
+attention-relation distillation."""
 
 from __future__ import annotations
 
+import contextlib
+import math
+import re
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 
 def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -37,3 +45,76 @@ def hidden_mse(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[t
         t32 = t32 * torch.rsqrt(t32.pow(2).mean(-1, keepdim=True) + 1e-6)
         losses.append(F.mse_loss(s32, t32))
     return torch.stack(losses).mean()
+
+
+class AttentionInputs(contextlib.AbstractContextManager):
+    """The query, key and value projections' outputs of one decoder layer, captured by forward hooks
+    while the context is open (``.states``: (q, k, v), each (batch, tokens, width)).
+
+    ``layer`` counts from 0; negative counts from the end. Models whose blocks have no
+    ``layers.N.self_attn.{q,k,v}_proj`` modules (Llama, Mistral, Qwen, Gemma and their kin have them)
+    get a clear error rather than a silent zero loss.
+    """
+
+    def __init__(self, model: nn.Module, layer: int):
+        found: dict[int, dict[str, nn.Module]] = {}
+        for name, module in model.named_modules():
+            hit = re.search(r"layers\.(\d+)\.self_attn\.([qkv]_proj)$", name)
+            if hit:
+                found.setdefault(int(hit.group(1)), {})[hit.group(2)] = module
+        if not found:
+            raise ValueError("attention-relation distillation needs decoder layers with self_attn.q_proj, "
+                             "k_proj and v_proj; this model has none (set train.loss.attention to 0)")
+        count = max(found) + 1
+        index = layer + count if layer < 0 else layer
+        if not 0 <= index < count or set(found.get(index, {})) != set(PROJECTIONS):
+            raise ValueError(f"train.loss.attention_layer {layer} is not one of this model's {count} decoder layers "
+                             f"with q/k/v projections")
+        self.modules = [found[index][name] for name in PROJECTIONS]
+        self.layer = index
+        self.states: list[torch.Tensor] = []
+        self._handles: list = []
+
+    def __enter__(self) -> "AttentionInputs":
+        self.states = [None] * len(self.modules)
+
+        def keep(slot):
+            def hook(module, args, output):
+                self.states[slot] = output
+            return hook
+
+        self._handles = [m.register_forward_hook(keep(i)) for i, m in enumerate(self.modules)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def attention_relation_kl(student: list[torch.Tensor], teacher: list[torch.Tensor], head_dim: int) -> torch.Tensor:
+    """MiniLM's self-attention relation distillation (BitDistill uses it at one layer), causal.
+
+    For each of the query, key and value states, split into heads of ``head_dim``, the relation of a
+    token to the tokens up to it is ``softmax(a_i · a_j / sqrt(head_dim))`` over j <= i; the loss is
+    the mean over Q, K, V, heads and tokens of KL(teacher's relation || student's). It compares how
+    tokens relate to each other, not the vectors themselves, so the two models need the same number of
+    heads of each kind but not the same scale of activations.
+    """
+    terms = []
+    for s, t in zip(student, teacher):
+        batch, tokens, width = s.shape
+        heads = width // head_dim
+        s = s.float().reshape(batch, tokens, heads, head_dim).transpose(1, 2)
+        t = t.float().reshape(batch, tokens, heads, head_dim).transpose(1, 2)
+        future = torch.ones(tokens, tokens, dtype=torch.bool, device=s.device).triu(1)
+
+        def log_relations(a):
+            scores = (a @ a.transpose(-1, -2)) / math.sqrt(head_dim)
+            return F.log_softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+
+        log_s, log_t = log_relations(s), log_relations(t)
+        # masked entries are -inf in both: kl_div would give nan for them, so they are left out by hand
+        kl = (log_t.exp() * (log_t - log_s)).masked_fill(future, 0.0).sum(-1)
+        terms.append(kl.mean())
+    return torch.stack(terms).mean()
