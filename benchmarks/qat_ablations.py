@@ -10,6 +10,10 @@ Round 1 (``--round 1``, report qat_ablations): one change at a time against the 
 recipe. Round 2 (``--round 2``, report qat_round2): the reference is the convert and train sections
 of recipes/smollm2-gpu.yaml; one row draws half its blocks from a fresh teacher-text mix that the
 static-cache sampler writes once, up front, for every row that uses it (its time is reported apart).
+Round 3 (``--round 3``, report qat_round3): the recipe after its 10-minute run, every row with two
+thirds of its blocks from that fresh teacher text: attention-relation distillation at two weights,
+2048-token training sequences (scored on the same 512-token blocks), edge blocks in bf16, weight
+decay, the hidden-state loss.
 ``--deadline`` (Unix seconds) skips the configurations that would not finish before it.
 
     python benchmarks/qat_ablations.py --model /root/m/smol-hf --data .data/wikitext-2 --round 2 \
@@ -46,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bitconvert.convert import convert_to_bitnet  # noqa: E402
 from bitconvert.recipes.loading import recipe_from_dict  # noqa: E402
-from bitconvert.recipes.schema import GenerateSource, Recipe  # noqa: E402
+from bitconvert.recipes.schema import DataConfig, DataSource, GenerateSource, Recipe  # noqa: E402
 from bitconvert.sources import load_model  # noqa: E402
 from bitconvert.train.data import build_training_data, prompts_from_file  # noqa: E402
 from bitconvert.train.sampling import (  # noqa: E402
@@ -60,6 +64,13 @@ from bitconvert.train.loop import held_out_loss, train  # noqa: E402
 from bitconvert.utils.io import atomic_write_text  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-gpu.yaml"
+
+def merge(base: dict, change: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in change.items():
+        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
+
 
 # Round 1's reference: the best recipe known before these ablations (calibration notes), one change per row below.
 REFERENCE = {
@@ -105,15 +116,22 @@ ROUND2_ABLATIONS: dict[str, dict] = {
 }
 ROUND2_DEFAULT = [name for name in ROUND2_ABLATIONS if name != "quant_warmup_200"]
 
+# Round 3: the recipe after the 10-minute run (group-64 scales, two thirds of the blocks teacher text), so
+# every row draws two thirds of its blocks from the fresh teacher text. data.sequence_length trains on
+# longer blocks; every row is still scored on the same --sequence-length blocks of test.txt.
+ROUND3_TEACHER = {"data": {"teacher_mix": 2 / 3}}
+ROUND3_ABLATIONS: dict[str, dict] = {name: merge(ROUND3_TEACHER, change) for name, change in {
+    "reference": {},
+    "attention_relation_1": {"train": {"loss": {"attention": 1.0}}},
+    "attention_relation_10": {"train": {"loss": {"attention": 10.0}}},
+    "sequence_2048": {"data": {"sequence_length": 2048}, "train": {"batch_size": 8}},
+    "keep_edge_blocks": {"convert": {"keep_edge_blocks": True}},
+    "weight_decay_0.1": {"train": {"weight_decay": 0.1}},
+    "plus_hidden": {"train": {"loss": {"hidden": 1.0}}},
+}.items()}
+
 # What the benchmark changes in every row: budget, logging, no mid-run checkpoints.
 ROW_TRAIN = {"log_every": 5, "save_every": 0, "save_every_minutes": 0}
-
-
-def merge(base: dict, change: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in change.items():
-        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
-    return out
 
 
 def recipe_reference(path: Path = RECIPE) -> dict:
@@ -129,7 +147,9 @@ def round_settings(number: int) -> tuple[dict, dict[str, dict], list[str], str]:
     """(reference, ablations, default configuration list, report name) of one round."""
     if number == 1:
         return REFERENCE, ABLATIONS, list(ABLATIONS), "qat_ablations"
-    return recipe_reference(), ROUND2_ABLATIONS, ROUND2_DEFAULT, "qat_round2"
+    if number == 2:
+        return recipe_reference(), ROUND2_ABLATIONS, ROUND2_DEFAULT, "qat_round2"
+    return recipe_reference(), ROUND3_ABLATIONS, list(ROUND3_ABLATIONS), "qat_round3"
 
 
 def spec_for(name: str, args) -> dict:
@@ -151,7 +171,8 @@ def spec_for(name: str, args) -> dict:
         mix = data_change["teacher_mix"]
         sources.append({"path": str(args.mix_file), "weight": mix / (1 - mix)})
     spec["data"] = {"train": sources, "eval": {"path": str(args.data / "test.txt")},
-                    "sequence_length": args.sequence_length}
+                    "sequence_length": data_change.get("sequence_length", args.sequence_length),
+                    "eval_sequence_length": args.sequence_length}
     spec["model"] = str(args.model)
     spec["train"]["minutes"] = args.seconds / 60
     spec["train"]["eval_every"] = args.eval_every
@@ -421,7 +442,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("BITCONVERT_DATA", ".data")) / "wikitext-2")
-    parser.add_argument("--round", type=int, choices=(1, 2), default=1, help="which set of configurations")
+    parser.add_argument("--round", type=int, choices=(1, 2, 3), default=1, help="which set of configurations")
     parser.add_argument("--seconds", type=float, default=40, help="training seconds per configuration")
     parser.add_argument("--eval-every", type=int, default=40, help="steps between held-out checks (0: end only)")
     parser.add_argument("--configs", default=None, help="comma list (default: the round's list)")
@@ -496,8 +517,9 @@ def run(args) -> None:
               "deadline": args.deadline, "started_at": started_at}
     if configs:  # the original's scores: the yardstick of every row
         clock = time.perf_counter()
-        eval_blocks = build_training_data(recipe_for("reference", args).data, tokenizer, seed=0,
-                                          cache_dir=args.work / "data").eval_blocks
+        held_out = DataConfig(train=[DataSource(path=str(args.data / "valid.txt"))],
+                              eval=DataSource(path=str(args.data / "test.txt")), sequence_length=args.sequence_length)
+        eval_blocks = build_training_data(held_out, tokenizer, seed=0, cache_dir=args.work / "data").eval_blocks
         eval_blocks = eval_blocks[: args.eval_blocks] if args.eval_blocks else eval_blocks
         report["eval_blocks"] = len(eval_blocks)
         report["original_ppl"] = math.exp(held_out_loss(teacher, eval_blocks, 32, accelerator_factory()))

@@ -144,6 +144,15 @@ def test_data_sources(tmp_path, tiny_tokenizer):
                             seed=0, cache_dir=tmp_path)
 
 
+def test_held_out_blocks_may_be_shorter_than_training_blocks(tmp_path, tiny_tokenizer, corpus_file):
+    source = DataSource(path=str(corpus_file))
+    data = build_training_data(DataConfig(train=[source], eval=source, sequence_length=64, eval_sequence_length=16),
+                               tiny_tokenizer, seed=0, cache_dir=tmp_path)
+    assert data.pool.shape[1] == 64 and data.eval_blocks.shape[1] == 16
+    with pytest.raises(ValueError, match="eval_sequence_length applies to data.eval"):
+        DataConfig(train=[source], eval_fraction=0.1, eval_sequence_length=16)
+
+
 def test_batches_are_deterministic_and_disjoint_across_ranks(tiny_tokenizer, corpus_file):
     data = build_training_data(DataConfig(train=[DataSource(path=str(corpus_file))], sequence_length=16),
                                tiny_tokenizer, seed=3, cache_dir=corpus_file.parent)

@@ -77,6 +77,14 @@ class DataConfig(Strict):
     eval: DataSource | None = Field(default=None, description="held-out text scored by perplexity during training")
     eval_fraction: float = Field(default=0.0, ge=0, lt=0.5, description="hold out this share of train blocks when eval is empty")
     sequence_length: int = Field(default=512, gt=8, description="tokens per training sequence")
+    eval_sequence_length: int | None = Field(default=None, gt=8, description="tokens per block of data.eval "
+                                             "(default: sequence_length), to score runs of different lengths alike")
+
+    @model_validator(mode="after")
+    def _eval_length_needs_eval(self) -> "DataConfig":
+        if self.eval_sequence_length is not None and self.eval is None:
+            raise ValueError("data.eval_sequence_length applies to data.eval blocks; set data.eval, or drop it")
+        return self
 
 
 class LossConfig(Strict):

@@ -208,7 +208,8 @@ def build_training_data(config: DataConfig, tokenizer, *, seed: int, cache_dir: 
         weights.append(source.weight)
     eval_blocks = None
     if config.eval is not None:
-        eval_blocks = tokenize_blocks(read_texts(config.eval), tokenizer, config.sequence_length)
+        eval_blocks = tokenize_blocks(read_texts(config.eval), tokenizer,
+                                      config.eval_sequence_length or config.sequence_length)
     elif config.eval_fraction > 0:
         first = blocks[0]
         order = torch.randperm(len(first), generator=torch.Generator().manual_seed(seed))
