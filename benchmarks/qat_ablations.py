@@ -11,9 +11,9 @@ recipe. Round 2 (``--round 2``, report qat_round2): the reference is the convert
 of recipes/smollm2-gpu.yaml; one row draws half its blocks from a fresh teacher-text mix that the
 static-cache sampler writes once, up front, for every row that uses it (its time is reported apart).
 Round 3 (``--round 3``, report qat_round3): the recipe after its 10-minute run, every row with two
-thirds of its blocks from that fresh teacher text: attention-relation distillation at two weights,
+thirds of its blocks from fresh teacher text: attention-relation distillation at two weights,
 2048-token training sequences (scored on the same 512-token blocks), edge blocks in bf16, weight
-decay, the hidden-state loss.
+decay, the hidden-state loss, and half of the teacher text sampled from the start token alone.
 ``--deadline`` (Unix seconds) skips the configurations that would not finish before it.
 
     python benchmarks/qat_ablations.py --model /root/m/smol-hf --data .data/wikitext-2 --round 2 \
@@ -117,7 +117,7 @@ ROUND2_ABLATIONS: dict[str, dict] = {
 ROUND2_DEFAULT = [name for name in ROUND2_ABLATIONS if name != "quant_warmup_200"]
 
 # Round 3: the recipe after the 10-minute run (group-64 scales, two thirds of the blocks teacher text), so
-# every row draws two thirds of its blocks from the fresh teacher text. data.sequence_length trains on
+# every row draws two thirds of its blocks from fresh teacher text. data.sequence_length trains on
 # longer blocks; every row is still scored on the same --sequence-length blocks of test.txt.
 ROUND3_TEACHER = {"data": {"teacher_mix": 2 / 3}}
 ROUND3_ABLATIONS: dict[str, dict] = {name: merge(ROUND3_TEACHER, change) for name, change in {
@@ -128,6 +128,8 @@ ROUND3_ABLATIONS: dict[str, dict] = {name: merge(ROUND3_TEACHER, change) for nam
     "keep_edge_blocks": {"convert": {"keep_edge_blocks": True}},
     "weight_decay_0.1": {"train": {"weight_decay": 0.1}},
     "plus_hidden": {"train": {"loss": {"hidden": 1.0}}},
+    # half of the teacher text from the start token instead of WikiText prompts: broader than WikiText
+    "open_teacher_text": {"data": {"teacher_mix": 1 / 3, "teacher_mix_open": 1 / 3}},
 }.items()}
 
 # What the benchmark changes in every row: budget, logging, no mid-run checkpoints.
@@ -152,24 +154,30 @@ def round_settings(number: int) -> tuple[dict, dict[str, dict], list[str], str]:
     return recipe_reference(), ROUND3_ABLATIONS, list(ROUND3_ABLATIONS), "qat_round3"
 
 
-def spec_for(name: str, args) -> dict:
-    """The recipe dict of one configuration (before validation)."""
+def spec_for(name: str, args, with_mix: bool = True) -> dict:
+    """The recipe dict of one configuration (before validation); ``with_mix=False`` leaves the teacher-text
+    shares out (valid.txt alone), for measurements that do not depend on the text."""
     spec = merge(args.reference, args.ablations[name])
-    data_change = spec.pop("data", {})
+    data_change = spec.pop("data", {}) if with_mix else {}
     if spec["convert"].pop("keep_edge_blocks", False):
         spec["convert"]["skip"] = [rf"model\.layers\.(0|{args.num_layers - 1})\..*"]
-    sources = [{"path": str(args.data / "valid.txt")}]
+    # each mix key is a share of the training blocks; valid.txt has the rest
+    sources = []
     if data_change.get("generate_mix"):
         # Round 1: the teacher continues the first 32 tokens of WikiText lines inside the row.
-        mix = data_change["generate_mix"]
         sources.append({"generate": {"tokens": args.generate_tokens, "sequence_length": args.sequence_length,
                                      "batch_size": 512, "prompts_from": str(args.data / "valid.txt")},
-                        "weight": mix / (1 - mix)})
-    if data_change.get("teacher_mix"):
-        if args.mix_file is None or not args.mix_file.is_file():
-            raise RuntimeError("no fresh teacher text: the up-front sampling did not run or wrote nothing")
-        mix = data_change["teacher_mix"]
-        sources.append({"path": str(args.mix_file), "weight": mix / (1 - mix)})
+                        "weight": data_change["generate_mix"]})
+    for kind in MIX_KINDS:
+        if data_change.get(kind):
+            path = args.mix_files.get(kind)
+            if path is None or not path.is_file():
+                raise RuntimeError(f"no fresh teacher text for {kind}: the up-front sampling did not run or wrote nothing")
+            sources.append({"path": str(path), "weight": data_change[kind]})
+    rest = 1 - sum(source["weight"] for source in sources)
+    if rest <= 0:
+        raise ValueError(f"{name}: the teacher-text shares leave nothing for valid.txt")
+    sources.insert(0, {"path": str(args.data / "valid.txt"), "weight": rest})
     spec["data"] = {"train": sources, "eval": {"path": str(args.data / "test.txt")},
                     "sequence_length": data_change.get("sequence_length", args.sequence_length),
                     "eval_sequence_length": args.sequence_length}
@@ -179,13 +187,16 @@ def spec_for(name: str, args) -> dict:
     return spec
 
 
-def recipe_for(name: str, args) -> Recipe:
-    return recipe_from_dict(spec_for(name, args), source=f"ablation {name}")
+def recipe_for(name: str, args, with_mix: bool = True) -> Recipe:
+    return recipe_from_dict(spec_for(name, args, with_mix), source=f"ablation {name}")
 
 
 def is_settable(name: str, args) -> bool:
-    """Expressible as `--set` overrides of the recipe (a data-list change is not)."""
-    return "data" not in args.ablations[name] and not args.ablations[name].get("convert", {}).get("keep_edge_blocks")
+    """Expressible as `--set` overrides of the recipe: the same data as the round's reference row (round 3's
+    reference mixes teacher text as the recipe does; a data-list change is not settable)."""
+    change = args.ablations[name]
+    same_data = change.get("data") == args.ablations.get("reference", {}).get("data")
+    return same_data and not change.get("convert", {}).get("keep_edge_blocks")
 
 
 def warm_up(student, data, device, batch_size: int = 2) -> None:
@@ -359,7 +370,7 @@ def step_throughput(setting: str, args, original, teacher, tokenizer, accelerato
     """Distillation tokens/s of the reference configuration with one compile setting."""
     import bitconvert.layers.bitlinear as bl
 
-    recipe = recipe_for("reference", args)
+    recipe = recipe_for("reference", args, with_mix=False)  # step speed does not depend on the text
     data = build_training_data(recipe.data, tokenizer, seed=0, cache_dir=args.work / "data")
     data.eval_blocks = None
     cfg = recipe.train.model_copy(update={"minutes": None, "steps": args.throughput_steps, "eval_every": 0,
@@ -405,9 +416,15 @@ def decoder_blocks(model) -> torch.nn.ModuleList:
 
 # --------------------------------------------------------------------------- fresh teacher text
 
-def sample_teacher_mix(teacher, tokenizer, args, device, deadline: float | None) -> dict:
-    """Up to --mix-tokens of teacher text continuing WikiText lines, written once to a jsonl that every
-    row with data.teacher_mix reads. Batch by batch, stopping before one would pass --mix-seconds or
+# Fresh teacher text that rows mix in (data.<kind>: share of the blocks), each sampled once up front:
+# continuing the first 32 tokens of WikiText lines, or from the start token alone (what the model writes
+# unprompted: broader than WikiText).
+MIX_KINDS = {"teacher_mix": "continues valid.txt lines", "teacher_mix_open": "from the start token alone"}
+
+
+def sample_teacher_mix(teacher, tokenizer, args, device, deadline: float | None, kind: str = "teacher_mix") -> dict:
+    """Up to --mix-tokens of teacher text of one kind (MIX_KINDS), written once to a jsonl that every
+    row with data.<kind> reads. Batch by batch, stopping before one would pass --mix-seconds or
     the deadline; each batch has its own seed, so no two draw the same continuations."""
     per_batch = args.mix_batch_size * args.sequence_length
     wanted = max(1, math.ceil(args.mix_tokens / per_batch))
@@ -417,14 +434,15 @@ def sample_teacher_mix(teacher, tokenizer, args, device, deadline: float | None)
         if times and (sum(times) + max(times) > args.mix_seconds
                       or (deadline is not None and time.time() + max(times) > deadline)):
             break
+        prompts = str(args.data / "valid.txt") if kind == "teacher_mix" else None
         config = GenerateSource(tokens=per_batch, sequence_length=args.sequence_length,
-                                batch_size=args.mix_batch_size, prompts_from=str(args.data / "valid.txt"))
+                                batch_size=args.mix_batch_size, prompts_from=prompts)
         started = time.perf_counter()
         texts.extend(generate_texts(teacher, tokenizer, config, seed=args.mix_seed + batch, device=device))
         synchronize(device)
         times.append(time.perf_counter() - started)
-    args.mix_file = args.work / "teacher_mix.jsonl"
-    atomic_write_text(args.mix_file, "".join(json.dumps({"text": t}) + "\n" for t in texts))
+    args.mix_files[kind] = args.work / f"{kind}.jsonl"
+    atomic_write_text(args.mix_files[kind], "".join(json.dumps({"text": t}) + "\n" for t in texts))
     sampled = len(times) * per_batch
     return {"tokens_sampled": sampled, "texts": len(texts), "batches": len(times), "batches_wanted": wanted,
             "batch_size": args.mix_batch_size, "new_tokens_per_text": args.sequence_length,
@@ -492,7 +510,7 @@ def run(args) -> None:
     settings = [s for s in args.throughput_settings.split(",") if s] if args.throughput else []
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    args.mix_file = None
+    args.mix_files = {}
     from accelerate import Accelerator
 
     on_gpu = args.device == "cuda"
@@ -567,18 +585,20 @@ def run(args) -> None:
         timings[f"throughput_{setting}_seconds"] = round(time.perf_counter() - clock, 1)
         save(report, args)
 
-    if any(args.ablations[c].get("data", {}).get("teacher_mix") for c in configs):
+    for kind in MIX_KINDS:
+        if not any(args.ablations[c].get("data", {}).get(kind) for c in configs):
+            continue
         clock = time.perf_counter()
         try:
-            report["teacher_mix"] = sample_teacher_mix(teacher, tokenizer, args, device, args.deadline)
-            mix = report["teacher_mix"]
-            print(f"fresh teacher text: {mix['tokens_sampled']:,} tokens in {mix['seconds']} s "
+            report[kind] = sample_teacher_mix(teacher, tokenizer, args, device, args.deadline, kind)
+            mix = report[kind]
+            print(f"fresh teacher text ({MIX_KINDS[kind]}): {mix['tokens_sampled']:,} tokens in {mix['seconds']} s "
                   f"({mix['tokens_per_second'] or 0:,.0f} tokens/s, {mix['batches']} of {mix['batches_wanted']} batches)",
                   flush=True)
         except Exception as err:
-            report["teacher_mix"] = {"error": error_text(err)}
-            print(f"fresh teacher text failed: {report['teacher_mix']['error']}", flush=True)
-        timings["teacher_mix_seconds"] = round(time.perf_counter() - clock, 1)
+            report[kind] = {"error": error_text(err)}
+            print(f"fresh teacher text ({kind}) failed: {report[kind]['error']}", flush=True)
+        timings[f"{kind}_seconds"] = round(time.perf_counter() - clock, 1)
         save(report, args)
 
     overheads: list[float] = []  # seconds each finished row took beyond its training budget
@@ -611,7 +631,9 @@ def run(args) -> None:
     print("\n" + table(report))
     if args.winner_sets and measured_rows(report):
         best = winner(report)
-        lines = [f"--set {key}={value}" for key, value in flatten(best["change"]).items()]
+        # a settable row has the reference's data, which the recipe already holds: only its other keys are set
+        settable = {k: v for k, v in best["change"].items() if k != "data"}
+        lines = [f"--set {key}={value}" for key, value in flatten(settable).items()]
         args.winner_sets.write_text(" ".join(lines) + "\n")
         print(f"winner: {best['name']} -> {' '.join(lines) or '(the reference)'}")
 
@@ -633,7 +655,7 @@ def winner(report: dict) -> dict:
 def title(report: dict) -> str:
     if report.get("original_ppl") is None and report.get("throughput"):
         return "QAT step and teacher sampling throughput"
-    return "QAT ablations, round 2" if report.get("round") == 2 else "QAT ablations"
+    return f"QAT ablations, round {report['round']}" if report.get("round", 1) > 1 else "QAT ablations"
 
 
 def table(report: dict) -> str:
@@ -656,7 +678,7 @@ def table(report: dict) -> str:
                   f"| original | | | | | | {original:.2f} | 1.000 | {fmt(report.get('original_piqa'))} |"]
         for row in sorted(rows, key=lambda row: row["final_ppl"]):
             ternary = row.get("all_ternary", row["name"] != "keep_edge_blocks")
-            lines.append(f"| {row['name']} | `{json.dumps(row['change'])}` | {'yes' if ternary else '**no**'} | "
+            lines.append(f"| {row['name']} | `{json.dumps(rounded(row['change']))}` | {'yes' if ternary else '**no**'} | "
                          f"{row['steps']} | {row['tokens']:,} | {speed(row)} | "
                          f"{row['final_ppl']:.2f} | {row['final_ppl'] / original:.3f} | {fmt(row.get('piqa_acc'))} |")
     if rows:
@@ -664,11 +686,12 @@ def table(report: dict) -> str:
     for row in report["configs"]:
         if row.get("final_ppl") is None:
             lines.append(f"- {row['name']}: {'skipped, ' + row['skipped'] if 'skipped' in row else 'failed: ' + str(row.get('error'))}")
-    mix = report.get("teacher_mix")
-    if mix:
-        lines += ["", "Fresh teacher text (sampled once, not part of any row's budget): " +
-                  (f"{mix['tokens_sampled']:,} tokens ({mix['texts']:,} texts) in {mix['seconds']} s, "
-                   f"{mix['tokens_per_second'] or 0:,.0f} tokens/s" if "error" not in mix else f"failed: {mix['error']}") + "."]
+    for kind, what in MIX_KINDS.items():
+        mix = report.get(kind)
+        if mix:
+            lines += ["", f"Fresh teacher text, {kind} ({what}; sampled once, not part of any row's budget): " +
+                      (f"{mix['tokens_sampled']:,} tokens ({mix['texts']:,} texts) in {mix['seconds']} s, "
+                       f"{mix['tokens_per_second'] or 0:,.0f} tokens/s" if "error" not in mix else f"failed: {mix['error']}") + "."]
     if report.get("throughput"):
         lines += ["", "| throughput | tokens/s | peak GiB | notes |", "| --- | ---: | ---: | --- |"]
         for row in report["throughput"]:
@@ -686,6 +709,13 @@ def save(report: dict, args) -> None:
                        (args.out / f"{args.report_name}.md", f"# {title(report)}\n\n" + table(report))):
         atomic_write_text(path, text)
         path.chmod(0o644)  # atomic writes start private; these are results to hand around
+
+
+def rounded(change):
+    """A configuration's change for the table: shares such as 2/3 in three digits."""
+    if isinstance(change, dict):
+        return {k: rounded(v) for k, v in change.items()}
+    return round(change, 3) if isinstance(change, float) else change
 
 
 def speed(row: dict) -> str:

@@ -97,9 +97,9 @@ def attention_relation_kl(student: list[torch.Tensor], teacher: list[torch.Tenso
 
     For each of the query, key and value states, split into heads of ``head_dim``, the relation of a
     token to the tokens up to it is ``softmax(a_i · a_j / sqrt(head_dim))`` over j <= i; the loss is
-    the mean over Q, K, V, heads and tokens of KL(teacher's relation || student's). It compares how
-    tokens relate to each other, not the vectors themselves, so the two models need the same number of
-    heads of each kind but not the same scale of activations.
+    the mean over Q, K, V, heads and tokens of KL(teacher's relation || student's). It matches how
+    tokens relate to each other rather than the vectors themselves; the two models need the same
+    number of heads of each kind.
     """
     terms = []
     for s, t in zip(student, teacher):

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Issue 6, ablation round 2, in one GPU call of at most BUDGET_SECONDS (default 560) in all:
+# Issue 6, an ablation round (ROUND=2, the default, or 3), in one GPU call of at most BUDGET_SECONDS
+# (default 560) in all:
 #   1. the SmolLM2 GGUF becomes an HF folder (skipped when it is there already);
-#   2. benchmarks/qat_ablations.py --round 2: the original's scores, teacher-sampling throughput
+#   2. benchmarks/qat_ablations.py --round $ROUND: the original's scores, teacher-sampling throughput
 #      (generate() vs the static-cache decode loop, eager and CUDA graph), the fresh teacher text,
 #      then the configurations in priority order until the deadline (BUDGET_SECONDS - COMPILE_SECONDS);
 #   3. QAT step tokens/s, eager vs compiled blocks vs `train.compile: true`, in its own process under
 #      `timeout` with whatever time is left (a long compile is cut, not fatal).
-# Writes to $OUT: qat_round2.{json,md}, qat_step_compile.{json,md}, round2.log (progress bars dropped).
+# Writes to $OUT: qat_round$ROUND.{json,md}, qat_step_compile.{json,md}, round$ROUND.log (progress bars dropped).
 #
-#   OUT=/path GGUF=/root/m/smollm2.gguf bash benchmarks/qat_round2.sh         (repo as CWD, data in .data/)
-#   SMOKE=1 OUT=/tmp/smoke bash benchmarks/qat_round2.sh                     (CPU, tiny random Llama)
+#   OUT=/path GGUF=/root/m/smollm2.gguf ROUND=3 bash benchmarks/qat_round.sh   (repo as CWD, data in .data/)
+#   SMOKE=1 OUT=/tmp/smoke bash benchmarks/qat_round.sh                      (CPU, tiny random Llama)
 # Knobs: ROW_SECONDS (training seconds per configuration), CONFIGS (comma list), BUDGET_SECONDS,
 # COMPILE_SECONDS, WORK (scratch folder), BITCONVERT_DATA (folder with wikitext-2/ and piqa/).
 set -uo pipefail
@@ -17,10 +18,11 @@ start=$(date +%s)
 out=${OUT:?set OUT}
 smoke=${SMOKE:-0}
 data=${BITCONVERT_DATA:-$PWD/.data}
-work=${WORK:-/tmp/qat-round2}
+round=${ROUND:-2}
+work=${WORK:-/tmp/qat-round$round}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 BITCONVERT_DATA=$data TOKENIZERS_PARALLELISM=true
 mkdir -p "$out" "$work"
-log=$out/round2.log
+log=$out/round$round.log
 : > "$log"
 
 # tqdm redraws a bar with \r: keep only what ends in \n (log lines, and each bar's final state).
@@ -64,7 +66,7 @@ configs=()
 [ -n "${CONFIGS:-}" ] && configs=(--configs "$CONFIGS")
 
 {
-  echo "== qat_round2.sh: device $device, $row_seconds s per configuration, budget $budget s (compile $compile_seconds s)"
+  echo "== qat_round.sh, round $round: device $device, $row_seconds s per configuration, budget $budget s (compile $compile_seconds s)"
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
       'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
 } 2>&1 | say
@@ -95,14 +97,14 @@ fi
 echo "== model ready after $(( $(date +%s) - start )) s" | say
 
 common=(--model "$model" --data "$data/wikitext-2" --device "$device" --out "$out" "${sizes[@]}")
-python3 benchmarks/qat_ablations.py --round 2 "${common[@]}" "${configs[@]}" --seconds "$row_seconds" --eval-every 0 \
+python3 benchmarks/qat_ablations.py --round "$round" "${common[@]}" "${configs[@]}" --seconds "$row_seconds" --eval-every 0 \
   --throughput --throughput-settings sampling --deadline $(( start + budget - compile_seconds )) \
   --work "$work/ablations" 2>&1 | say
 echo "== ablations done after $(( $(date +%s) - start )) s" | say
 
 left=$(( start + budget - $(date +%s) ))
 if [ "$left" -ge 45 ]; then
-  timeout -k 5 "$left" python3 benchmarks/qat_ablations.py --round 2 "${common[@]}" --configs "" --throughput \
+  timeout -k 5 "$left" python3 benchmarks/qat_ablations.py --round "$round" "${common[@]}" --configs "" --throughput \
     --throughput-settings eager,compiled_model,compiled_blocks --report-name qat_step_compile \
     --work "$work/compile" 2>&1 | say
   [ "${PIPESTATUS[0]}" = 124 ] && echo "== step-speed measurements cut at the time limit ($left s)" | say
@@ -110,5 +112,5 @@ else
   echo "== no time left for the step-speed measurements ($left s)" | say
 fi
 echo "== finished after $(( $(date +%s) - start )) s" | say
-cat "$out/qat_round2.md" "$out/qat_step_compile.md" 2>/dev/null
+cat "$out/qat_round$round.md" "$out/qat_step_compile.md" 2>/dev/null
 ls -la "$out"
