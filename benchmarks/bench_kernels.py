@@ -440,8 +440,8 @@ def graph_decode(model, prompt, new_tokens: int, compiled: bool = False, profile
     from transformers import StaticCache
 
     p = prompt.shape[1]
-    # the cache keeps its own write position, which the graph advances on every replay: room for the
-    # first step, 8 warm-up steps, the timed ones and the profiled ones
+    # room for every replay: the first step, 8 warm-up steps, the timed ones and the profiled ones (a
+    # replay past the cache's end fails with a device-side index assert, which ends the whole process)
     length = p + new_tokens + 16 + (PROFILE_STEPS if profile else 0)
     cache = StaticCache(config=model.config, max_cache_len=length)
     mask = torch.zeros(1, length, dtype=torch.long, device="cuda")
@@ -527,8 +527,9 @@ def kernel_kind(name: str) -> str:
 def kernel_profile(run, steps: int) -> dict:
     """GPU time per decode step by kind of kernel, from CUPTI's records of ``steps`` calls of ``run``.
 
-    Kernel durations only: the gaps between kernels of a graph (about a microsecond each) are the
-    difference between their sum and the measured step time.
+    Kernel durations only: the gaps between kernels of a graph (a fraction of a microsecond each) are
+    the difference between their sum and the measured step time. Kinds go by kernel name, so inductor
+    kernels named after the attention they prepare count as attention.
     """
     from torch.profiler import ProfilerActivity, profile
 
