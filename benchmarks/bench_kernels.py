@@ -509,7 +509,7 @@ def graph_decode(model, prompt, new_tokens: int, compiled: bool = False, profile
 
 PROFILE_STEPS = 8
 KERNEL_KINDS = ("ternary product", "bf16 product (cuBLAS)", "attention",
-                "inductor fused (norms, rotary, residuals, cache)", "other (eager elementwise, copies, argmax)")
+                "inductor fused (norms, residuals, activations, cache)", "other (eager elementwise, copies, argmax)")
 
 
 def kernel_kind(name: str) -> str:
@@ -520,7 +520,7 @@ def kernel_kind(name: str) -> str:
     if any(t in name for t in ("fmha", "flash", "attention", "attn")):
         return "attention"
     if name.startswith("triton_"):
-        return "inductor fused (norms, rotary, residuals, cache)"
+        return "inductor fused (norms, residuals, activations, cache)"
     return "other (eager elementwise, copies, argmax)"
 
 
