@@ -272,6 +272,21 @@ def check_section() -> dict:
                   and torch.equal(total, rc.int().sum(-1, dtype=torch.int32)))
             failures += not ok
             cases.append({"case": f"act quant {dtype} k={k}", "ok": ok})
+    # activations quantized by the caller (the compiled path with COMPILED_ACT_QUANT): equal to the product on x
+    from bitconvert.kernels import quantize_for_kernels, ternary_linear_quantized
+    for m, n, k, gran, gs, dtype in [(1, 2048, 2560, "channel", 128, torch.bfloat16), (3, 512, 6912, "group", 64, torch.bfloat16),
+                                     (40, 1024, 1024, "tensor", 128, torch.float16)]:
+        packed, inv, _ = random_packed(n, k, gran, gs, seed=3 * m + n)
+        x = torch.randn(2, m, k, device="cuda", dtype=dtype) * 2
+        bias = torch.randn(n, device="cuda", dtype=dtype)
+        y = ternary_linear_quantized(*quantize_for_kernels(x), packed, inv, bias, granularity=gran, group_size=gs,
+                                     dtype=dtype)
+        same = torch.equal(y, ternary_linear(x, packed, inv, bias, granularity=gran, group_size=gs))
+        ref = ternary_linear_reference(x, packed, inv, bias, granularity=gran, group_size=gs)
+        ok = same and relerr(y, ref) <= 4e-3
+        failures += not ok
+        cases.append({"case": f"quantized acts m={m} n={n} k={k} {gran} {str(dtype)[6:]}", "ok": ok,
+                      "equal_to_ternary_linear": same, "relerr": relerr(y, ref)})
     ws = [int(w.abs().sum()) + int(c.abs().sum()) for w, c in tt._workspaces.values()]
     clean = all(v == 0 for v in ws)
     failures += not clean
@@ -577,7 +592,7 @@ def measure_model(model, prompt, new_tokens: int, graph_tokens: int, modes=DECOD
     return row
 
 
-VARIANTS = ("packed", "packed_fused")
+VARIANTS = ("packed", "packed_fused", "packed_fused_prequant")
 
 
 def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, graph_tokens: int,
@@ -622,10 +637,22 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
     if "packed_fused" in variants:
         result["packed_fused"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes, profile)
         save()
+    if "packed_fused_prequant" in variants and "compiled" in modes:
+        # compiled only: the activation quantizer as torch ops that inductor fuses into the kernel before
+        # each product, which then takes int8 codes (bitconvert.layers.packed.COMPILED_ACT_QUANT)
+        import bitconvert.layers.packed as packed_layers
+
+        packed_layers.COMPILED_ACT_QUANT = True
+        try:
+            result["packed_fused_prequant"] = measure_model(packed, prompt, new_tokens, graph_tokens, ["compiled"],
+                                                            profile)
+        finally:
+            packed_layers.COMPILED_ACT_QUANT = False
+        save()
     del packed
     torch.cuda.empty_cache()
     for mode in DECODE_MODES:
-        for variant, suffix in (("packed", ""), ("packed_fused", "_fused")):
+        for variant, suffix in (("packed", ""), ("packed_fused", "_fused"), ("packed_fused_prequant", "_prequant")):
             b, q = result["bf16"].get(mode, {}), result.get(variant, {}).get(mode, {})
             if "tokens_per_s" in b and "tokens_per_s" in q:
                 result[f"speedup_{mode}{suffix}"] = q["tokens_per_s"] / b["tokens_per_s"]
@@ -707,13 +734,14 @@ def markdown(data: dict) -> str:
         lines += ["## End-to-end greedy decode, batch 1", "",
                   "packed = the export as loaded; packed+fused = q/k/v and gate/up stacked into one product each "
                   "(as `bitconvert generate` runs it). graph = one decode step in a CUDA graph; compiled = "
-                  "torch.compile, then the same graph.", "",
+                  "torch.compile, then the same graph. +prequant = packed+fused, compiled with the activation "
+                  "quantizer as torch ops (inductor fuses it into the kernel before each product).", "",
                   "| model | source | mode | bf16 tok/s | packed tok/s | speedup | packed+fused tok/s | speedup "
-                  "| bf16 peak GiB | packed peak GiB | weights bf16 / packed |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| +prequant tok/s | speedup | bf16 peak GiB | packed peak GiB | weights bf16 / packed |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in runs:
             if "error" in r:
-                lines.append(f"| {r['model']} | error: {r['error']} | | | | | | | | | |")
+                lines.append(f"| {r['model']} | error: {r['error']} | | | | | | | | | | | |")
                 continue
 
             if "bf16" not in r or "weight_bytes_ratio" not in r:  # cut short before anything was compared
@@ -734,13 +762,15 @@ def markdown(data: dict) -> str:
                     continue
                 lines.append(f"| {r['model']} | {r['source']} | {mode} | {cell('bf16', mode)} | {cell('packed', mode)} | "
                              f"{ratio('packed', mode)} | {cell('packed_fused', mode)} | {ratio('packed_fused', mode)} | "
+                             f"{cell('packed_fused_prequant', mode)} | {ratio('packed_fused_prequant', mode)} | "
                              f"{b.get('peak_mem_gib', float('nan')):.2f} | "
                              f"{q.get('peak_mem_gib', float('nan')):.2f} | {r['bf16']['weight_bytes'] / 2**20:.0f} MiB / "
                              f"{r['bf16']['weight_bytes'] / r['weight_bytes_ratio'] / 2**20:.0f} MiB "
                              f"({r['weight_bytes_ratio']:.2f}x) |")
         lines.append("")
         profiled = [(r, v, m) for r in runs if "bf16" in r for m in DECODE_MODES
-                    for v in ("bf16", "packed", "packed_fused") if "profile" in r.get(v, {}).get(m, {})]
+                    for v in ("bf16", "packed", "packed_fused", "packed_fused_prequant")
+                    if "profile" in r.get(v, {}).get(m, {})]
         if profiled:
             lines += ["### Where a decode step's GPU time goes", "",
                       "µs per step (kernels per step) by kind of kernel, from CUPTI during graph replays; the step is "
@@ -777,7 +807,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-models", default="Llama-2.4B",
                         help="e2e models that also decode through torch.compile (compilation takes a minute or two)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="e2e variants besides bf16: packed, packed_fused")
+                        help="e2e variants besides bf16: packed, packed_fused, packed_fused_prequant (compiled only)")
     parser.add_argument("--profile", action="store_true",
                         help="e2e: also break each graph decode step's GPU time down by kind of kernel")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))

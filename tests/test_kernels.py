@@ -120,6 +120,17 @@ INTERPRETER_CHECK = textwrap.dedent("""
         got = tt.ternary_matmul(x, packed, inv, bias, tt.SCALE_MODES[gran], gs, config=cfg)
         err = ((got - want).norm() / want.norm()).item()
         assert err < 1e-6, (m, n, k, gran, cfg, err)  # the interpreter's division may differ in the last bit
+    # activations quantized by the caller (the compiled path): the codes stand in for x, out_dtype gives y's dtype
+    for m, n, k, gran, gs, cfg in [(1, 32, 256, "channel", 128, tt.GemvConfig(br=2, bkw=16, stages=3)),
+                                   (20, 64, 128, "group", 64, tt.GemmConfig(bm=16, br=8, bk=32))]:
+        codes_w, inv_w = ternary_quantize(torch.randn(n, k), gran, gs)
+        packed = pack_ternary(codes_w)
+        x = torch.randn(m, k) * 3
+        acts = tt.quantize_activations(x)
+        want = ternary_linear_reference(x, packed, inv_w, None, granularity=gran, group_size=gs)
+        got = tt.ternary_matmul(acts[0], packed, inv_w, None, tt.SCALE_MODES[gran], gs, config=cfg, acts=acts,
+                                out_dtype=torch.float32)
+        assert got.dtype == torch.float32 and ((got - want).norm() / want.norm()).item() < 1e-6, (m, n, k, cfg)
     x = torch.randn(4, 300) * 5
     codes, inv, total = tt.quantize_activations(x)
     want_codes, _ = int8_absmax_quantize(x)
@@ -172,6 +183,24 @@ def test_triton_kernels_match_reference_in_the_interpreter():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+def test_quantized_activations_give_the_same_product(granularity):
+    """ternary_linear_quantized on quantize_for_kernels(x) is ternary_linear on x."""
+    from bitconvert.kernels import quantize_for_kernels, ternary_linear_quantized
+
+    g = torch.Generator().manual_seed(1)
+    packed, inv = random_packed(48, 96, granularity)
+    for dtype, lead, bias in [(torch.float32, (3,), None), (torch.bfloat16, (2, 5), torch.randn(48, generator=g))]:
+        x = (torch.randn(*lead, 96, generator=g) * 3).to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        codes, x_inv, x_sum = quantize_for_kernels(x)
+        assert codes.dtype == torch.int8 and x_inv.shape == lead and torch.equal(x_sum, codes.sum(-1, dtype=torch.int32))
+        got = ternary_linear_quantized(codes, x_inv, x_sum, packed, inv, b, granularity=granularity, group_size=32,
+                                       dtype=dtype)
+        want = ternary_linear_reference(x, packed, inv, b, granularity=granularity, group_size=32)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 def test_packed_model_compiles_as_one_graph_with_the_same_logits(tmp_path, tiny_tokenizer):
     """torch.compile sees the packed product as one custom operator: no graph break, same numbers."""
     from bitconvert.convert import convert_to_bitnet
@@ -189,4 +218,17 @@ def test_packed_model_compiles_as_one_graph_with_the_same_logits(tmp_path, tiny_
     with torch.no_grad():
         want = packed(ids, use_cache=False).logits
         got = compiled(ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the quantizer as torch ops in the graph, the product taking codes: the same numbers again
+    import bitconvert.layers.packed as packed_layers
+
+    torch._dynamo.reset()
+    packed_layers.COMPILED_ACT_QUANT = True
+    try:
+        compiled = torch.compile(packed, backend="aot_eager", fullgraph=True)
+        with torch.no_grad():
+            got = compiled(ids, use_cache=False).logits
+    finally:
+        packed_layers.COMPILED_ACT_QUANT = False
+        torch._dynamo.reset()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -16,12 +16,22 @@ def codes_linear_reference(x: torch.Tensor, codes: torch.Tensor, inv_scale: torc
     which is the order transformers' BitLinear uses; per-group scales dequantize the weight first.
     """
     codes_x, x_inv = int8_absmax_quantize(x)
+    return quantized_linear_reference(codes_x, x_inv, codes, inv_scale, bias, granularity=granularity,
+                                      group_size=group_size, dtype=x.dtype)
+
+
+def quantized_linear_reference(codes_x: torch.Tensor, x_inv: torch.Tensor, codes: torch.Tensor,
+                               inv_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+                               granularity: str = "tensor", group_size: int = 128,
+                               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The same product from activations quantized already: int8 ``codes_x`` and ``x_inv`` = 127 / absmax
+    per token (shape ``(..., 1)``), as :func:`int8_absmax_quantize` returns them."""
     if granularity == "group":
         weight = ternary_dequantize(codes, inv_scale, "group", group_size)
         y = (codes_x.float() @ weight.t()) / x_inv
     else:
         y = (codes_x.float() @ codes.float().t()) / (x_inv * inv_scale.float().reshape(-1))
-    y = y.to(x.dtype)
+    y = y.to(dtype)
     return y if bias is None else y + bias
 
 

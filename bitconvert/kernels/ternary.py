@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from bitconvert.kernels.reference import ternary_linear_reference
+from bitconvert.kernels.reference import quantized_linear_reference, ternary_linear_reference
 from bitconvert.quant import int8_absmax_quantize, ternary_dequantize, unpack_ternary
 
 log = logging.getLogger(__name__)
@@ -169,12 +169,15 @@ def _cuda_linear(x, packed, inv_scale, bias, granularity, group_size):
     return y + bias if separate_bias else y
 
 
+def _weights_eligible(device, packed, inv_scale, bias) -> bool:
+    return (packed.dtype == torch.uint8 and packed.is_contiguous() and packed.device == device
+            and inv_scale.device == device and inv_scale.dtype == torch.float32 and inv_scale.is_contiguous()
+            and (bias is None or bias.device == device) and os.environ.get("BITCONVERT_KERNELS", "auto") != "reference")
+
+
 def _kernel_eligible(x, packed, inv_scale, bias) -> bool:
-    return (x.dtype in _KERNEL_DTYPES and packed.dtype == torch.uint8 and packed.is_contiguous()
-            and packed.device == x.device and inv_scale.device == x.device and inv_scale.dtype == torch.float32
-            and inv_scale.is_contiguous() and (bias is None or bias.device == x.device)
-            and not (torch.is_grad_enabled() and x.requires_grad)
-            and os.environ.get("BITCONVERT_KERNELS", "auto") != "reference")
+    return (x.dtype in _KERNEL_DTYPES and not (torch.is_grad_enabled() and x.requires_grad)
+            and _weights_eligible(x.device, packed, inv_scale, bias))
 
 
 def ternary_linear(x: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -209,3 +212,50 @@ def ternary_linear_op(x, packed, inv_scale, bias, granularity, group_size):
 @ternary_linear_op.register_fake
 def _ternary_linear_shape(x, packed, inv_scale, bias, granularity, group_size):
     return x.new_empty((*x.shape[:-1], packed.shape[0] * 4))
+
+
+# Under torch.compile the activation quantizer may also be plain torch ops (absmax, scale, round), which
+# inductor fuses into the kernel that produces x (an RMSNorm, SiLU·up); the packed product then gets
+# the int8 codes and skips its own quantizer. Off until a GPU benchmark shows it pays
+# (benchmarks/bench_kernels.py, variant packed_fused_prequant).
+def quantize_for_kernels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BitNet's per-token int8 activations as the kernels take them: codes ``(..., K)`` int8, ``127 / absmax``
+    ``(...,)`` float32 and Σ codes ``(...,)`` int32 (what the kernels subtract for their ``code + 1`` trick)."""
+    codes, inv = int8_absmax_quantize(x)
+    return codes, inv.squeeze(-1), codes.sum(-1, dtype=torch.int32)
+
+
+def ternary_linear_quantized(codes: torch.Tensor, x_inv: torch.Tensor, x_sum: torch.Tensor, packed: torch.Tensor,
+                             inv_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+                             granularity: str = "tensor", group_size: int = 128,
+                             dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """:func:`ternary_linear` for activations quantized already (:func:`quantize_for_kernels`): the same
+    result as ``ternary_linear(x, ...)`` on the ``x`` they came from, in ``dtype``."""
+    k = codes.shape[-1]
+    if (codes.is_cuda and dtype in _KERNEL_DTYPES and k % 4 == 0 and _weights_eligible(codes.device, packed, inv_scale, bias)
+            and triton_available()):
+        from bitconvert.kernels import triton_ternary as tt
+
+        codes2d = codes.reshape(-1, k).contiguous()
+        acts = (codes2d, x_inv.reshape(-1).float().contiguous(), x_sum.reshape(-1).to(torch.int32).contiguous())
+        separate_bias = bias is not None and bias.dtype != dtype  # torch would promote: keep its rule
+        y = tt.ternary_matmul(codes2d, packed, inv_scale, None if separate_bias else bias, tt.SCALE_MODES[granularity],
+                              group_size, acts=acts, out_dtype=dtype)
+        if y is not None:
+            y = y.reshape(*codes.shape[:-1], y.shape[-1])
+            return y + bias if separate_bias else y
+    return quantized_linear_reference(codes, x_inv.unsqueeze(-1).float(), unpack_ternary(packed), inv_scale, bias,
+                                      granularity=granularity, group_size=group_size, dtype=dtype)
+
+
+@torch.library.custom_op("bitconvert::ternary_linear_quantized", mutates_args=(),
+                         schema="(Tensor codes, Tensor x_inv, Tensor x_sum, Tensor packed, Tensor inv_scale, "
+                                "Tensor? bias, str granularity, int group_size, ScalarType dtype) -> Tensor")
+def ternary_linear_quantized_op(codes, x_inv, x_sum, packed, inv_scale, bias, granularity, group_size, dtype):
+    return ternary_linear_quantized(codes, x_inv, x_sum, packed, inv_scale, bias, granularity=granularity,
+                                    group_size=group_size, dtype=dtype)
+
+
+@ternary_linear_quantized_op.register_fake
+def _ternary_linear_quantized_shape(codes, x_inv, x_sum, packed, inv_scale, bias, granularity, group_size, dtype):
+    return codes.new_empty((*codes.shape[:-1], packed.shape[0] * 4), dtype=dtype)

@@ -790,15 +790,16 @@ def graph_time_us(calls: list) -> float:
 def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None,
                    mode: int, group_size: int, config: GemvConfig | GemmConfig | None = None,
                    acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                   keep_acts=None) -> torch.Tensor | None:
+                   keep_acts=None, out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """``(M, K) -> (M, N)`` on the GPU; ``None`` when no kernel covers this case (the caller falls back).
 
-    ``acts`` are ``quantize_activations(x2d)`` when the caller already has them. Without them the fused
-    GEMV (one launch) competes with quantize-then-multiply (two), each measured as a whole; when the
-    choice quantizes separately, ``keep_acts(acts)`` receives the activations for reuse.
+    ``acts`` are ``quantize_activations(x2d)`` when the caller already has them (then ``x2d`` may be the
+    codes themselves and ``out_dtype`` says the result's dtype). Without them the fused GEMV (one
+    launch) competes with quantize-then-multiply (two), each measured as a whole; when the choice
+    quantizes separately, ``keep_acts(acts)`` receives the activations for reuse.
     """
     m, k = x2d.shape
-    y = torch.empty((m, packed.shape[0] * 4), dtype=x2d.dtype, device=x2d.device)
+    y = torch.empty((m, packed.shape[0] * 4), dtype=out_dtype or x2d.dtype, device=x2d.device)
     if m == 0:
         return y
     p = _problem(m, y.shape[1], k, mode, group_size, x2d.device, acts is not None)

@@ -6,7 +6,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitconvert.kernels import TernaryCache, binary_linear, onebit_linear, ternary_linear, ternary_linear_op
+from bitconvert.kernels import (
+    TernaryCache,
+    binary_linear,
+    onebit_linear,
+    quantize_for_kernels,
+    ternary_linear,
+    ternary_linear_op,
+    ternary_linear_quantized_op,
+)
 from bitconvert.layers.bitlinear import RMSNorm
 from bitconvert.quant import (
     QuantSpec,
@@ -18,6 +26,12 @@ from bitconvert.quant import (
     unpack_binary,
     unpack_ternary,
 )
+
+
+# Compiled models quantize activations with torch ops that inductor fuses into the preceding kernel, and
+# the packed product takes the codes (bitconvert.kernels.ternary_linear_quantized). Off by default: not
+# yet measured on a GPU against the kernels' own quantizer. Set it before torch.compile traces the model.
+COMPILED_ACT_QUANT = False
 
 
 class _PackedProduct(torch.autograd.Function):
@@ -78,6 +92,10 @@ class PackedBitLinear(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             return _PackedProduct.apply(x, self)
         if torch.compiler.is_compiling() and self.spec.variant == "b1.58":
+            if COMPILED_ACT_QUANT:  # the quantizer as torch ops, for inductor to fuse with what made x
+                codes, x_inv, x_sum = quantize_for_kernels(x)
+                return ternary_linear_quantized_op(codes, x_inv, x_sum, self.weight, self.weight_scale, self.bias,
+                                                   self.spec.weight_scale, self.spec.group_size, x.dtype)
             return ternary_linear_op(x, self.weight, self.weight_scale, self.bias, self.spec.weight_scale,
                                      self.spec.group_size)
         return self._packed_forward(x)
