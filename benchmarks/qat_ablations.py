@@ -65,6 +65,7 @@ from bitconvert.utils.io import atomic_write_text  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-gpu.yaml"
 
+
 def merge(base: dict, change: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in change.items():
