@@ -144,6 +144,20 @@ def test_data_sources(tmp_path, tiny_tokenizer):
                             seed=0, cache_dir=tmp_path)
 
 
+def test_mixing_keeps_every_block_of_every_source(caplog):
+    from bitconvert.train.data import _mix
+
+    small = torch.arange(3).reshape(3, 1)
+    large = torch.arange(100, 110).reshape(10, 1)
+    pool = _mix([small, large], [1.0, 2.0])  # 10 blocks at 2/3 need a pool of 15: small repeats to 5
+    assert set(large.flatten().tolist()) <= set(pool.flatten().tolist())
+    assert (pool < 100).sum().item() == 5 and (pool >= 100).sum().item() == 10
+    # a weight far below a source's share of the blocks would need a huge pool: capped, and said
+    with caplog.at_level("WARNING"):
+        capped = _mix([small, large], [1.0, 0.001])
+    assert len(capped) <= 8 * 13 + 1 and "only 1 of its 10 blocks" in caplog.text  # every source keeps a block
+
+
 def test_held_out_blocks_may_be_shorter_than_training_blocks(tmp_path, tiny_tokenizer, corpus_file):
     source = DataSource(path=str(corpus_file))
     data = build_training_data(DataConfig(train=[source], eval=source, sequence_length=64, eval_sequence_length=16),

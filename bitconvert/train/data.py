@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -178,14 +179,27 @@ class TrainingData:
         return self._epoch_order[1]
 
 
+MAX_POOL_GROWTH = 8  # the pool may hold up to this many times the blocks the sources have
+
+
 def _mix(blocks: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """Repeat or subsample each source so that its share of the pool matches its weight."""
+    """Repeat each source so that its share of the pool matches its weight.
+
+    The pool is as large as it takes for every block of every source to be in it (a small source with a
+    large weight repeats), up to MAX_POOL_GROWTH times the blocks there are; only past that is a source
+    cut to its share, with a warning. (A pool of just the total number of blocks would cut the largest
+    source whenever its weight is below its share of the blocks: most of the teacher text, for example.)
+    """
     if len(blocks) == 1:
         return blocks[0]
     total = sum(len(b) for b in blocks)
+    shares = [w / sum(weights) for w in weights]
+    size = min(max(total, *(math.ceil(len(b) / share) for b, share in zip(blocks, shares))), MAX_POOL_GROWTH * total)
     parts = []
-    for b, w in zip(blocks, weights):
-        want = max(1, round(w / sum(weights) * total))
+    for index, (b, share) in enumerate(zip(blocks, shares)):
+        want = max(1, round(share * size))
+        if want < len(b):
+            log.warning("data source %d: only %d of its %d blocks fit its weight's share of the pool", index, want, len(b))
         parts.append(b.repeat((want + len(b) - 1) // len(b), 1)[:want])
     return torch.cat(parts)
 
