@@ -150,19 +150,28 @@ class _LastActivations(threading.local):
 _last_activations = _LastActivations()
 
 
-def _cuda_linear(x, packed, inv_scale, bias, granularity, group_size):
+def _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, acts=None, dtype=None):
+    """The Triton product of ``x`` (or of its int8 codes, when ``acts`` holds their quantization; then
+    ``dtype`` is the result's), or None when no kernel covers it."""
     from bitconvert.kernels import triton_ternary as tt
 
     k = x.shape[-1]
     x2d = x.reshape(-1, k)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    separate_bias = bias is not None and bias.dtype != x.dtype  # torch would promote: keep its rule
-    # Activations another layer quantized from this very tensor are reused; otherwise the tuner picks
-    # between the fused GEMV (quantizes inside, keeps nothing) and quantizing once here, kept for the next.
+    dtype = dtype or x.dtype
+    separate_bias = bias is not None and bias.dtype != dtype  # torch would promote: keep its rule
+    keep = None
+    if acts is None:
+        # Activations another layer quantized from this very tensor are reused; otherwise the tuner picks
+        # between the fused GEMV (quantizes inside, keeps nothing) and quantizing once here, kept for the next.
+        acts = _last_activations.get(x)
+
+        def keep(quantized):
+            _last_activations.put(x, quantized)
+
     y = tt.ternary_matmul(x2d, packed, inv_scale, None if separate_bias else bias, tt.SCALE_MODES[granularity],
-                          group_size, acts=_last_activations.get(x),
-                          keep_acts=lambda acts: _last_activations.put(x, acts))
+                          group_size, acts=acts, keep_acts=keep, out_dtype=dtype)
     if y is None:
         return None
     y = y.reshape(*x.shape[:-1], y.shape[-1])
@@ -234,16 +243,11 @@ def ternary_linear_quantized(codes: torch.Tensor, x_inv: torch.Tensor, x_sum: to
     k = codes.shape[-1]
     if (codes.is_cuda and dtype in _KERNEL_DTYPES and k % 4 == 0 and _weights_eligible(codes.device, packed, inv_scale, bias)
             and triton_available()):
-        from bitconvert.kernels import triton_ternary as tt
-
-        codes2d = codes.reshape(-1, k).contiguous()
-        acts = (codes2d, x_inv.reshape(-1).float().contiguous(), x_sum.reshape(-1).to(torch.int32).contiguous())
-        separate_bias = bias is not None and bias.dtype != dtype  # torch would promote: keep its rule
-        y = tt.ternary_matmul(codes2d, packed, inv_scale, None if separate_bias else bias, tt.SCALE_MODES[granularity],
-                              group_size, acts=acts, out_dtype=dtype)
+        codes = codes.contiguous()
+        acts = (codes.reshape(-1, k), x_inv.reshape(-1).float().contiguous(), x_sum.reshape(-1).to(torch.int32).contiguous())
+        y = _cuda_linear(codes, packed, inv_scale, bias, granularity, group_size, acts=acts, dtype=dtype)
         if y is not None:
-            y = y.reshape(*codes.shape[:-1], y.shape[-1])
-            return y + bias if separate_bias else y
+            return y
     return quantized_linear_reference(codes, x_inv.unsqueeze(-1).float(), unpack_ternary(packed), inv_scale, bias,
                                       granularity=granularity, group_size=group_size, dtype=dtype)
 
