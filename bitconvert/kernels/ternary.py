@@ -225,8 +225,8 @@ def _ternary_linear_shape(x, packed, inv_scale, bias, granularity, group_size):
 
 # Under torch.compile the activation quantizer may also be plain torch ops (absmax, scale, round), which
 # inductor fuses into the kernel that produces x (an RMSNorm, SiLU·up); the packed product then gets
-# the int8 codes and skips its own quantizer. Off until a GPU benchmark shows it pays
-# (benchmarks/bench_kernels.py, variant packed_fused_prequant).
+# the int8 codes and skips its own quantizer. Off: on an H200 it did not pay (benchmarks/bench_kernels.py,
+# variant packed_fused_prequant; results/kernels-h200-prequant.md).
 def quantize_for_kernels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BitNet's per-token int8 activations as the kernels take them: codes ``(..., K)`` int8, ``127 / absmax``
     ``(...,)`` float32 and Σ codes ``(...,)`` int32 (what the kernels subtract for their ``code + 1`` trick)."""

@@ -29,8 +29,9 @@ from bitconvert.quant import (
 
 
 # Compiled models quantize activations with torch ops that inductor fuses into the preceding kernel, and
-# the packed product takes the codes (bitconvert.kernels.ternary_linear_quantized). Off by default: not
-# yet measured on a GPU against the kernels' own quantizer. Set it before torch.compile traces the model.
+# the packed product takes the codes (bitconvert.kernels.ternary_linear_quantized). Off by default: on an
+# H200 the products got faster but inductor's extra absmax reductions cost as much (2.4B decode 1.65x vs
+# 1.66x bf16, docs/benchmarks.md). Set it before torch.compile traces the model.
 COMPILED_ACT_QUANT = False
 
 
