@@ -183,7 +183,10 @@ def spec_for(name: str, args, with_mix: bool = True) -> dict:
                     "sequence_length": data_change.get("sequence_length", args.sequence_length),
                     "eval_sequence_length": args.sequence_length}
     spec["model"] = str(args.model)
-    spec["train"]["minutes"] = args.seconds / 60
+    if args.steps:
+        spec["train"]["steps"] = args.steps
+    else:
+        spec["train"]["minutes"] = args.seconds / 60
     spec["train"]["eval_every"] = args.eval_every
     return spec
 
@@ -463,6 +466,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("BITCONVERT_DATA", ".data")) / "wikitext-2")
     parser.add_argument("--round", type=int, choices=(1, 2, 3), default=1, help="which set of configurations")
     parser.add_argument("--seconds", type=float, default=40, help="training seconds per configuration")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train every configuration for this many steps instead (--seconds then only estimates "
+                             "a row's time for --deadline): same tokens for all, whatever the GPU's speed does")
     parser.add_argument("--eval-every", type=int, default=40, help="steps between held-out checks (0: end only)")
     parser.add_argument("--configs", default=None, help="comma list (default: the round's list)")
     parser.add_argument("--generate-tokens", type=int, default=262_144, help="round 1's teacher_text_mix row")
@@ -530,7 +536,8 @@ def run(args) -> None:
 
     report = {"round": args.round, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
               "torch": torch.__version__, "transformers": transformers.__version__,
-              "model": str(args.model), "seconds_per_config": args.seconds, "piqa_limit": args.piqa_limit,
+              "model": str(args.model), "seconds_per_config": args.seconds, "steps_per_config": args.steps,
+              "piqa_limit": args.piqa_limit,
               "sequence_length": args.sequence_length, "reference": args.reference, "original_ppl": None,
               "original_piqa": None, "eval_blocks": None, "configs": [], "throughput": [], "timings": timings,
               "deadline": args.deadline, "started_at": started_at}
@@ -670,7 +677,9 @@ def table(report: dict) -> str:
         lines = [f"On {report['device']} (torch {report.get('torch')}, transformers {report.get('transformers')}), "
                  f"model {report.get('model', 'SmolLM2-135M')}.", ""]
     else:
-        lines = [f"SmolLM2-135M, {report['seconds_per_config']:g} s of distillation per configuration on {report['device']}; "
+        budget = (f"{report['steps_per_config']} steps" if report.get("steps_per_config")
+                  else f"{report['seconds_per_config']:g} s")
+        lines = [f"SmolLM2-135M, {budget} of distillation per configuration on {report['device']}; "
                  f"WikiText-2 test perplexity over {blocks} blocks of {report.get('sequence_length', 512)} tokens; "
                  f"PIQA: lm-eval piqa_local, {'all' if limit < 0 else 'first ' + str(limit)} items.", ""]
 

@@ -7,18 +7,22 @@
 #      then the configurations in priority order until the deadline (BUDGET_SECONDS - COMPILE_SECONDS);
 #   3. QAT step tokens/s, eager vs compiled blocks vs `train.compile: true`, in its own process under
 #      `timeout` with whatever time is left (a long compile is cut, not fatal).
-# Writes to $OUT: qat_round$ROUND.{json,md}, qat_step_compile.{json,md}, round$ROUND.log (progress bars dropped).
+# Writes to $OUT: qat_round$ROUND.{json,md}, qat_step_compile.{json,md}, winner_round$ROUND.sets (the best
+# configuration as `--set` overrides of the recipe), round$ROUND.log (progress bars dropped).
 #
 #   OUT=/path GGUF=/root/m/smollm2.gguf ROUND=3 bash benchmarks/qat_round.sh   (repo as CWD, data in .data/)
 #   SMOKE=1 OUT=/tmp/smoke bash benchmarks/qat_round.sh                      (CPU, tiny random Llama)
-# Knobs: ROW_SECONDS (training seconds per configuration), CONFIGS (comma list), BUDGET_SECONDS,
-# COMPILE_SECONDS, WORK (scratch folder), BITCONVERT_DATA (folder with wikitext-2/ and piqa/).
+# Knobs: ROW_SECONDS (training seconds per configuration), ROW_STEPS (train each for this many steps
+# instead: equal tokens whatever the GPU's speed does; ROW_SECONDS is then the time estimate), CONFIGS (comma list), BUDGET_SECONDS,
+# COMPILE_SECONDS, WORK (scratch folder), BITCONVERT_DATA (folder with wikitext-2/ and piqa/), SPEED=0 (no
+# sampling or step-speed measurements: every second goes to the configurations).
 set -uo pipefail
 start=$(date +%s)
 out=${OUT:?set OUT}
 smoke=${SMOKE:-0}
 data=${BITCONVERT_DATA:-$PWD/.data}
 round=${ROUND:-2}
+speed=${SPEED:-1}
 work=${WORK:-/tmp/qat-round$round}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 BITCONVERT_DATA=$data TOKENIZERS_PARALLELISM=true
 mkdir -p "$out" "$work"
@@ -64,6 +68,8 @@ else
 fi
 configs=()
 [ -n "${CONFIGS:-}" ] && configs=(--configs "$CONFIGS")
+throughput=(--throughput --throughput-settings sampling)
+if [ "$speed" = 0 ]; then throughput=(); compile_seconds=0; fi
 
 {
   echo "== qat_round.sh, round $round: device $device, $row_seconds s per configuration, budget $budget s (compile $compile_seconds s)"
@@ -97,13 +103,17 @@ fi
 echo "== model ready after $(( $(date +%s) - start )) s" | say
 
 common=(--model "$model" --data "$data/wikitext-2" --device "$device" --out "$out" "${sizes[@]}")
-python3 benchmarks/qat_ablations.py --round "$round" "${common[@]}" "${configs[@]}" --seconds "$row_seconds" --eval-every 0 \
-  --throughput --throughput-settings sampling --deadline $(( start + budget - compile_seconds )) \
-  --work "$work/ablations" 2>&1 | say
+steps=()
+[ -n "${ROW_STEPS:-}" ] && steps=(--steps "$ROW_STEPS")
+python3 benchmarks/qat_ablations.py --round "$round" "${common[@]}" "${configs[@]}" --seconds "$row_seconds" "${steps[@]}" --eval-every 0 \
+  "${throughput[@]}" --deadline $(( start + budget - compile_seconds )) \
+  --winner-sets "$out/winner_round$round.sets" --work "$work/ablations" 2>&1 | say
 echo "== ablations done after $(( $(date +%s) - start )) s" | say
 
 left=$(( start + budget - $(date +%s) ))
-if [ "$left" -ge 45 ]; then
+if [ "$speed" = 0 ]; then
+  echo "== step-speed measurements not asked for (SPEED=0)" | say
+elif [ "$left" -ge 45 ]; then
   timeout -k 5 "$left" python3 benchmarks/qat_ablations.py --round "$round" "${common[@]}" --configs "" --throughput \
     --throughput-settings eager,compiled_model,compiled_blocks --report-name qat_step_compile \
     --work "$work/compile" 2>&1 | say
