@@ -11,11 +11,13 @@
 # configuration as `--set` overrides of the recipe), round$ROUND.log (progress bars dropped).
 #
 #   OUT=/path GGUF=/root/m/smollm2.gguf ROUND=3 bash benchmarks/qat_round.sh   (repo as CWD, data in .data/)
+#   ... ROUND=3 SPEED=0 ROW_STEPS=115 ROW_SECONDS=36 bash benchmarks/qat_round.sh (equal steps, as round 3 ended)
 #   SMOKE=1 OUT=/tmp/smoke bash benchmarks/qat_round.sh                      (CPU, tiny random Llama)
 # Knobs: ROW_SECONDS (training seconds per configuration), ROW_STEPS (train each for this many steps
-# instead: equal tokens whatever the GPU's speed does; ROW_SECONDS is then the time estimate), CONFIGS (comma list), BUDGET_SECONDS,
-# COMPILE_SECONDS, WORK (scratch folder), BITCONVERT_DATA (folder with wikitext-2/ and piqa/), SPEED=0 (no
-# sampling or step-speed measurements: every second goes to the configurations).
+# instead: the same tokens whatever the GPU's speed does; ROW_SECONDS is then the time estimate), CONFIGS
+# (comma list), BUDGET_SECONDS, COMPILE_SECONDS, WORK (scratch folder), BITCONVERT_DATA (folder with
+# wikitext-2/ and piqa/), SPEED=0 (no sampling or step-speed measurements: every second goes to the
+# configurations), PIQA_LIMIT (items per row; -1, the GPU default, is all of them).
 set -uo pipefail
 start=$(date +%s)
 out=${OUT:?set OUT}
@@ -63,7 +65,8 @@ else
   device=cuda; budget=${BUDGET_SECONDS:-560}; compile_seconds=${COMPILE_SECONDS:-130}
   gguf=${GGUF:-/root/m/smollm2.gguf}
   row_seconds=${ROW_SECONDS:-22}
-  sizes=(--piqa-limit 400 --mix-tokens 4194304 --mix-batch-size 1024 --mix-seconds 60
+  # all 1838 PIQA items (~22 s a row): on 400 the same configuration read 0.528-0.565 across calls (round 3)
+  sizes=(--piqa-limit "${PIQA_LIMIT:--1}" --mix-tokens 4194304 --mix-batch-size 1024 --mix-seconds 60
          --sampling-batch 1024 --sampling-new-tokens 128 --throughput-steps 12)
 fi
 configs=()
