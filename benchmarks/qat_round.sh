@@ -65,7 +65,7 @@ else
   device=cuda; budget=${BUDGET_SECONDS:-560}; compile_seconds=${COMPILE_SECONDS:-130}
   gguf=${GGUF:-/root/m/smollm2.gguf}
   row_seconds=${ROW_SECONDS:-22}
-  # all 1838 PIQA items (~22 s a row): on 400 the same configuration read 0.528-0.565 across calls (round 3)
+  # all 1838 PIQA items (~22 s a row): on 400 the same configuration read 0.527-0.565 across calls (round 3)
   sizes=(--piqa-limit "${PIQA_LIMIT:--1}" --mix-tokens 4194304 --mix-batch-size 1024 --mix-seconds 60
          --sampling-batch 1024 --sampling-new-tokens 128 --throughput-steps 12)
 fi
