@@ -11,10 +11,10 @@
 # configuration as `--set` overrides of the recipe), round$ROUND.log (progress bars dropped).
 #
 #   OUT=/path GGUF=/root/m/smollm2.gguf ROUND=3 bash benchmarks/qat_round.sh   (repo as CWD, data in .data/)
-#   ... ROUND=3 SPEED=0 ROW_STEPS=115 ROW_SECONDS=36 bash benchmarks/qat_round.sh (equal steps, as round 3 ended)
 #   SMOKE=1 OUT=/tmp/smoke bash benchmarks/qat_round.sh                      (CPU, tiny random Llama)
-# Knobs: ROW_SECONDS (training seconds per configuration), ROW_STEPS (train each for this many steps
-# instead: the same tokens whatever the GPU's speed does; ROW_SECONDS is then the time estimate), CONFIGS
+# Knobs: ROW_STEPS (steps per configuration, on the GPU 115 unless set: the same tokens for every row
+# whatever the GPU's speed does; ROW_STEPS= trains each for ROW_SECONDS instead), ROW_SECONDS (training
+# seconds per configuration, or with ROW_STEPS the estimate of a row's time for the deadline), CONFIGS
 # (comma list), BUDGET_SECONDS, COMPILE_SECONDS, WORK (scratch folder), BITCONVERT_DATA (folder with
 # wikitext-2/ and piqa/), SPEED=0 (no sampling or step-speed measurements: every second goes to the
 # configurations), PIQA_LIMIT (items per row; -1, the GPU default, is all of them).
@@ -59,12 +59,14 @@ if [ "$smoke" = 1 ]; then
   device=cpu; budget=${BUDGET_SECONDS:-1200}; compile_seconds=${COMPILE_SECONDS:-500}
   gguf=${GGUF:-$(python3 -c "from bitconvert.sources import resolve; s = resolve('smollm2-135m'); print(s.path / s.gguf_file)")}
   row_seconds=${ROW_SECONDS:-3}
+  row_steps=${ROW_STEPS:-}
   sizes=(--sequence-length 32 --piqa-limit 8 --eval-blocks 16 --mix-tokens 1024 --mix-batch-size 16 --mix-seconds 30
          --sampling-batch 16 --sampling-new-tokens 16 --throughput-steps 5 --row-overhead 10)
 else
   device=cuda; budget=${BUDGET_SECONDS:-560}; compile_seconds=${COMPILE_SECONDS:-130}
   gguf=${GGUF:-/root/m/smollm2.gguf}
-  row_seconds=${ROW_SECONDS:-22}
+  row_seconds=${ROW_SECONDS:-36}
+  row_steps=${ROW_STEPS-115}  # fixed seconds let the GPU's speed drift decide rows (round 3)
   # all 1838 PIQA items (~22 s a row): on 400 the same configuration read 0.527-0.565 across calls (round 3)
   sizes=(--piqa-limit "${PIQA_LIMIT:--1}" --mix-tokens 4194304 --mix-batch-size 1024 --mix-seconds 60
          --sampling-batch 1024 --sampling-new-tokens 128 --throughput-steps 12)
@@ -75,7 +77,7 @@ throughput=(--throughput --throughput-settings sampling)
 if [ "$speed" = 0 ]; then throughput=(); compile_seconds=0; fi
 
 {
-  echo "== qat_round.sh, round $round: device $device, $row_seconds s per configuration, budget $budget s (compile $compile_seconds s)"
+  echo "== qat_round.sh, round $round: device $device, ${row_steps:+$row_steps steps, ~}$row_seconds s per configuration, budget $budget s (compile $compile_seconds s)"
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
       'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
 } 2>&1 | say
@@ -107,7 +109,7 @@ echo "== model ready after $(( $(date +%s) - start )) s" | say
 
 common=(--model "$model" --data "$data/wikitext-2" --device "$device" --out "$out" "${sizes[@]}")
 steps=()
-[ -n "${ROW_STEPS:-}" ] && steps=(--steps "$ROW_STEPS")
+[ -n "$row_steps" ] && steps=(--steps "$row_steps")
 python3 benchmarks/qat_ablations.py --round "$round" "${common[@]}" "${configs[@]}" --seconds "$row_seconds" "${steps[@]}" --eval-every 0 \
   "${throughput[@]}" --deadline $(( start + budget - compile_seconds )) \
   --winner-sets "$out/winner_round$round.sets" --work "$work/ablations" 2>&1 | say
