@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -93,7 +94,10 @@ def quantize(recipe: Recipe, *, resume: bool = False, accelerator=None) -> Quant
                                    teacher=teacher, device=device, is_main=main, wait=accelerator.wait_for_everyone)
         result.train = train(student, teacher, data, recipe.train, run_dir, accelerator=accelerator, resume=resume,
                              eval_batch_size=recipe.eval.batch_size)
+        teacher = None  # FSDP wraps the blocks in place: neither original may outlive the process group
         if result.train.interrupted:
+            student = None
+            _end_processes(accelerator, result)
             return result
         student = _gather_student(result.train.model, recipe, accelerator)
     if main:
@@ -107,9 +111,25 @@ def quantize(recipe: Recipe, *, resume: bool = False, accelerator=None) -> Quant
                                          perplexity_files=recipe.eval.perplexity, limit=recipe.eval.limit,
                                          batch_size=recipe.eval.batch_size, device=str(accelerator.device),
                                          data_dir=recipe.eval.data_dir)
-    if accelerator.num_processes > 1:
-        accelerator.end_training()  # tears down the process group cleanly
+    _end_processes(accelerator, result)
     return result
+
+
+def _end_processes(accelerator, result: QuantizeResult) -> None:
+    """Tear down the process group of a multi-process run, the wrapper first.
+
+    DDP's reducer holds the process group. Were it the last holder, freeing it would destroy a gloo
+    group while holding the GIL, and join worker threads that still need the GIL to free the last
+    collective's tensors: a hang at exit, seen about once in 20 CPU runs. Freed here, while the group
+    is still registered, it is not the last; destroy_process_group then frees the group without the GIL.
+    """
+    if accelerator.num_processes == 1:
+        return
+    if result.train is not None:
+        result.train.model = None
+    accelerator.free_memory()  # accelerate's own references to the prepared model and optimizer
+    gc.collect()  # modules sit in reference cycles: free the wrapper now, not at some later collection
+    accelerator.end_training()
 
 
 def _gather_student(student, recipe: Recipe, accelerator):
