@@ -240,7 +240,7 @@ def test_attention_inputs_find_the_layer_or_say_why():
 
     model = build_tiny_model("llama", 320)
     capture = AttentionInputs(model, -1)
-    assert capture.layer == 1
+    assert capture.layer == 1 and capture.head_dim == 16
     with capture:
         model(input_ids=torch.randint(0, 320, (2, 5)))
     q, k, v = capture.states

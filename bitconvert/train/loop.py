@@ -127,7 +127,7 @@ def compute_losses(student, teacher, input_ids: torch.Tensor, cfg: TrainConfig) 
             terms["hidden"] = hidden_mse(out.hidden_states, reference.hidden_states)
         if need_attention:
             terms["attention"] = attention_relation_kl(student_attention.states, teacher_attention.states,
-                                                       head_dim_of(teacher))
+                                                       teacher_attention.head_dim)
     if not distill:  # continued pretraining: cross-entropy is the whole objective
         terms["loss"] = terms["ce"]
     else:
@@ -137,13 +137,6 @@ def compute_losses(student, teacher, input_ids: torch.Tensor, cfg: TrainConfig) 
         terms["aux"] = aux
         terms["loss"] = terms["loss"] + aux
     return terms
-
-
-def head_dim_of(model) -> int:
-    config = getattr(model, "config", None)
-    if config is None:  # a wrapper (DDP, FSDP, compiled): the model it wraps has the config
-        config = model.module.config if hasattr(model, "module") else model._orig_mod.config
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def auxiliary_loss(model) -> torch.Tensor | None:

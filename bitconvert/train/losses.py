@@ -49,28 +49,34 @@ def hidden_mse(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[t
 
 class AttentionInputs(contextlib.AbstractContextManager):
     """The query, key and value projections' outputs of one decoder layer, captured by forward hooks
-    while the context is open (``.states``: (q, k, v), each (batch, tokens, width)).
+    while the context is open (``.states``: (q, k, v), each (batch, tokens, width)); ``.head_dim`` is
+    that layer's attention head size.
 
     ``layer`` counts from 0; negative counts from the end. Models whose blocks have no
-    ``layers.N.self_attn.{q,k,v}_proj`` modules (Llama, Mistral, Qwen, Gemma and their kin have them)
-    get a clear error rather than a silent zero loss.
+    ``layers.N.self_attn`` with ``{q,k,v}_proj`` and ``head_dim`` (Llama, Mistral, Qwen, Gemma and their
+    kin have them) get a clear error rather than a silent zero loss.
     """
 
     def __init__(self, model: nn.Module, layer: int):
-        found: dict[int, dict[str, nn.Module]] = {}
+        found: dict[int, nn.Module] = {}
         for name, module in model.named_modules():
-            hit = re.search(r"layers\.(\d+)\.self_attn\.([qkv]_proj)$", name)
-            if hit:
-                found.setdefault(int(hit.group(1)), {})[hit.group(2)] = module
+            hit = re.search(r"layers\.(\d+)\.self_attn$", name)
+            if hit and all(isinstance(getattr(module, p, None), nn.Module) for p in PROJECTIONS):
+                found[int(hit.group(1))] = module
         if not found:
             raise ValueError("attention-relation distillation needs decoder layers with self_attn.q_proj, "
                              "k_proj and v_proj; this model has none (set train.loss.attention to 0)")
         count = max(found) + 1
         index = layer + count if layer < 0 else layer
-        if not 0 <= index < count or set(found.get(index, {})) != set(PROJECTIONS):
+        if index not in found:
             raise ValueError(f"train.loss.attention_layer {layer} is not one of this model's {count} decoder layers "
                              f"with q/k/v projections")
-        self.modules = [found[index][name] for name in PROJECTIONS]
+        attention = found[index]
+        if not isinstance(getattr(attention, "head_dim", None), int):
+            raise ValueError(f"layer {index}'s self_attn does not say its head_dim; attention-relation "
+                             "distillation cannot split its projections into heads")
+        self.head_dim = attention.head_dim
+        self.modules = [getattr(attention, name) for name in PROJECTIONS]
         self.layer = index
         self.states: list[torch.Tensor] = []
         self._handles: list = []
