@@ -18,6 +18,13 @@ what it measured):
            init model of its config; speed does not depend on weight values) and a random-init
            Llama of about 2.4B parameters.
 
+--overlap (default, off, prefetch, pdl, pdl_noprefetch) chooses how the kernels of the check and
+kernels sections overlap the kernel before them (bitconvert.kernels.triton_ternary.LaunchOverlap;
+the default is bitconvert's, PDL and prefetch on Hopper). The e2e variants packed, packed_fused and
+packed_fused_prequant use bitconvert's default; the variants in OVERLAP_VARIANTS set their own, some
+with inductor's kernels launched with PDL too (torch._inductor.config.triton.enable_pdl), and then the
+bf16 model is also measured compiled that way (bf16_pdl).
+
 Times: "kernel" is triton's do_bench median with L2 flushed before each call (the GPU time of one
 call while the CPU can queue it during the flush; a call whose Python/launch cost exceeds the flush,
 as the packed path's does on a slow host CPU, shows that cost instead); "graph" replays a CUDA graph
@@ -29,6 +36,7 @@ Python calls on the same rotating copies (includes the CPU cost of launching).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -593,6 +601,36 @@ def measure_model(model, prompt, new_tokens: int, graph_tokens: int, modes=DECOD
 
 
 VARIANTS = ("packed", "packed_fused", "packed_fused_prequant")
+# (programmatic dependent launch, L2 prefetch of the weights): see triton_ternary.LaunchOverlap
+OVERLAPS = {"off": (False, False), "prefetch": (False, True), "pdl": (True, True), "pdl_noprefetch": (True, False)}
+# packed_fused variants: (overlap of bitconvert's kernels, inductor's kernels launched with PDL too,
+# activation quantizer compiled into the kernel before each product as COMPILED_ACT_QUANT does)
+OVERLAP_VARIANTS = {"packed_fused_no_overlap": ("off", False, False),
+                    "packed_fused_prefetch": ("prefetch", False, False), "packed_fused_pdl": ("pdl", True, False),
+                    "packed_fused_pdl_kernels": ("pdl", False, False),
+                    "packed_fused_pdl_noprefetch": ("pdl_noprefetch", True, False),
+                    "packed_fused_prequant_pdl": ("pdl", True, True)}
+
+
+@contextlib.contextmanager
+def launch_overlap(name: str, inductor: bool | None = None):
+    """bitconvert's kernels launched as OVERLAPS[name] says inside the block, and inductor's with PDL too if
+    ``inductor`` (by default: when bitconvert's are)."""
+    import torch._inductor.config as inductor_config
+
+    from bitconvert.kernels import triton_ternary as tt
+
+    pdl, prefetch = OVERLAPS[name]
+    previous = tt.set_launch_overlap(pdl=pdl, prefetch=prefetch)
+    inductor_pdl = getattr(inductor_config.triton, "enable_pdl", None)
+    if inductor_pdl is not None:
+        inductor_config.triton.enable_pdl = pdl if inductor is None else inductor
+    try:
+        yield
+    finally:
+        tt.set_launch_overlap(pdl=previous.pdl, prefetch=previous.prefetch)
+        if inductor_pdl is not None:
+            inductor_config.triton.enable_pdl = inductor_pdl
 
 
 def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, graph_tokens: int,
@@ -610,6 +648,10 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
     print(f"# e2e {name} ({source}, {result['parameters'] / 1e9:.2f}B parameters)", flush=True)
     result["bf16"] = measure_model(model, prompt, new_tokens, graph_tokens, modes, profile)
     save()
+    if any(OVERLAP_VARIANTS[v][1] for v in variants if v in OVERLAP_VARIANTS) and "compiled" in modes:
+        with launch_overlap("pdl"):  # the same compiler settings as the packed model's PDL variant
+            result["bf16_pdl"] = measure_model(model, prompt, new_tokens, graph_tokens, ["compiled"], profile)
+        save()
     with tempfile.TemporaryDirectory() as tmp:
         convert_to_bitnet(model, spec)
         export_ternary(model, tokenizer or placeholder_tokenizer(), tmp, spec, dtype=torch.bfloat16)
@@ -649,11 +691,26 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
         finally:
             packed_layers.COMPILED_ACT_QUANT = False
         save()
+    for variant, (overlap, inductor, prequant) in OVERLAP_VARIANTS.items():
+        if variant in variants and (not prequant or "compiled" in modes):
+            import bitconvert.layers.packed as packed_layers
+
+            packed_layers.COMPILED_ACT_QUANT = prequant
+            try:
+                with launch_overlap(overlap, inductor):
+                    result[variant] = measure_model(packed, prompt, new_tokens, graph_tokens,
+                                                    ["compiled"] if prequant else modes, profile)
+            finally:
+                packed_layers.COMPILED_ACT_QUANT = False
+            save()
     del packed
     torch.cuda.empty_cache()
+    pairs = [("packed", "", "bf16"), ("packed_fused", "_fused", "bf16"), ("packed_fused_prequant", "_prequant", "bf16"),
+             *((v, v.removeprefix("packed_fused"), "bf16") for v in OVERLAP_VARIANTS),
+             ("packed_fused_pdl", "_pdl_vs_bf16_pdl", "bf16_pdl")]
     for mode in DECODE_MODES:
-        for variant, suffix in (("packed", ""), ("packed_fused", "_fused"), ("packed_fused_prequant", "_prequant")):
-            b, q = result["bf16"].get(mode, {}), result.get(variant, {}).get(mode, {})
+        for variant, suffix, base in pairs:
+            b, q = result.get(base, {}).get(mode, {}), result.get(variant, {}).get(mode, {})
             if "tokens_per_s" in b and "tokens_per_s" in q:
                 result[f"speedup_{mode}{suffix}"] = q["tokens_per_s"] / b["tokens_per_s"]
                 result[f"peak_mem_ratio_{mode}{suffix}"] = b["peak_mem_gib"] / q["peak_mem_gib"]
@@ -701,6 +758,11 @@ def e2e_section(args, runs: list, save=lambda: None) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- report
+
+def env_overlap(data: dict) -> str:
+    overlap = data.get("environment", {}).get("launch_overlap", {}).get("bitconvert_default")
+    return overlap or "no overlap (before PDL became the default)"
+
 
 def markdown(data: dict) -> str:
     lines = ["# Packed ternary kernels vs bf16", ""]
@@ -768,8 +830,30 @@ def markdown(data: dict) -> str:
                              f"{r['bf16']['weight_bytes'] / r['weight_bytes_ratio'] / 2**20:.0f} MiB "
                              f"({r['weight_bytes_ratio']:.2f}x) |")
         lines.append("")
+        overlapped = [(r, m) for r in runs if "bf16" in r for m in DECODE_MODES
+                      if any(m in r.get(v, {}) for v in (*OVERLAP_VARIANTS, "bf16_pdl"))]
+        if overlapped:
+            lines += ["### Kernels launched to overlap the one before", "",
+                      "Variants of packed+fused. prefetch = the GEMVs first start the L2 prefetch of their weights; "
+                      "pdl = that, and every bitconvert kernel launched with programmatic dependent launch (it "
+                      "starts while the one before finishes and waits for it only before touching activations), "
+                      "and inductor's kernels launched the same way (bf16_pdl: the bf16 model compiled with that "
+                      "setting); pdl_kernels = PDL for bitconvert's kernels only (bitconvert's default on Hopper); "
+                      "pdl_noprefetch = pdl without the prefetch; prequant_pdl = pdl compiled with the activation "
+                      "quantizer fused as in +prequant; no_overlap = neither. packed_fused itself runs with "
+                      f"bitconvert's default of this run: {env_overlap(data)}.", "",
+                      "| model | mode | variant | tok/s | vs bf16 | vs bf16 PDL |", "|---|---|---|---|---|---|"]
+            for r, m in overlapped:
+                bf16 = r["bf16"].get(m, {}).get("tokens_per_s")
+                bf16_pdl = r.get("bf16_pdl", {}).get(m, {}).get("tokens_per_s")
+                for v in ("bf16", "bf16_pdl", "packed_fused", *OVERLAP_VARIANTS):
+                    got = r.get(v, {}).get(m, {}).get("tokens_per_s")
+                    if got:
+                        lines.append(f"| {r['model']} | {m} | {v} | {got:.1f} | {got / bf16:.2f}x | "
+                                     f"{f'{got / bf16_pdl:.2f}x' if bf16_pdl else ''} |")
+            lines.append("")
         profiled = [(r, v, m) for r in runs if "bf16" in r for m in DECODE_MODES
-                    for v in ("bf16", "packed", "packed_fused", "packed_fused_prequant")
+                    for v in ("bf16", "bf16_pdl", "packed", "packed_fused", "packed_fused_prequant", *OVERLAP_VARIANTS)
                     if "profile" in r.get(v, {}).get(m, {})]
         if profiled:
             lines += ["### Where a decode step's GPU time goes", "",
@@ -784,7 +868,7 @@ def markdown(data: dict) -> str:
                 cells = [f"{kinds[k]['us_per_step']:.0f} ({kinds[k]['kernels_per_step']:.0f})" if k in kinds else ""
                          for k in KERNEL_KINDS]
                 rest, bound = "", ""
-                if v != "bf16" and "tokens_per_s" in r["bf16"].get(m, {}):
+                if not v.startswith("bf16") and "tokens_per_s" in r["bf16"].get(m, {}):
                     rest_us = step_us - kinds.get("ternary product", {}).get("us_per_step", 0.0)
                     rest, bound = f"{rest_us:.0f}", f"{1e6 / r['bf16'][m]['tokens_per_s'] / rest_us:.2f}x"
                 lines.append(f"| {r['model']} | {m} | {v} | {step_us:.0f} | {run['profile']['kernels_per_step']:.0f} | "
@@ -807,11 +891,14 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-models", default="Llama-2.4B",
                         help="e2e models that also decode through torch.compile (compilation takes a minute or two)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="e2e variants besides bf16: packed, packed_fused, packed_fused_prequant (compiled only)")
+                        help="e2e variants besides bf16: packed, packed_fused, packed_fused_prequant (compiled only), "
+                             "packed_fused_prefetch, packed_fused_pdl")
     parser.add_argument("--profile", action="store_true",
                         help="e2e: also break each graph decode step's GPU time down by kind of kernel")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="out x in, in this order")
+    parser.add_argument("--overlap", default="default", choices=["default", *OVERLAPS],
+                        help="check and kernels sections: how the kernels overlap the one before them")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="skip the kernel rows and models that would start after this many seconds")
     args = parser.parse_args(argv)
@@ -821,6 +908,9 @@ def main(argv=None) -> int:
     from bitconvert.kernels import triton_ternary as tt
 
     tt.FUSED_GEMV = True  # the benchmark checks the fused GEMV before anything is timed, so it may compete
+    default_overlap = (tt._overlap.pdl, tt._overlap.prefetch)
+    tt.set_launch_overlap(*(default_overlap if args.overlap == "default" else OVERLAPS[args.overlap]))
+    env["launch_overlap"] = {"check_and_kernels": args.overlap, "bitconvert_default": str(tt.LaunchOverlap(*default_overlap))}
     sections = args.sections.split(",")
     start = time.time()
     args.deadline = start + args.budget_s
@@ -839,6 +929,7 @@ def main(argv=None) -> int:
                                                       [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")],
                                                       deadline=args.deadline)
         elif section == "e2e":
+            tt.set_launch_overlap(*default_overlap)  # variants that differ say so
             e2e_section(args, results.data.setdefault("e2e", []), results.save)
         else:
             print(f"unknown section {section!r}; expected check, kernels, e2e", file=sys.stderr)

@@ -232,3 +232,56 @@ def test_packed_model_compiles_as_one_graph_with_the_same_logits(tmp_path, tiny_
         packed_layers.COMPILED_ACT_QUANT = False
         torch._dynamo.reset()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _ptx_for_hopper(kernel, constants: dict, pointer_types: dict) -> str:
+    """The PTX triton writes for an H100/H200 (no GPU needed: triton compiles for a named target)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import triton
+
+    signature = {name: "constexpr" if name in constants else pointer_types.get(name, "i32")
+                 for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                              options={"launch_pdl": True, "num_warps": 4})
+    assert compiled.metadata.launch_pdl
+    return compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("split", [False, True])
+def test_overlapped_gemv_prefetches_weights_and_touches_nothing_else_before_it_waits(fused, split):
+    """With programmatic dependent launch the GEMV may start while the kernel before it still writes the
+    activations (and reads buffers this one writes): before ``griddepcontrol.wait`` it may only start the
+    L2 prefetch of its weights; every load, store and atomic comes after."""
+    pytest.importorskip("triton")
+    from bitconvert.kernels import triton_ternary as tt
+
+    constants = dict(BM=1, BR=4, BKW=128, SPLIT=split, STAGES=3, CHAIN=True, SCALE_MODE=1, GW=1, GWT=1,
+                     HAS_BIAS=True, FUSED=fused, XBLOCK=256, ON_GPU=True, PDL=True, PREFETCH=True)
+    types = {name: "*i32" for name in ("xw_ptr", "ww_ptr", "xsum_ptr", "ws_ptr", "cnt_ptr")}
+    types.update(xinv_ptr="*fp32", winv_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16")
+    if fused:
+        types["xw_ptr"] = "*bf16"
+    lines = _ptx_for_hopper(tt._gemv_kernel, constants, types).splitlines()
+    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+    memory_ops = ("ld.global", "st.global", "atom.", "red.")
+    assert not [line for line in lines[:wait] if any(op in line for op in memory_ops)]
+    assert sum("cp.async.bulk.prefetch.L2.global" in line for line in lines[:wait]) == constants["BR"]
+    assert any("griddepcontrol.launch_dependents" in line for line in lines[wait:])
+
+
+def test_launch_overlap_is_chosen_once_and_clears_the_tuned_tiles():
+    pytest.importorskip("triton")
+    from bitconvert.kernels import triton_ternary as tt
+
+    tt._tuned["stale"] = tt.GemvConfig()
+    previous = tt.set_launch_overlap(pdl=False, prefetch=True)
+    try:
+        assert "stale" not in tt._tuned
+        assert tt._overlap == tt.LaunchOverlap(pdl=False, prefetch=True)
+        assert tt._overlap_on(torch.device("cpu")) == tt._NO_OVERLAP  # CPU tensors (the interpreter): off
+    finally:
+        tt.set_launch_overlap(previous.pdl, previous.prefetch)
+    assert tt._overlap == previous
