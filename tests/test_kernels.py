@@ -285,3 +285,28 @@ def test_launch_overlap_is_chosen_once_and_clears_the_tuned_tiles():
     finally:
         tt.set_launch_overlap(previous.pdl, previous.prefetch)
     assert tt._overlap == previous
+
+
+def test_which_launches_overlap(monkeypatch):
+    """On a GPU that supports it: every GEMV launches with PDL and prefetches when its rows start on 16
+    bytes; GEMMs of more than GEMM_PDL_MAX_M tokens launch plainly (measured slower with PDL)."""
+    pytest.importorskip("triton")
+    from bitconvert.kernels import triton_ternary as tt
+
+    monkeypatch.setattr(tt, "_overlap_on", lambda device: tt.LaunchOverlap(pdl=True, prefetch=True))
+    monkeypatch.setattr(tt, "_l2_bytes", lambda device: 50 << 20)  # an H100's
+    tt._launch_params.cache_clear()
+    try:
+        cuda = torch.device("cuda", 0)
+        gemv = tt._launch_params(tt.GemvConfig(), tt.Problem(1, 256, 512, 1, 128, cuda), False)[2]
+        assert gemv["PDL"] and gemv["launch_pdl"] and gemv["PREFETCH"]
+        assert not tt._launch_params(tt.GemvConfig(), tt.Problem(1, 256, 520, 1, 128, cuda), False)[2]["PREFETCH"]
+        assert not tt._launch_params(tt.GemvConfig(), tt.Problem(1, 256, 512, 1, 128, cuda), False, False)[2]["PREFETCH"]
+        huge = tt._launch_params(tt.GemvConfig(), tt.Problem(1, 28672, 8192, 1, 128, cuda), False)[2]  # 59 MB
+        assert huge["PDL"] and not huge["PREFETCH"]
+        small = tt._launch_params(tt.GemmConfig(), tt.Problem(8, 256, 512, 1, 128, cuda), False)[2]
+        large = tt._launch_params(tt.GemmConfig(), tt.Problem(tt.GEMM_PDL_MAX_M + 1, 256, 512, 1, 128, cuda),
+                                  False)[2]
+        assert small["PDL"] and small["launch_pdl"] and not large["PDL"] and "launch_pdl" not in large
+    finally:
+        tt._launch_params.cache_clear()

@@ -45,6 +45,9 @@ import triton.language as tl
 SCALE_MODES = {"tensor": 0, "channel": 1, "group": 2}
 GEMV_MAX_M = 16  # the dp4a kernel keeps one accumulator per token: beyond this, tensor cores win
 GEMV_MAX_K = 1 << 16  # its int32 sums of 64 * code * x stay exact up to this many inputs
+# Measured on an H200 (docs/kernels.md): PDL made the GEMM 2-10% faster at 8 tokens and up to 18% slower at
+# 64 (also when it let the next kernel launch only after its products), so larger GEMMs launch plainly.
+GEMM_PDL_MAX_M = 16
 FUSED_MAX_M = 8  # every program of the fused GEMV quantizes all its tokens: worth it for a few only
 # The fused GEMV passed every check of benchmarks/bench_kernels.py on an H200 and won most batch-1
 # shapes there; BITCONVERT_FUSED_GEMV=0 takes it out of the tuner's candidates.
@@ -182,7 +185,9 @@ def _prefetch_rows_l2(ww_ptr, first_row, R, KW, kw_lo, kw_hi, BR: tl.constexpr):
 @triton.jit
 def _wait_for_previous_kernel(PDL: tl.constexpr):
     """With programmatic dependent launch: wait until the kernel before has finished and its writes are
-    visible, then let the next kernel launch (it waits for this one in turn)."""
+    visible, then let the next kernel launch, which waits for this one in turn. Never the other way
+    round: inductor's kernels read what the kernel before their predecessor wrote without waiting,
+    trusting that their predecessor waited before it let them launch."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -570,6 +575,11 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=64)
+def _l2_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).L2_cache_size
+
+
 @dataclass(frozen=True)
 class Problem:
     """What decides which kernel and tiles fit: the shape, the kind of scales, and whether the caller
@@ -718,6 +728,12 @@ def _overlap_on(device: torch.device) -> LaunchOverlap:
     return _overlap
 
 
+def _prefetch_fits(p: Problem) -> bool:
+    """A weight of more than half the L2 evicts its own first lines before the GEMV reads them (the one
+    shape that large, 28672x8192, was 8% slower with the overlap on an H200; unmeasured without it)."""
+    return p.n * p.k // 4 <= _l2_bytes(p.device) // 2
+
+
 def _pdl_meta(pdl: bool) -> dict:
     return dict(PDL=True, launch_pdl=True) if pdl else dict(PDL=False)
 
@@ -737,14 +753,16 @@ def _launch_params(cfg: GemvConfig | GemmConfig, p: Problem, has_bias: bool,
                     CHAIN=bm * cfg.br * cfg.bkw * 4 <= 64 * 32 * cfg.num_warps, SCALE_MODE=p.mode, GW=gw,
                     GWT=min(gw, cfg.bkw), HAS_BIAS=has_bias, FUSED=cfg.fused,
                     XBLOCK=_absmax_block(p.k, bm, cfg.num_warps) if cfg.fused else 1, ON_GPU=not INTERPRET,
-                    PREFETCH=overlap.prefetch and aligned and p.k % 16 == 0, num_warps=cfg.num_warps,
+                    PREFETCH=overlap.prefetch and aligned and p.k % 16 == 0 and _prefetch_fits(p),
+                    num_warps=cfg.num_warps,
                     **_pdl_meta(overlap.pdl))
     else:
         grid = (triton.cdiv(p.m, cfg.bm) * triton.cdiv(p.rows, cfg.br), cfg.split_k)
         meta = dict(BM=cfg.bm, BR=cfg.br, BK=min(cfg.bk, p.group_size) if p.mode == 2 else cfg.bk,
                     SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m, SCALE_MODE=p.mode,
                     GS=p.group_size if p.mode == 2 else 1, HAS_BIAS=has_bias, ON_GPU=not INTERPRET,
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl_meta(overlap.pdl))
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                    **_pdl_meta(overlap.pdl and p.m <= GEMM_PDL_MAX_M))
     return grid, n_groups, meta
 
 
