@@ -848,7 +848,7 @@ def markdown(data: dict) -> str:
                 bf16_pdl = r.get("bf16_pdl", {}).get(m, {}).get("tokens_per_s")
                 for v in ("bf16", "bf16_pdl", "packed_fused", *OVERLAP_VARIANTS):
                     got = r.get(v, {}).get(m, {}).get("tokens_per_s")
-                    if got:
+                    if got and bf16:
                         lines.append(f"| {r['model']} | {m} | {v} | {got:.1f} | {got / bf16:.2f}x | "
                                      f"{f'{got / bf16_pdl:.2f}x' if bf16_pdl else ''} |")
             lines.append("")
@@ -892,7 +892,7 @@ def main(argv=None) -> int:
                         help="e2e models that also decode through torch.compile (compilation takes a minute or two)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="e2e variants besides bf16: packed, packed_fused, packed_fused_prequant (compiled only), "
-                             "packed_fused_prefetch, packed_fused_pdl")
+                             + ", ".join(OVERLAP_VARIANTS))
     parser.add_argument("--profile", action="store_true",
                         help="e2e: also break each graph decode step's GPU time down by kind of kernel")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
