@@ -613,6 +613,19 @@ OVERLAP_VARIANTS = {"packed_fused_no_overlap": ("off", False, False),
 
 
 @contextlib.contextmanager
+def compiled_act_quant(on: bool):
+    """Compiled only: the activation quantizer as torch ops that inductor fuses into the kernel before each
+    product, which then takes int8 codes (bitconvert.layers.packed.COMPILED_ACT_QUANT), inside the block."""
+    import bitconvert.layers.packed as packed_layers
+
+    packed_layers.COMPILED_ACT_QUANT = on
+    try:
+        yield
+    finally:
+        packed_layers.COMPILED_ACT_QUANT = False
+
+
+@contextlib.contextmanager
 def launch_overlap(name: str, inductor: bool | None = None):
     """bitconvert's kernels launched as OVERLAPS[name] says inside the block, and inductor's with PDL too if
     ``inductor`` (by default: when bitconvert's are)."""
@@ -680,28 +693,15 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
         result["packed_fused"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes, profile)
         save()
     if "packed_fused_prequant" in variants and "compiled" in modes:
-        # compiled only: the activation quantizer as torch ops that inductor fuses into the kernel before
-        # each product, which then takes int8 codes (bitconvert.layers.packed.COMPILED_ACT_QUANT)
-        import bitconvert.layers.packed as packed_layers
-
-        packed_layers.COMPILED_ACT_QUANT = True
-        try:
+        with compiled_act_quant(True):
             result["packed_fused_prequant"] = measure_model(packed, prompt, new_tokens, graph_tokens, ["compiled"],
                                                             profile)
-        finally:
-            packed_layers.COMPILED_ACT_QUANT = False
         save()
     for variant, (overlap, inductor, prequant) in OVERLAP_VARIANTS.items():
         if variant in variants and (not prequant or "compiled" in modes):
-            import bitconvert.layers.packed as packed_layers
-
-            packed_layers.COMPILED_ACT_QUANT = prequant
-            try:
-                with launch_overlap(overlap, inductor):
-                    result[variant] = measure_model(packed, prompt, new_tokens, graph_tokens,
-                                                    ["compiled"] if prequant else modes, profile)
-            finally:
-                packed_layers.COMPILED_ACT_QUANT = False
+            with compiled_act_quant(prequant), launch_overlap(overlap, inductor):
+                result[variant] = measure_model(packed, prompt, new_tokens, graph_tokens,
+                                                ["compiled"] if prequant else modes, profile)
             save()
     del packed
     torch.cuda.empty_cache()
