@@ -6,7 +6,7 @@ import torch
 from bitconvert.convert import convert_to_bitnet
 from bitconvert.export.packed import export_ternary, load_ternary
 from bitconvert.layers import PackedBitLinear
-from bitconvert.layers.fused import ProjectionView, fuse_projections
+from bitconvert.layers.fused import FusedSwiGLU, ProjectionView, fuse_projections
 from bitconvert.quant import QuantSpec
 from conftest import build_tiny_model
 
@@ -29,6 +29,8 @@ def test_fused_model_gives_the_same_logits_and_generation(tmp_path, tiny_tokeniz
         want_tokens = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
     fused = fuse_projections(model)
     assert len(fused) == 2 * model.config.num_hidden_layers
+    assert sum(name.endswith("+swiglu") for name in fused) == model.config.num_hidden_layers
+    assert isinstance(model.model.layers[0].mlp, FusedSwiGLU)  # silu(gate) * up inside the gate/up product
     attn = model.model.layers[0].self_attn
     assert isinstance(attn.q_proj, ProjectionView) and isinstance(attn.q_k_v_fused.fused, PackedBitLinear)
     assert attn.q_k_v_fused.fused.out_features == sum(attn.get_submodule(n).out_features for n in ("q_proj", "k_proj", "v_proj"))
@@ -64,3 +66,37 @@ def test_a_different_input_is_multiplied_afresh(tmp_path, tiny_tokenizer):
         first = mlp.gate_proj(x)
         assert torch.equal(mlp.up_proj(x), PackedBitLinear.forward(mlp.gate_up_fused.fused, x)[..., 128:])
         assert first.shape == (3, 128)
+
+
+def test_swiglu_fusion_can_be_left_out_and_needs_a_silu_mlp(tmp_path, tiny_tokenizer):
+    model = packed_model(tmp_path, tiny_tokenizer)
+    names = fuse_projections(model, swiglu=False)
+    assert not any(name.endswith("+swiglu") for name in names)
+    assert not isinstance(model.model.layers[0].mlp, FusedSwiGLU)
+
+    other = packed_model(tmp_path / "gelu", tiny_tokenizer)
+    for layer in other.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()  # not SwiGLU: gate and up are still fused, the MLP stays itself
+    ids = torch.randint(0, 320, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = other(ids).logits
+        names = fuse_projections(other)
+        assert len(names) == 2 * other.config.num_hidden_layers and not any(n.endswith("+swiglu") for n in names)
+        torch.testing.assert_close(other(ids).logits, want)  # GELU of a split view may differ in the last bit
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+def test_swiglu_product_is_silu_of_gate_times_up(granularity):
+    from bitconvert.kernels import TernaryCache, ternary_linear, ternary_linear_op
+    from bitconvert.quant import pack_ternary, ternary_quantize
+
+    g = torch.Generator().manual_seed(4)
+    codes, inv = ternary_quantize(torch.randn(64, 96, generator=g), granularity, 32)
+    packed = pack_ternary(codes)
+    x = torch.randn(3, 96, generator=g)
+    full = ternary_linear(x, packed, inv, granularity=granularity, group_size=32)
+    want = torch.nn.functional.silu(full[:, :32]) * full[:, 32:]
+    for cache in (None, TernaryCache("int8")):
+        got = ternary_linear(x, packed, inv, granularity=granularity, group_size=32, cache=cache, swiglu=True)
+        assert torch.equal(got, want)
+    assert torch.equal(ternary_linear_op(x, packed, inv, None, granularity, 32, True), want)

@@ -159,6 +159,22 @@ INTERPRETER_CHECK = textwrap.dedent("""
         assert torch.equal(got, two_launch), (m, n, k, gran, cfg)
         err = ((got - want).norm() / want.norm()).item()
         assert err < 1e-6, (m, n, k, gran, cfg, err)
+    # SwiGLU in the epilogue: rows are gate then up, the result silu(gate) * up, half as wide
+    swiglu_cases = [(1, 64, 128, "channel", 128, tt.GemvConfig(br=2, bkw=16)),
+                    (3, 96, 256, "tensor", 128, tt.GemvConfig(br=4, bkw=16, split_k=2, fused=True, stages=3)),
+                    (2, 64, 128, "group", 32, tt.GemvConfig(br=2, bkw=16, fused=True)),
+                    (20, 64, 200, "channel", 128, tt.GemmConfig(bm=16, br=8, bk=32, split_k=3)),
+                    (33, 48, 128, "group", 64, tt.GemmConfig(bm=16, br=8, bk=32))]
+    for m, n, k, gran, gs, cfg in swiglu_cases:
+        codes, inv = ternary_quantize(torch.randn(n, k), gran, gs)
+        packed = pack_ternary(codes)
+        x = torch.randn(m, k) * 3
+        bias = torch.randn(n) if m % 2 else None
+        want = ternary_linear_reference(x, packed, inv, bias, granularity=gran, group_size=gs, swiglu=True)
+        got = tt.ternary_matmul(x, packed, inv, bias, tt.SCALE_MODES[gran], gs, config=cfg, swiglu=True)
+        assert got.shape == (m, n // 2), (got.shape, cfg)
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 1e-5, ("swiglu", m, n, k, gran, cfg, err)
     # the tuner measures the fused GEMV against the two-launch path, unless the activations are quantized already
     tt.FUSED_GEMV = True  # opt-in until it has run on a GPU
     fresh = tt.candidate_configs(tt.Problem(3, 64, 256, 1, 128, torch.device("cpu")))
@@ -259,7 +275,7 @@ def test_overlapped_gemv_prefetches_weights_and_touches_nothing_else_before_it_w
     from bitconvert.kernels import triton_ternary as tt
 
     constants = dict(BM=1, BR=4, BKW=128, SPLIT=split, STAGES=3, CHAIN=True, SCALE_MODE=1, GW=1, GWT=1,
-                     HAS_BIAS=True, FUSED=fused, XBLOCK=256, ON_GPU=True, PDL=True, PREFETCH=True)
+                     HAS_BIAS=True, FUSED=fused, XBLOCK=256, ON_GPU=True, PDL=True, PREFETCH=True, SWIGLU=split)
     types = {name: "*i32" for name in ("xw_ptr", "ww_ptr", "xsum_ptr", "ws_ptr", "cnt_ptr")}
     types.update(xinv_ptr="*fp32", winv_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16")
     if fused:

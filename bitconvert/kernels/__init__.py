@@ -7,11 +7,12 @@ so CPU-only installs need no triton); CPU tensors run torch, optionally keeping 
 """
 
 from bitconvert.kernels.binary import binary_linear_reference, onebit_linear_reference
-from bitconvert.kernels.reference import ternary_linear_reference
+from bitconvert.kernels.reference import swiglu_reference, ternary_linear_reference
 from bitconvert.kernels.ternary import (
     CPU_CACHES,
     TernaryCache,
     quantize_for_kernels,
+    reference_kernels,
     ternary_linear,
     ternary_linear_op,
     ternary_linear_quantized,
@@ -31,6 +32,6 @@ def onebit_linear(x, packed, input_scale, output_scale, bias=None):
 
 
 __all__ = ["CPU_CACHES", "TernaryCache", "binary_linear", "binary_linear_reference", "onebit_linear",
-           "onebit_linear_reference", "quantize_for_kernels", "ternary_linear", "ternary_linear_op",
+           "onebit_linear_reference", "quantize_for_kernels", "reference_kernels", "swiglu_reference", "ternary_linear", "ternary_linear_op",
            "ternary_linear_quantized", "ternary_linear_quantized_op", "ternary_linear_reference",
            "triton_available"]

@@ -37,7 +37,15 @@ def quantized_linear_reference(codes_x: torch.Tensor, x_inv: torch.Tensor, codes
 
 def ternary_linear_reference(x: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tensor,
                              bias: torch.Tensor | None = None, *, granularity: str = "tensor",
-                             group_size: int = 128) -> torch.Tensor:
-    """The product with 2-bit packed ternary weights (layout in :mod:`bitconvert.quant.packing`)."""
-    return codes_linear_reference(x, unpack_ternary(packed), inv_scale, bias, granularity=granularity,
-                                  group_size=group_size)
+                             group_size: int = 128, swiglu: bool = False) -> torch.Tensor:
+    """The product with 2-bit packed ternary weights (layout in :mod:`bitconvert.quant.packing`); with
+    ``swiglu`` its rows are gate and up stacked and the result is :func:`swiglu_reference` of it."""
+    y = codes_linear_reference(x, unpack_ternary(packed), inv_scale, bias, granularity=granularity,
+                               group_size=group_size)
+    return swiglu_reference(y) if swiglu else y
+
+
+def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of the two halves of the last dimension, as a SwiGLU MLP computes it."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

@@ -18,11 +18,12 @@ import logging
 import os
 import threading
 import weakref
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
 
-from bitconvert.kernels.reference import quantized_linear_reference, ternary_linear_reference
+from bitconvert.kernels.reference import quantized_linear_reference, swiglu_reference, ternary_linear_reference
 from bitconvert.quant import int8_absmax_quantize, ternary_dequantize, unpack_ternary
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ class _LastActivations(threading.local):
 _last_activations = _LastActivations()
 
 
-def _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, acts=None, dtype=None):
+def _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, acts=None, dtype=None, swiglu=False):
     """The Triton product of ``x`` (or of its int8 codes, when ``acts`` holds their quantization; then
     ``dtype`` is the result's), or None when no kernel covers it."""
     from bitconvert.kernels import triton_ternary as tt
@@ -161,6 +162,8 @@ def _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, acts=None,
         x2d = x2d.contiguous()
     dtype = dtype or x.dtype
     separate_bias = bias is not None and bias.dtype != dtype  # torch would promote: keep its rule
+    if separate_bias and swiglu:
+        return None
     keep = None
     if acts is None:
         # Activations another layer quantized from this very tensor are reused; otherwise the tuner picks
@@ -171,17 +174,38 @@ def _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, acts=None,
             _last_activations.put(x, quantized)
 
     y = tt.ternary_matmul(x2d, packed, inv_scale, None if separate_bias else bias, tt.SCALE_MODES[granularity],
-                          group_size, acts=acts, keep_acts=keep, out_dtype=dtype)
+                          group_size, acts=acts, keep_acts=keep, out_dtype=dtype, swiglu=swiglu)
     if y is None:
         return None
     y = y.reshape(*x.shape[:-1], y.shape[-1])
     return y + bias if separate_bias else y
 
 
+class _Reference(threading.local):
+    depth = 0
+
+
+_reference = _Reference()
+
+
+@contextmanager
+def reference_kernels():
+    """Inside the block (this thread), every product takes the torch reference, as ``BITCONVERT_KERNELS=reference``."""
+    _reference.depth += 1
+    try:
+        yield
+    finally:
+        _reference.depth -= 1
+
+
+def _reference_only() -> bool:
+    return _reference.depth > 0 or os.environ.get("BITCONVERT_KERNELS", "auto") == "reference"
+
+
 def _weights_eligible(device, packed, inv_scale, bias) -> bool:
     return (packed.dtype == torch.uint8 and packed.is_contiguous() and packed.device == device
             and inv_scale.device == device and inv_scale.dtype == torch.float32 and inv_scale.is_contiguous()
-            and (bias is None or bias.device == device) and os.environ.get("BITCONVERT_KERNELS", "auto") != "reference")
+            and (bias is None or bias.device == device) and not _reference_only())
 
 
 def _kernel_eligible(x, packed, inv_scale, bias) -> bool:
@@ -191,21 +215,25 @@ def _kernel_eligible(x, packed, inv_scale, bias) -> bool:
 
 def ternary_linear(x: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None = None,
                    *, granularity: str = "tensor", group_size: int = 128,
-                   cache: TernaryCache | None = None) -> torch.Tensor:
+                   cache: TernaryCache | None = None, swiglu: bool = False) -> torch.Tensor:
     """``y = dequant(int8(x)) · dequant(W)ᵀ + b`` for W packed 2 bits a weight (transformers' bitnet layout).
 
     ``packed`` is uint8 ``(out / 4, in)``, ``inv_scale`` the float32 inverse scale of shape ``(1,)``,
     ``(out,)`` or ``(out, in / group_size)``. ``cache`` (optional, one per weight) lets the CPU
     path keep the unpacked weight; ``BITCONVERT_KERNELS=reference`` forces the reference everywhere.
+    ``swiglu``: W's rows are a SwiGLU MLP's gate and up projections stacked, and the result is
+    ``silu(gate) * up`` (``out / 2`` features), computed in the kernel's epilogue on CUDA.
     """
     if x.is_cuda and _kernel_eligible(x, packed, inv_scale, bias) and triton_available():
-        y = _cuda_linear(x, packed, inv_scale, bias, granularity, group_size)
+        y = _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, swiglu=swiglu)
         if y is not None:
             return y
     elif (x.device.type == "cpu" and cache is not None and cache.cpu != "none" and packed.device == x.device
-          and os.environ.get("BITCONVERT_KERNELS", "auto") != "reference"):
-        return _cpu_linear(x, packed, inv_scale, bias, granularity, group_size, cache)
-    return ternary_linear_reference(x, packed, inv_scale, bias, granularity=granularity, group_size=group_size)
+          and not _reference_only()):
+        y = _cpu_linear(x, packed, inv_scale, bias, granularity, group_size, cache)
+        return swiglu_reference(y) if swiglu else y
+    return ternary_linear_reference(x, packed, inv_scale, bias, granularity=granularity, group_size=group_size,
+                                    swiglu=swiglu)
 
 
 # torch.compile sees the packed product as one opaque operator: dynamo cannot trace the dispatch above
@@ -213,14 +241,14 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tenso
 # kernels. Inside, the call takes the same path as eager; only the CPU cache is out of reach.
 @torch.library.custom_op("bitconvert::ternary_linear", mutates_args=(),
                          schema="(Tensor x, Tensor packed, Tensor inv_scale, Tensor? bias, str granularity, "
-                                "int group_size) -> Tensor")
-def ternary_linear_op(x, packed, inv_scale, bias, granularity, group_size):
-    return ternary_linear(x, packed, inv_scale, bias, granularity=granularity, group_size=group_size)
+                                "int group_size, bool swiglu=False) -> Tensor")
+def ternary_linear_op(x, packed, inv_scale, bias, granularity, group_size, swiglu=False):
+    return ternary_linear(x, packed, inv_scale, bias, granularity=granularity, group_size=group_size, swiglu=swiglu)
 
 
 @ternary_linear_op.register_fake
-def _ternary_linear_shape(x, packed, inv_scale, bias, granularity, group_size):
-    return x.new_empty((*x.shape[:-1], packed.shape[0] * 4))
+def _ternary_linear_shape(x, packed, inv_scale, bias, granularity, group_size, swiglu=False):
+    return x.new_empty((*x.shape[:-1], packed.shape[0] * (2 if swiglu else 4)))
 
 
 # Under torch.compile the activation quantizer may also be plain torch ops (absmax, scale, round), which

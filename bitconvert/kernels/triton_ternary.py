@@ -230,14 +230,14 @@ def _act_quant_kernel(x_ptr, q_ptr, inv_ptr, sum_ptr, K, stride_x, BLOCK: tl.con
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_n, n_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
-              SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ON_GPU: tl.constexpr):
-    """Turn exact sums of ``codes_x · (codes_w + 1)`` into ``y``: subtract Σ codes_x, scale, add bias.
+def _scaled(acc, offs_n, n_mask, xinv, xsum, winv_ptr, bias_ptr, out_ty: tl.constexpr,
+            SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ON_GPU: tl.constexpr):
+    """Turn exact sums of ``codes_x · (codes_w + 1)`` into outputs of type ``out_ty``: subtract Σ codes_x,
+    scale, add bias.
 
     ``xinv``, ``xsum``: the tokens' inverse scales and Σ codes, (BM,). In group mode ``acc`` is
     already float32, Σx subtracted and divided by the group scales.
     """
-    m_mask = offs_m < M
     if SCALE_MODE == 2:
         accf = acc
         scale = xinv[:, None] + tl.zeros_like(accf)
@@ -248,33 +248,67 @@ def _epilogue(acc, offs_m, offs_n, n_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_
         else:
             winv = tl.load(winv_ptr + offs_n, mask=n_mask, other=1.0)
         scale = xinv[:, None] * winv[None, :]
-    y = _div(accf, scale, ON_GPU).to(y_ptr.dtype.element_ty)
+    y = _div(accf, scale, ON_GPU).to(out_ty)
     if HAS_BIAS:  # the reference rounds to the output dtype first, then adds the bias
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        y = (y.to(tl.float32) + bias[None, :]).to(y_ptr.dtype.element_ty)
+        y = (y.to(tl.float32) + bias[None, :]).to(out_ty)
+    return y
+
+
+@triton.jit
+def _silu_times(gate, up, ON_GPU: tl.constexpr):
+    """``silu(gate) * up`` rounded as torch rounds it: silu in float32, to the dtype, the product likewise."""
+    g = gate.to(tl.float32)
+    if ON_GPU:
+        e = tl.extra.cuda.libdevice.exp(-g)
+    else:
+        e = tl.exp(-g)
+    s = _div(g, e + 1.0, ON_GPU).to(gate.dtype)
+    return (s.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
+def _store(y, offs_m, offs_n, n_mask, M, y_ptr, stride_ym):
     ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(ptrs, y, mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(ptrs, y, mask=(offs_m < M)[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _write(acc0, acc1, acc2, acc3, offs_m, offs_r, r_mask, M, R, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
+           SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ON_GPU: tl.constexpr):
+    """Scale the four row blocks ``b * R + offs_r`` and store them, or with SWIGLU store ``silu(gate) * up``.
+
+    SWIGLU: the rows are gate then up, stacked (N = 2I); ``I = 2R``, so blocks 0 and 2 hold gate and up of
+    the same features, as do blocks 1 and 3, and ``y`` (M, I) receives ``I`` columns.
+    """
+    out_ty: tl.constexpr = y_ptr.dtype.element_ty
+    y0 = _scaled(acc0, offs_r, r_mask, xinv, xsum, winv_ptr, bias_ptr, out_ty, SCALE_MODE, HAS_BIAS, ON_GPU)
+    y1 = _scaled(acc1, offs_r + R, r_mask, xinv, xsum, winv_ptr, bias_ptr, out_ty, SCALE_MODE, HAS_BIAS, ON_GPU)
+    y2 = _scaled(acc2, offs_r + 2 * R, r_mask, xinv, xsum, winv_ptr, bias_ptr, out_ty, SCALE_MODE, HAS_BIAS, ON_GPU)
+    y3 = _scaled(acc3, offs_r + 3 * R, r_mask, xinv, xsum, winv_ptr, bias_ptr, out_ty, SCALE_MODE, HAS_BIAS, ON_GPU)
+    if SWIGLU:
+        _store(_silu_times(y0, y2, ON_GPU), offs_m, offs_r, r_mask, M, y_ptr, stride_ym)
+        _store(_silu_times(y1, y3, ON_GPU), offs_m, offs_r + R, r_mask, M, y_ptr, stride_ym)
+    else:
+        _store(y0, offs_m, offs_r, r_mask, M, y_ptr, stride_ym)
+        _store(y1, offs_m, offs_r + R, r_mask, M, y_ptr, stride_ym)
+        _store(y2, offs_m, offs_r + 2 * R, r_mask, M, y_ptr, stride_ym)
+        _store(y3, offs_m, offs_r + 3 * R, r_mask, M, y_ptr, stride_ym)
 
 
 @triton.jit
 def _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, tile, xinv, xsum, winv_ptr, bias_ptr, y_ptr,
             stride_ym,
             ws_ptr, cnt_ptr, split_k, SPLIT: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-            ON_GPU: tl.constexpr):
-    """Write the four output row blocks ``b * R + offs_r`` whose sums are ``acc0..acc3``.
+            SWIGLU: tl.constexpr, ON_GPU: tl.constexpr):
+    """Write the four output row blocks ``b * R + offs_r`` whose sums are ``acc0..acc3`` (see ``_write``).
 
     With split-K, add them into the workspace instead; the program that arrives last finishes.
     """
     r_mask = offs_r < R
     if not SPLIT:
-        _epilogue(acc0, offs_m, offs_r, r_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
-                  SCALE_MODE, HAS_BIAS, ON_GPU)
-        _epilogue(acc1, offs_m, offs_r + R, r_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
-                  SCALE_MODE, HAS_BIAS, ON_GPU)
-        _epilogue(acc2, offs_m, offs_r + 2 * R, r_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
-                  SCALE_MODE, HAS_BIAS, ON_GPU)
-        _epilogue(acc3, offs_m, offs_r + 3 * R, r_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
-                  SCALE_MODE, HAS_BIAS, ON_GPU)
+        _write(acc0, acc1, acc2, acc3, offs_m, offs_r, r_mask, M, R, xinv, xsum, winv_ptr, bias_ptr, y_ptr,
+               stride_ym, SCALE_MODE, HAS_BIAS, SWIGLU, ON_GPU)
     else:
         mask = (offs_m < M)[:, None] & r_mask[None, :]
         ws = ws_ptr + offs_m[:, None] * N + offs_r[None, :]
@@ -287,18 +321,12 @@ def _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, tile, xinv, xsum, w
         if arrived == split_k - 1:
             tl.debug_barrier()
             zero = tl.zeros_like(acc0)
-            total = tl.atomic_xchg(ws, zero, mask=mask, sem="relaxed")
-            _epilogue(total, offs_m, offs_r, r_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
-                      SCALE_MODE, HAS_BIAS, ON_GPU)
-            total = tl.atomic_xchg(ws + R, zero, mask=mask, sem="relaxed")
-            _epilogue(total, offs_m, offs_r + R, r_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
-                      SCALE_MODE, HAS_BIAS, ON_GPU)
-            total = tl.atomic_xchg(ws + 2 * R, zero, mask=mask, sem="relaxed")
-            _epilogue(total, offs_m, offs_r + 2 * R, r_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
-                      SCALE_MODE, HAS_BIAS, ON_GPU)
-            total = tl.atomic_xchg(ws + 3 * R, zero, mask=mask, sem="relaxed")
-            _epilogue(total, offs_m, offs_r + 3 * R, r_mask, M, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
-                      SCALE_MODE, HAS_BIAS, ON_GPU)
+            total0 = tl.atomic_xchg(ws, zero, mask=mask, sem="relaxed")
+            total1 = tl.atomic_xchg(ws + R, zero, mask=mask, sem="relaxed")
+            total2 = tl.atomic_xchg(ws + 2 * R, zero, mask=mask, sem="relaxed")
+            total3 = tl.atomic_xchg(ws + 3 * R, zero, mask=mask, sem="relaxed")
+            _write(total0, total1, total2, total3, offs_m, offs_r, r_mask, M, R, xinv, xsum, winv_ptr, bias_ptr,
+                   y_ptr, stride_ym, SCALE_MODE, HAS_BIAS, SWIGLU, ON_GPU)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
 
 
@@ -346,7 +374,7 @@ def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, 
                  BM: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr,
                  CHAIN: tl.constexpr, SCALE_MODE: tl.constexpr, GW: tl.constexpr, GWT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, FUSED: tl.constexpr, XBLOCK: tl.constexpr, ON_GPU: tl.constexpr,
-                 PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                 PDL: tl.constexpr, PREFETCH: tl.constexpr, SWIGLU: tl.constexpr):
     """A few tokens: ``xw`` int32 (M, K/4) activation codes, ``ww`` int32 (R, K/4) packed weights.
 
     FUSED: ``xw`` is the activations themselves (M, K), rows ``stride_x`` apart, and ``xinv``/``xsum``
@@ -448,7 +476,8 @@ def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, 
             acc3 -= xsum[:, None]
             xsum = tl.zeros_like(xsum)
     _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, pid_m * tl.num_programs(0) + pid_r, xinv,
-            xsum, winv_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, split_k, SPLIT, SCALE_MODE, HAS_BIAS, ON_GPU)
+            xsum, winv_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, split_k, SPLIT, SCALE_MODE, HAS_BIAS,
+            SWIGLU, ON_GPU)
 
 
 @triton.jit
@@ -456,7 +485,8 @@ def _gemm_kernel(xq_ptr, xinv_ptr, xsum_ptr, w_ptr, winv_ptr, bias_ptr, y_ptr, w
                  M, N, R, K, stride_ym, n_groups,
                  BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
                  GROUP_M: tl.constexpr, SCALE_MODE: tl.constexpr, GS: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, ON_GPU: tl.constexpr, PDL: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, ON_GPU: tl.constexpr, PDL: tl.constexpr,
+                 SWIGLU: tl.constexpr):
     """Many tokens: ``xq`` int8 (M, K) activation codes, ``w`` uint8 (R, K) packed weights.
 
     In group mode GS (the group size) is a multiple of BK and partial sums are scaled per group.
@@ -529,7 +559,7 @@ def _gemm_kernel(xq_ptr, xinv_ptr, xsum_ptr, w_ptr, winv_ptr, bias_ptr, y_ptr, w
             out2 = tl.dot(a, _unpack_bytes(p, 4, ON_GPU), out2, out_dtype=tl.int32)
             out3 = tl.dot(a, _unpack_bytes(p, 6, ON_GPU), out3, out_dtype=tl.int32)
     _finish(out0, out1, out2, out3, offs_m, offs_r, M, N, R, pid, row_inv, row_sum, winv_ptr, bias_ptr, y_ptr,
-            stride_ym, ws_ptr, cnt_ptr, SPLIT_K, SPLIT_K > 1, SCALE_MODE, HAS_BIAS, ON_GPU)
+            stride_ym, ws_ptr, cnt_ptr, SPLIT_K, SPLIT_K > 1, SCALE_MODE, HAS_BIAS, SWIGLU, ON_GPU)
 
 
 @triton.jit
@@ -583,7 +613,8 @@ def _l2_bytes(device: torch.device) -> int:
 @dataclass(frozen=True)
 class Problem:
     """What decides which kernel and tiles fit: the shape, the kind of scales, and whether the caller
-    already has the quantized activations (then the fused GEMV, which quantizes again, is no candidate)."""
+    already has the quantized activations (then the fused GEMV, which quantizes again, is no candidate) and
+    whether the product ends in SwiGLU (``n`` is then the stacked gate and up rows, the output half of them)."""
 
     m: int
     n: int
@@ -592,6 +623,7 @@ class Problem:
     group_size: int
     device: torch.device
     acts_ready: bool = False
+    swiglu: bool = False
 
     @property
     def rows(self) -> int:
@@ -614,7 +646,8 @@ class Problem:
     @cached_property
     def tuning_key(self) -> tuple:
         """Problems that share this share one measured choice (``fused_ok``: they have the same candidates)."""
-        return (self.device.index or 0, _bucket(self.m), self.n, self.k, self.mode, self.group_size, self.fused_ok)
+        return (self.device.index or 0, _bucket(self.m), self.n, self.k, self.mode, self.group_size, self.fused_ok,
+                self.swiglu)
 
     def split_ok(self, split_k: int) -> bool:
         """Split-K sums in int32 through the workspace: not for group scales, and only if it fits."""
@@ -754,13 +787,13 @@ def _launch_params(cfg: GemvConfig | GemmConfig, p: Problem, has_bias: bool,
                     GWT=min(gw, cfg.bkw), HAS_BIAS=has_bias, FUSED=cfg.fused,
                     XBLOCK=_absmax_block(p.k, bm, cfg.num_warps) if cfg.fused else 1, ON_GPU=not INTERPRET,
                     PREFETCH=overlap.prefetch and aligned and p.k % 16 == 0 and _prefetch_fits(p),
-                    num_warps=cfg.num_warps,
+                    SWIGLU=p.swiglu, num_warps=cfg.num_warps,
                     **_pdl_meta(overlap.pdl))
     else:
         grid = (triton.cdiv(p.m, cfg.bm) * triton.cdiv(p.rows, cfg.br), cfg.split_k)
         meta = dict(BM=cfg.bm, BR=cfg.br, BK=min(cfg.bk, p.group_size) if p.mode == 2 else cfg.bk,
                     SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m, SCALE_MODE=p.mode,
-                    GS=p.group_size if p.mode == 2 else 1, HAS_BIAS=has_bias, ON_GPU=not INTERPRET,
+                    GS=p.group_size if p.mode == 2 else 1, HAS_BIAS=has_bias, SWIGLU=p.swiglu, ON_GPU=not INTERPRET,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                     **_pdl_meta(overlap.pdl and p.m <= GEMM_PDL_MAX_M))
     return grid, n_groups, meta
@@ -910,8 +943,9 @@ def graph_time_us(calls: list) -> float:
 def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None,
                    mode: int, group_size: int, config: GemvConfig | GemmConfig | None = None,
                    acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                   keep_acts=None, out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+                   keep_acts=None, out_dtype: torch.dtype | None = None, swiglu: bool = False) -> torch.Tensor | None:
     """``(M, K) -> (M, N)`` on the GPU; ``None`` when no kernel covers this case (the caller falls back).
+    ``swiglu``: the rows are gate and up stacked, and the result ``silu(gate) * up`` is ``(M, N / 2)``.
 
     ``acts`` are ``quantize_activations(x2d)`` when the caller already has them (then ``x2d`` may be the
     codes themselves and ``out_dtype`` says the result's dtype). Without them the fused GEMV (one
@@ -919,10 +953,11 @@ def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Ten
     quantizes separately, ``keep_acts(acts)`` receives the activations for reuse.
     """
     m, k = x2d.shape
-    y = torch.empty((m, packed.shape[0] * 4), dtype=out_dtype or x2d.dtype, device=x2d.device)
+    n = packed.shape[0] * 4
+    y = torch.empty((m, n // 2 if swiglu else n), dtype=out_dtype or x2d.dtype, device=x2d.device)
     if m == 0:
         return y
-    p = _problem(m, y.shape[1], k, mode, group_size, x2d.device, acts is not None)
+    p = _problem(m, n, k, mode, group_size, x2d.device, acts is not None, swiglu)
 
     rotation: list = []
 

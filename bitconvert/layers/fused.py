@@ -7,8 +7,11 @@ work of three (or two) in one launch. This is what serving engines do with full-
 here the stacked weight is repacked once at load time.
 
 :func:`fuse_projections` replaces each such group by views of one :class:`FusedProjections`; the
-first view called with an input computes every output, the others return theirs. Only for frozen
-inference (LoRA and training keep the separate layers).
+first view called with an input computes every output, the others return theirs. A SwiGLU MLP
+(``down(silu(gate(x)) * up(x))``) goes one step further and becomes a :class:`FusedSwiGLU`: its
+gate/up product applies ``silu(gate) * up`` in the kernel's epilogue and writes only that, so the
+elementwise kernel between the two products disappears. Only for frozen inference (LoRA and
+training keep the separate layers).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bitconvert.kernels import reference_kernels
 from bitconvert.layers.packed import PackedBitLinear
 from bitconvert.quant import pack_ternary, unpack_ternary
 
@@ -91,10 +95,47 @@ def stack_packed(layers: list[PackedBitLinear]) -> PackedBitLinear:
     return stacked
 
 
-def fuse_projections(model: nn.Module) -> list[str]:
+class FusedSwiGLU(nn.Module):
+    """A SwiGLU MLP as two packed products: ``down_proj(gate_up(x, swiglu=True))``.
+
+    Takes the place of the MLP module it was made from, which it keeps as ``original`` (its gate and up
+    projections are views of ``gate_up`` by then, so nothing is stored twice).
+    """
+
+    def __init__(self, original: nn.Module, gate_up: PackedBitLinear):
+        super().__init__()
+        self.original, self.gate_up = original, gate_up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.original.down_proj(self.gate_up(x, swiglu=True))
+
+
+def _is_silu(module) -> bool:
+    return isinstance(module, nn.SiLU) or type(module).__name__ == "SiLUActivation"
+
+
+@torch.no_grad()
+def _swiglu_mlp(mlp: nn.Module, gate_up: PackedBitLinear) -> FusedSwiGLU | None:
+    """``mlp`` as a :class:`FusedSwiGLU` if it is one: a SiLU ``act_fn`` and a ``down_proj``, and (since its
+    forward is the modelling code's own) the same output on a random input; else None."""
+    if not (_is_silu(getattr(mlp, "act_fn", None)) and isinstance(getattr(mlp, "down_proj", None), nn.Module)):
+        return None
+    fused = FusedSwiGLU(mlp, gate_up)
+    x = torch.randn(2, gate_up.in_features, generator=torch.Generator().manual_seed(0)).to(gate_up.weight.device)
+    try:
+        with reference_kernels():  # the check is of the code's structure: no kernel tuning for this input
+            want, got = mlp(x), fused(x)
+    except Exception:  # a forward that is not down(act(gate(x)) * up(x)) may want other arguments
+        return None
+    close = want.shape == got.shape and bool((got - want).float().norm() <= 1e-3 * want.float().norm() + 1e-6)
+    return fused if close else None
+
+
+def fuse_projections(model: nn.Module, swiglu: bool = True) -> list[str]:
     """Fuse every group of :data:`PROJECTION_GROUPS` whose layers are packed alike; returns one name per
-    fused group (``model.layers.0.self_attn.{q_proj,k_proj,v_proj}``). Idempotent: fused groups are
-    views afterwards and are left alone."""
+    fused group (``model.layers.0.self_attn.{q_proj,k_proj,v_proj}``, ``model.layers.0.mlp.{gate_proj,up_proj}``,
+    with ``+swiglu`` where the MLP became a :class:`FusedSwiGLU`, as ``swiglu`` allows). Idempotent: fused
+    groups are views afterwards and are left alone."""
     fused = []
     for name, parent in list(model.named_modules()):
         for group in PROJECTION_GROUPS:
@@ -105,5 +146,11 @@ def fuse_projections(model: nn.Module) -> list[str]:
             parent.add_module("_".join(child.split("_")[0] for child in group) + "_fused", shared)
             for index, (child, layer) in enumerate(zip(group, layers)):
                 setattr(parent, child, ProjectionView(shared, index, layer.in_features, layer.out_features))
-            fused.append(f"{name}.{{{','.join(group)}}}" if name else "{" + ",".join(group) + "}")
+            label = f"{name}.{{{','.join(group)}}}" if name else "{" + ",".join(group) + "}"
+            mlp = _swiglu_mlp(parent, shared.fused) if swiglu and group == ("gate_proj", "up_proj") and name else None
+            if mlp is not None:
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner) if owner else model, attr, mlp)
+                label += "+swiglu"
+            fused.append(label)
     return fused

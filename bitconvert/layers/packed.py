@@ -8,6 +8,7 @@ from torch import nn
 
 from bitconvert.kernels import (
     TernaryCache,
+    swiglu_reference,
     binary_linear,
     onebit_linear,
     quantize_for_kernels,
@@ -78,28 +79,34 @@ class PackedBitLinear(nn.Module):
         # Not state: what the kernels may keep between calls (the unpacked weight on CPU).
         self.kernel_cache = TernaryCache()
 
-    def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _packed_forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
         variant, granularity, group = self.spec.variant, self.spec.weight_scale, self.spec.group_size
+        if variant == "b1.58":
+            return ternary_linear(x, self.weight, self.weight_scale, self.bias, granularity=granularity,
+                                  group_size=group, cache=self.kernel_cache, swiglu=swiglu)
         if variant == "onebit":
-            return onebit_linear(x, self.weight, self.input_scale, self.output_scale, self.bias)
-        if variant == "bitnet1":
-            return binary_linear(x, self.weight, self.weight_scale, self.bias, granularity=granularity, group_size=group)
-        return ternary_linear(x, self.weight, self.weight_scale, self.bias, granularity=granularity, group_size=group,
-                              cache=self.kernel_cache)
+            y = onebit_linear(x, self.weight, self.input_scale, self.output_scale, self.bias)
+        else:
+            y = binary_linear(x, self.weight, self.weight_scale, self.bias, granularity=granularity, group_size=group)
+        return swiglu_reference(y) if swiglu else y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+        """``x · Wᵀ + b``; with ``swiglu`` (W's rows a SwiGLU MLP's gate and up projections, stacked)
+        ``silu(gate) * up`` of it, out_features / 2 of them, computed by the product's own kernel."""
         if self.rms_norm is not None:
             x = self.rms_norm(x)
         if torch.is_grad_enabled() and x.requires_grad:
-            return _PackedProduct.apply(x, self)
+            y = _PackedProduct.apply(x, self)
+            return swiglu_reference(y) if swiglu else y
         if torch.compiler.is_compiling() and self.spec.variant == "b1.58":
             if COMPILED_ACT_QUANT:  # the quantizer as torch ops, for inductor to fuse with what made x
                 codes, x_inv, x_sum = quantize_for_kernels(x)
-                return ternary_linear_quantized_op(codes, x_inv, x_sum, self.weight, self.weight_scale, self.bias,
-                                                   self.spec.weight_scale, self.spec.group_size, x.dtype)
+                y = ternary_linear_quantized_op(codes, x_inv, x_sum, self.weight, self.weight_scale, self.bias,
+                                                self.spec.weight_scale, self.spec.group_size, x.dtype)
+                return swiglu_reference(y) if swiglu else y
             return ternary_linear_op(x, self.weight, self.weight_scale, self.bias, self.spec.weight_scale,
-                                     self.spec.group_size)
-        return self._packed_forward(x)
+                                     self.spec.group_size, swiglu)
+        return self._packed_forward(x, swiglu)
 
     @torch.no_grad()
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
