@@ -63,26 +63,28 @@ def test_decode_steps_attend_per_key_value_group_without_copies(teacher, monkeyp
 
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from bitconvert.layers import attention
+
     generator = torch.Generator().manual_seed(0)
     module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
     query, key, value = (torch.randn(shape, generator=generator) for shape in ((2, 6, 1, 8), (2, 2, 7, 8), (2, 2, 7, 8)))
     mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
     mask[0, ..., 4:] = False  # the static cache's unwritten slots
-    ours, _ = sampling_module._grouped_decode_attention(module, query, key, value, mask, scaling=8 ** -0.5)
+    ours, _ = attention.decode_attention_forward(module, query, key, value, mask, scaling=8 ** -0.5)
     theirs, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, mask, scaling=8 ** -0.5)
     assert ours.shape == theirs.shape == (2, 1, 6, 8) and torch.allclose(ours, theirs, atol=1e-6)
 
-    grouped_calls = []
-    real = sampling_module._grouped_decode_attention
+    calls = []
+    real = attention.decode_attention_forward
 
     def spy(module, query, *args, **kwargs):
-        grouped_calls.append(query.shape[2])
+        calls.append(query.shape[2])
         return real(module, query, *args, **kwargs)
 
-    monkeypatch.setattr(sampling_module, "_grouped_decode_attention", spy)
+    monkeypatch.setattr(attention, "decode_attention_forward", spy)
     sample_continuations(teacher, prompts_of(teacher.config.vocab_size), new_tokens=4, greedy=True)
     layers = teacher.config.num_hidden_layers
-    assert grouped_calls == [5] * layers + [1] * 3 * layers  # the prefill, then three decode steps
+    assert calls == [5] * layers + [1] * 3 * layers  # the prefill, then three decode steps
     assert teacher.config._attn_implementation == "sdpa"  # switched back after sampling
 
 

@@ -274,7 +274,9 @@ def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> dict[str, 
 def load_ternary(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  verify: bool = True):
     """Load an export (any variant, with or without Mixture-of-Depths) as ``(model, tokenizer)`` with
-    packed layers (fast kernels where available)."""
+    packed layers (fast kernels where available). On CUDA an sdpa model's decode steps attend with
+    bitconvert's decode attention (:mod:`bitconvert.layers.attention`; ``BITCONVERT_DECODE_ATTENTION=0``
+    keeps transformers' sdpa)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest = read_manifest(path, verify=verify)
@@ -285,4 +287,9 @@ def load_ternary(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    if model.device.type == "cuda":
+        from bitconvert.layers.attention import use_decode_attention
+
+        use_decode_attention(model)
+    return model, tokenizer

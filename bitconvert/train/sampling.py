@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import inspect
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from bitconvert.layers.attention import decode_attention
 from bitconvert.recipes.schema import GenerateSource
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ def sample_continuations(model, prompt_ids: torch.Tensor, *, new_tokens: int, mi
         raise ValueError(f"new_tokens must be at least 1, got {new_tokens}")
     rule = SamplingRule(min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_token_ids=tuple(sorted(set(eos_token_ids))), greedy=greedy)
-    with _grouped_query_decode(model):
+    with decode_attention(model):  # one query token a step: keys and values read once, never copied
         if cuda_graph and prompt_ids.device.type == "cuda" and new_tokens > GRAPH_WARMUP_STEPS + 2:
             try:
                 return SampledTokens(_decode(model, prompt_ids, new_tokens, rule, seed, graph=True),
@@ -258,54 +258,6 @@ def sample_continuations(model, prompt_ids: torch.Tensor, *, new_tokens: int, mi
                             type(err).__name__, err)
         # A fresh cache and generator: the same tokens as if graphs had never been tried.
         return SampledTokens(_decode(model, prompt_ids, new_tokens, rule, seed, graph=False), used_cuda_graph=False)
-
-
-GROUPED_DECODE_ATTENTION = "bitconvert_grouped_decode_sdpa"
-
-
-@contextmanager
-def _grouped_query_decode(model):
-    """While sampling, an sdpa model's decode steps attend without repeating keys and values.
-
-    transformers' sdpa path (5.17) copies every key/value head once per query head it serves
-    whenever a mask is given, and a static cache always needs one: for SmolLM2 (9 query heads on
-    3 key/value heads) that is three copies of the whole cache per step, most of a decode step's
-    memory traffic. Registered under its own name and switched on for this model only.
-    """
-    config = model.config
-    current = getattr(config, "_attn_implementation", None)
-    if current != "sdpa":
-        yield
-        return
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    AttentionInterface.register(GROUPED_DECODE_ATTENTION, _grouped_decode_attention)
-    AttentionMaskInterface.register(GROUPED_DECODE_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    config._attn_implementation = GROUPED_DECODE_ATTENTION
-    try:
-        yield
-    finally:
-        config._attn_implementation = current
-
-
-def _grouped_decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                              **kwargs):
-    """sdpa for one query token per row: the query heads of each key/value group become that
-    group's query rows, so the cache is read once and never copied (transformers 5.24's own
-    decode path does the same). Anything else goes to transformers' sdpa."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    groups = getattr(module, "num_key_value_groups", 1)
-    batch, heads, q_length, dim = query.shape
-    shared_mask = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
-    if q_length != 1 or groups == 1 or not shared_mask or kwargs.get("position_bias") is not None \
-            or kwargs.get("softcap") is not None or dropout:
-        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
-                                               scaling=scaling, **kwargs)
-    grouped = query.reshape(batch, heads // groups, groups, dim)
-    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 def _decode(model, prompt_ids: torch.Tensor, new_tokens: int, rule: SamplingRule, seed: int, *,

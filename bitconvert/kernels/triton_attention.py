@@ -1,0 +1,163 @@
+"""Triton kernel for attention of one query token per sequence (decode) over a key/value cache.
+
+Imported only when a CUDA tensor reaches :func:`bitconvert.kernels.attention.decode_attention`.
+
+One program takes one key/value head of one sequence and the query heads it serves (grouped-query
+attention: ``G`` query heads per key/value head), so keys and values are read once, never copied
+per query head. The G queries are the rows of one small matrix product per block of keys (padded to
+16 rows, the tensor cores' smallest tile). Softmax is online (flash attention's running maximum and
+sum), in float32, with base-2 exponentials.
+
+Split-KV: a cache has few key/value heads (4 of them at batch 1 fill 4 of 132 SMs), so the keys are
+cut into slices, one program each. Each writes its unnormalised sum, maximum and total to a scratch
+buffer; the last one to finish (a per-head counter says which, as in the ternary kernels' split-K)
+combines them, writes the output and resets its counter. Blocks of keys that the mask excludes
+altogether (a static cache's unwritten end) are skipped without reading them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from bitconvert.kernels.triton_ternary import INTERPRET, _overlap_on, _pdl_meta, _wait_for_previous_kernel
+
+BLOCK_KEYS = 64
+COUNTERS = 1 << 14  # key/value heads x sequences that one split call may cover
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, cnt_ptr, L, HKV, keys_per_split,
+                             n_splits, scale_log2,
+                             stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+                             stride_mb, stride_ml, stride_ob, stride_oh,
+                             G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                             BN: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
+    """``q`` (B, H, D) with H = HKV * G, ``k``/``v`` (B, HKV, L, D), ``mask`` (B, L) uint8 (1: attend),
+    ``out`` (B, H, D). ``part``: float32 scratch (B * HKV, n_splits, GP, DP + 2) when SPLIT."""
+    _wait_for_previous_kernel(PDL)
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, DP)
+    g_mask = offs_g < G
+    d_mask = offs_d < D
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DP], tl.float32)
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, L)
+    for n0 in range(lo, hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        valid = offs_n < hi
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_ptr + b.to(tl.int64) * stride_mb + offs_n * stride_ml, mask=valid, other=0) != 0)
+        if tl.max(valid.to(tl.int32), axis=0) > 0:  # a block with no key to attend to is not read
+            kv_mask = valid[:, None] & d_mask[None, :]
+            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the block has a valid key
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+    out_rows = out_ptr + b.to(tl.int64) * stride_ob + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :]
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if not SPLIT:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        W: tl.constexpr = DP + 2
+        part = part_ptr + (bh.to(tl.int64) * n_splits + split) * GP * W
+        tl.store(part + offs_g[:, None] * W + offs_d[None, :], acc)
+        tl.store(part + offs_g * W + DP, m_i)
+        tl.store(part + offs_g * W + DP + 1, l_i)
+        tl.debug_barrier()  # every thread's stores precede the counter's release
+        arrived = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel")
+        if arrived == n_splits - 1:
+            tl.debug_barrier()
+            first = part_ptr + bh.to(tl.int64) * n_splits * GP * W
+            m_all = tl.full([GP], float("-inf"), tl.float32)
+            for s_i in range(0, n_splits):  # the overall maximum first, so that every weight is at most 1
+                m_all = tl.maximum(m_all, tl.load(first + s_i * GP * W + offs_g * W + DP, cache_modifier=".cg"))
+            m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+            total = tl.zeros([GP], tl.float32)
+            out = tl.zeros([GP, DP], tl.float32)
+            for s_i in range(0, n_splits):  # .cg: read from L2, where the other programs' stores are
+                one = first + s_i * GP * W
+                w = tl.exp2(tl.load(one + offs_g * W + DP, cache_modifier=".cg") - m_safe)
+                total += w * tl.load(one + offs_g * W + DP + 1, cache_modifier=".cg")
+                out += w[:, None] * tl.load(one + offs_g[:, None] * W + offs_d[None, :], cache_modifier=".cg")
+            out = out / tl.where(total > 0, total, 1.0)[:, None]
+            tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(cnt_ptr + bh, 0, sem="relaxed")
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device) -> torch.Tensor | None:
+    """Per-head arrival counters, all zero between calls (the last program of a head resets its own).
+    Made outside any CUDA graph capture: memory allocated during one belongs to that graph."""
+    if device not in _counters:
+        if not INTERPRET and torch.cuda.is_current_stream_capturing():
+            return None
+        _counters[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+    return _counters[device]
+
+
+@functools.lru_cache(maxsize=64)
+def _sm_count(device: torch.device) -> int:
+    return 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_count(heads: int, keys: int, device: torch.device) -> int:
+    """Slices of the keys: enough programs to cover every SM about twice, at least one block of keys each."""
+    blocks = triton.cdiv(keys, BLOCK_KEYS)
+    return max(1, min(blocks, 2 * _sm_count(device) // max(1, heads)))
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float, splits: int | None = None) -> torch.Tensor:
+    """``softmax(q · kᵀ · scale) · v`` for ``query`` (B, H, D), ``key``/``value`` (B, HKV, L, D) with the
+    last dimension contiguous, ``mask`` None or (B, L) uint8/bool (1: attend). Returns (B, H, D)."""
+    batch, heads, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    out = torch.empty((batch, heads, dim), dtype=query.dtype, device=query.device)
+    splits = splits or split_count(batch * kv_heads, keys, query.device)
+    counters = _split_counters(query.device) if splits > 1 and batch * kv_heads <= COUNTERS else None
+    if counters is None:
+        splits = 1
+    per_split = triton.cdiv(triton.cdiv(keys, BLOCK_KEYS), splits) * BLOCK_KEYS
+    splits = triton.cdiv(keys, per_split)
+    gp, dp = max(16, triton.next_power_of_2(groups)), max(16, triton.next_power_of_2(dim))
+    part = (torch.empty((batch * kv_heads, splits, gp, dp + 2), dtype=torch.float32, device=query.device)
+            if splits > 1 else out)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    mask_arg = mask if mask is not None else out
+    _decode_attention_kernel[(batch * kv_heads, splits)](
+        query, key, value, mask_arg, out, part, counters if splits > 1 else out, keys, kv_heads, per_split, splits,
+        scale * 1.4426950408889634,  # log2(e): exp(x) = exp2(x * log2 e)
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
+        out.stride(0), out.stride(1),
+        G=groups, GP=gp, D=dim, DP=dp, BN=BLOCK_KEYS, HAS_MASK=mask is not None, SPLIT=splits > 1, num_warps=4,
+        **_pdl_meta(_overlap_on(query.device).pdl))
+    return out
