@@ -295,6 +295,56 @@ def check_section() -> dict:
         failures += not ok
         cases.append({"case": f"quantized acts m={m} n={n} k={k} {gran} {str(dtype)[6:]}", "ok": ok,
                       "equal_to_ternary_linear": same, "relerr": relerr(y, ref)})
+    # SwiGLU in the epilogue (a SwiGLU MLP's gate/up product): every candidate of two decode problems, and
+    # random prompts; silu itself may differ from torch's by a rounding step of the output dtype
+    for m, n, k, gran, gs, dtype, all_candidates in [(1, 13824, 2560, "channel", 128, torch.bfloat16, True),
+                                                     (4, 3072, 1024, "tensor", 128, torch.bfloat16, False),
+                                                     (2, 1024, 512, "group", 64, torch.float16, False),
+                                                     (77, 2048, 2560, "channel", 128, torch.bfloat16, False),
+                                                     (300, 1536, 576, "group", 64, torch.bfloat16, False)]:
+        packed, inv, _ = random_packed(n, k, gran, gs, seed=5 * m + n)
+        x = torch.randn(m, k, device="cuda", dtype=dtype) * 2
+        ref = ternary_linear_reference(x, packed, inv, None, granularity=gran, group_size=gs, swiglu=True)
+        p = tt.Problem(m, n, k, tt.SCALE_MODES[gran], gs, x.device, swiglu=True)
+        for cfg in tt.candidate_configs(p) if all_candidates else [None]:
+            try:
+                y = (ternary_linear(x, packed, inv, granularity=gran, group_size=gs, swiglu=True) if cfg is None else
+                     tt.ternary_matmul(x, packed, inv, None, tt.SCALE_MODES[gran], gs, config=cfg, swiglu=True))
+                err, ok = relerr(y, ref), y.shape == ref.shape and relerr(y, ref) <= 8e-3
+            except Exception as exc:
+                err, ok = f"{type(exc).__name__}: {str(exc)[:200]}", False
+            failures += not ok
+            cases.append({"case": f"swiglu m={m} n={n} k={k} {gran} {str(dtype)[6:]} {cfg or 'tuned'}", "ok": ok,
+                          "relerr": err})
+    # decode attention: one query per sequence over a cache, grouped heads, masks with padding and empty slots
+    from bitconvert.kernels import triton_attention as ta
+    from bitconvert.kernels.attention import decode_attention_reference
+    for b, h, hkv, d, keys, valid, splits, dtype in [
+            (1, 20, 4, 128, 304, [33], None, torch.bfloat16), (1, 20, 4, 128, 304, [288], 1, torch.bfloat16),
+            (1, 9, 3, 64, 4096, [4000], None, torch.bfloat16), (4, 32, 8, 128, 1000, [1000, 1, 500, 999], None, torch.float16),
+            (2, 16, 16, 64, 130, [130, 64], 3, torch.bfloat16), (8, 12, 2, 96, 77, None, None, torch.bfloat16),
+            (1, 64, 8, 128, 32768, [30000], None, torch.bfloat16)]:
+        q = torch.randn(b, h, d, device="cuda", dtype=dtype)
+        k, v = (torch.randn(b, hkv, keys, d, device="cuda", dtype=dtype) for _ in range(2))
+        mask = None
+        if valid is not None:
+            mask = torch.zeros(b, keys, dtype=torch.bool, device="cuda")
+            for row, n_valid in enumerate(valid):
+                mask[row, keys - n_valid:] = True
+        ref = decode_attention_reference(q.float(), k.float(), v.float(), mask, d ** -0.5)
+        try:
+            got = ta.decode_attention(q, k, v, mask, d ** -0.5, splits=splits)
+            again = ta.decode_attention(q, k, v, mask, d ** -0.5, splits=splits)
+            err = relerr(got.float(), ref)
+            ok = err <= 1e-2 and torch.equal(got, again) and got.dtype == dtype
+        except Exception as exc:
+            err, ok = f"{type(exc).__name__}: {str(exc)[:200]}", False
+        failures += not ok
+        cases.append({"case": f"decode attention b={b} h={h}/{hkv} d={d} keys={keys} valid={valid} splits={splits} "
+                              f"{str(dtype)[6:]}", "ok": ok, "relerr": err})
+    counters_clean = all(int(c.abs().sum()) == 0 for c in ta._counters.values())
+    failures += not counters_clean
+    cases.append({"case": "decode attention counters all zero after the checks", "ok": counters_clean})
     ws = [int(w.abs().sum()) + int(c.abs().sum()) for w, c in tt._workspaces.values()]
     clean = all(v == 0 for v in ws)
     failures += not clean
@@ -603,13 +653,69 @@ def measure_model(model, prompt, new_tokens: int, graph_tokens: int, modes=DECOD
 VARIANTS = ("packed", "packed_fused", "packed_fused_prequant")
 # (programmatic dependent launch, L2 prefetch of the weights): see triton_ternary.LaunchOverlap
 OVERLAPS = {"off": (False, False), "prefetch": (False, True), "pdl": (True, True), "pdl_noprefetch": (True, False)}
-# packed_fused variants: (overlap of bitconvert's kernels, inductor's kernels launched with PDL too,
-# activation quantizer compiled into the kernel before each product as COMPILED_ACT_QUANT does)
-OVERLAP_VARIANTS = {"packed_fused_no_overlap": ("off", False, False),
-                    "packed_fused_prefetch": ("prefetch", False, False), "packed_fused_pdl": ("pdl", True, False),
-                    "packed_fused_pdl_kernels": ("pdl", False, False),
-                    "packed_fused_pdl_noprefetch": ("pdl_noprefetch", True, False),
-                    "packed_fused_prequant_pdl": ("pdl", True, True)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A packed_fused variant: how bitconvert's kernels overlap (OVERLAPS), inductor's kernels launched with
+    PDL too, the activation quantizer compiled into the kernel before each product (COMPILED_ACT_QUANT),
+    bitconvert's decode attention (else transformers' sdpa), SwiGLU in the gate/up product's epilogue."""
+
+    overlap: str
+    inductor_pdl: bool
+    prequant: bool = False
+    decode_attention: bool = True
+    swiglu: bool = True
+
+
+OVERLAP_VARIANTS = {"packed_fused_no_overlap": Variant("off", False),
+                    "packed_fused_prefetch": Variant("prefetch", False), "packed_fused_pdl": Variant("pdl", True),
+                    "packed_fused_pdl_kernels": Variant("pdl", False),
+                    "packed_fused_pdl_noprefetch": Variant("pdl_noprefetch", True),
+                    "packed_fused_prequant_pdl": Variant("pdl", True, prequant=True),
+                    "packed_fused_pdl_sdpa": Variant("pdl", True, decode_attention=False),
+                    "packed_fused_pdl_no_swiglu": Variant("pdl", True, swiglu=False),
+                    "packed_fused_pdl_sdpa_no_swiglu": Variant("pdl", True, decode_attention=False, swiglu=False)}
+# bf16 variants: the bf16 model compiled with inductor's PDL; with bitconvert's decode attention (the part of
+# a step that the two models share, made as fast for bf16 as for packed)
+BF16_VARIANTS = ("bf16_pdl", "bf16_decode_attention")
+
+
+@contextlib.contextmanager
+def attention(model, decode: bool):
+    """The model attends with bitconvert's decode attention inside the block if ``decode``, else with sdpa."""
+    from bitconvert.layers.attention import decode_attention
+
+    before = model.config._attn_implementation
+    if decode:
+        with decode_attention(model):
+            yield
+        return
+    model.config._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
+
+
+@contextlib.contextmanager
+def swiglu_epilogue(model, on: bool):
+    """Off: every FusedSwiGLU MLP is its original module again inside the block (gate/up fused, SiLU·up apart)."""
+    from bitconvert.layers.fused import FusedSwiGLU
+
+    swapped = []
+    if not on:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, FusedSwiGLU):
+                owner, _, attr = name.rpartition(".")
+                parent = model.get_submodule(owner)
+                setattr(parent, attr, module.original)
+                swapped.append((parent, attr, module))
+    try:
+        yield
+    finally:
+        for parent, attr, module in swapped:
+            setattr(parent, attr, module)
 
 
 @contextlib.contextmanager
@@ -659,11 +765,17 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
     result.update(source=source, parameters=sum(p.numel() for p in model.parameters()), spec=spec.model_dump(),
                   prompt_tokens=prompt_len, eager_new_tokens=new_tokens, graph_new_tokens=graph_tokens)
     print(f"# e2e {name} ({source}, {result['parameters'] / 1e9:.2f}B parameters)", flush=True)
-    result["bf16"] = measure_model(model, prompt, new_tokens, graph_tokens, modes, profile)
+    with attention(model, decode=False):
+        result["bf16"] = measure_model(model, prompt, new_tokens, graph_tokens, modes, profile)
     save()
-    if any(OVERLAP_VARIANTS[v][1] for v in variants if v in OVERLAP_VARIANTS) and "compiled" in modes:
-        with launch_overlap("pdl"):  # the same compiler settings as the packed model's PDL variant
+    if "bf16_pdl" in variants and "compiled" in modes:
+        with launch_overlap("pdl"), attention(model, decode=False):  # the compiler settings of packed_fused_pdl
             result["bf16_pdl"] = measure_model(model, prompt, new_tokens, graph_tokens, ["compiled"], profile)
+        save()
+    if "bf16_decode_attention" in variants:
+        with attention(model, decode=True):
+            result["bf16_decode_attention"] = measure_model(model, prompt, new_tokens, graph_tokens,
+                                                            [m for m in modes if m != "eager"], profile)
         save()
     with tempfile.TemporaryDirectory() as tmp:
         convert_to_bitnet(model, spec)
@@ -686,9 +798,14 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
     # q/k/v and gate/up as one product each, as `bitconvert generate` runs the model
     from bitconvert.layers.fused import fuse_projections
 
-    result["fused_groups"] = len(fuse_projections(packed))
+    fused_names = fuse_projections(packed)
+    result["fused_groups"] = len(fused_names)
+    result["swiglu_mlps"] = sum(name.endswith("+swiglu") for name in fused_names)
     with torch.no_grad():
         result["fused_logits_relerr_vs_unfused"] = relerr(packed(prompt).logits.float(), got)
+        with swiglu_epilogue(packed, False):
+            apart = packed(prompt).logits.float()
+        result["fused_logits_relerr_swiglu_vs_apart"] = relerr(packed(prompt).logits.float(), apart)
     if "packed_fused" in variants:
         result["packed_fused"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes, profile)
         save()
@@ -697,17 +814,19 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
             result["packed_fused_prequant"] = measure_model(packed, prompt, new_tokens, graph_tokens, ["compiled"],
                                                             profile)
         save()
-    for variant, (overlap, inductor, prequant) in OVERLAP_VARIANTS.items():
-        if variant in variants and (not prequant or "compiled" in modes):
-            with compiled_act_quant(prequant), launch_overlap(overlap, inductor):
+    for variant, v in OVERLAP_VARIANTS.items():
+        if variant in variants and (not v.prequant or "compiled" in modes):
+            with (compiled_act_quant(v.prequant), launch_overlap(v.overlap, v.inductor_pdl),
+                  attention(packed, v.decode_attention), swiglu_epilogue(packed, v.swiglu)):
                 result[variant] = measure_model(packed, prompt, new_tokens, graph_tokens,
-                                                ["compiled"] if prequant else modes, profile)
+                                                ["compiled"] if v.prequant else modes, profile)
             save()
     del packed
     torch.cuda.empty_cache()
     pairs = [("packed", "", "bf16"), ("packed_fused", "_fused", "bf16"), ("packed_fused_prequant", "_prequant", "bf16"),
              *((v, v.removeprefix("packed_fused"), "bf16") for v in OVERLAP_VARIANTS),
-             ("packed_fused_pdl", "_pdl_vs_bf16_pdl", "bf16_pdl")]
+             ("packed_fused_pdl", "_pdl_vs_bf16_pdl", "bf16_pdl"), ("bf16_decode_attention", "_bf16_decode_attention", "bf16"),
+             ("packed_fused_pdl", "_pdl_vs_bf16_decode_attention", "bf16_decode_attention")]
     for mode in DECODE_MODES:
         for variant, suffix, base in pairs:
             b, q = result.get(base, {}).get(mode, {}), result.get(variant, {}).get(mode, {})
@@ -831,10 +950,14 @@ def markdown(data: dict) -> str:
                              f"({r['weight_bytes_ratio']:.2f}x) |")
         lines.append("")
         overlapped = [(r, m) for r in runs if "bf16" in r for m in DECODE_MODES
-                      if any(m in r.get(v, {}) for v in (*OVERLAP_VARIANTS, "bf16_pdl"))]
+                      if any(m in r.get(v, {}) for v in (*OVERLAP_VARIANTS, *BF16_VARIANTS))]
         if overlapped:
-            lines += ["### Kernels launched to overlap the one before", "",
-                      "Variants of packed+fused. prefetch = the GEMVs first start the L2 prefetch of their weights; "
+            lines += ["### Variants: kernels launched to overlap the one before, decode attention, SwiGLU epilogue", "",
+                      "Variants of packed+fused, which runs bitconvert's defaults (decode attention, SwiGLU in the "
+                      "gate/up product, the overlap below). sdpa = transformers' attention instead of bitconvert's "
+                      "decode attention; no_swiglu = SiLU·up as its own kernel between the two MLP products; "
+                      "bf16_decode_attention = the bf16 model with bitconvert's decode attention (the attention both "
+                      "models share, as fast for both). prefetch = the GEMVs first start the L2 prefetch of their weights; "
                       "pdl = that, and every bitconvert kernel launched with programmatic dependent launch (it "
                       "starts while the one before finishes and waits for it only before touching activations), "
                       "and inductor's kernels launched the same way (bf16_pdl: the bf16 model compiled with that "
@@ -842,18 +965,21 @@ def markdown(data: dict) -> str:
                       "pdl_noprefetch = pdl without the prefetch; prequant_pdl = pdl compiled with the activation "
                       "quantizer fused as in +prequant; no_overlap = neither. packed_fused itself runs with "
                       f"bitconvert's default of this run: {env_overlap(data)}.", "",
-                      "| model | mode | variant | tok/s | vs bf16 | vs bf16 PDL |", "|---|---|---|---|---|---|"]
+                      "| model | mode | variant | tok/s | vs bf16 | vs bf16 PDL | vs bf16 + decode attention |",
+                      "|---|---|---|---|---|---|---|"]
             for r, m in overlapped:
                 bf16 = r["bf16"].get(m, {}).get("tokens_per_s")
                 bf16_pdl = r.get("bf16_pdl", {}).get(m, {}).get("tokens_per_s")
-                for v in ("bf16", "bf16_pdl", "packed_fused", *OVERLAP_VARIANTS):
+                bf16_attn = r.get("bf16_decode_attention", {}).get(m, {}).get("tokens_per_s")
+                for v in ("bf16", *BF16_VARIANTS, "packed_fused", *OVERLAP_VARIANTS):
                     got = r.get(v, {}).get(m, {}).get("tokens_per_s")
                     if got and bf16:
                         lines.append(f"| {r['model']} | {m} | {v} | {got:.1f} | {got / bf16:.2f}x | "
-                                     f"{f'{got / bf16_pdl:.2f}x' if bf16_pdl else ''} |")
+                                     f"{f'{got / bf16_pdl:.2f}x' if bf16_pdl else ''} | "
+                                     f"{f'{got / bf16_attn:.2f}x' if bf16_attn else ''} |")
             lines.append("")
         profiled = [(r, v, m) for r in runs if "bf16" in r for m in DECODE_MODES
-                    for v in ("bf16", "bf16_pdl", "packed", "packed_fused", "packed_fused_prequant", *OVERLAP_VARIANTS)
+                    for v in ("bf16", *BF16_VARIANTS, "packed", "packed_fused", "packed_fused_prequant", *OVERLAP_VARIANTS)
                     if "profile" in r.get(v, {}).get(m, {})]
         if profiled:
             lines += ["### Where a decode step's GPU time goes", "",
@@ -892,7 +1018,7 @@ def main(argv=None) -> int:
                         help="e2e models that also decode through torch.compile (compilation takes a minute or two)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="e2e variants besides bf16: packed, packed_fused, packed_fused_prequant (compiled only), "
-                             + ", ".join(OVERLAP_VARIANTS))
+                             + ", ".join((*BF16_VARIANTS, *OVERLAP_VARIANTS)))
     parser.add_argument("--profile", action="store_true",
                         help="e2e: also break each graph decode step's GPU time down by kind of kernel")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
