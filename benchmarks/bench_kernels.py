@@ -188,8 +188,12 @@ def environment() -> dict:
 
 # --------------------------------------------------------------------------- section: check
 
-def check_section() -> dict:
-    """Every GPU result against the reference; returns cases and whether all passed."""
+CHECK_PARTS = ("ternary", "swiglu", "attention")
+
+
+def check_section(parts=CHECK_PARTS) -> dict:
+    """Every GPU result against the reference (ternary products, their SwiGLU epilogue, decode attention, as
+    ``parts`` says); returns cases and whether all passed."""
     from bitconvert.kernels import ternary_linear, ternary_linear_reference
     from bitconvert.kernels import triton_ternary as tt
 
@@ -231,120 +235,123 @@ def check_section() -> dict:
             print(f"  FAIL {tag}: relerr {err:.3e}, exact {exact:.3f}, dtype {y.dtype} vs {ref.dtype}", flush=True)
         return y
 
-    gen = torch.Generator().manual_seed(7)
-    for i in range(30):
-        gran = ("tensor", "channel", "group")[i % 3]
-        gs = (32, 64, 128, 256)[i % 4] if gran == "group" else 128
-        m = [1, 2, 3, 5, 8, 13, 16, 17, 33, 64, 100, 257][int(torch.randint(0, 12, (1,), generator=gen))]
-        n = 4 * int(torch.randint(1, 400, (1,), generator=gen))
-        k = gs * int(torch.randint(1, 24, (1,), generator=gen)) if gran == "group" else \
-            int(torch.randint(8, 3000, (1,), generator=gen))
-        dtype = (torch.bfloat16, torch.float16, torch.float32)[i % 3 if i % 7 else 0]
-        packed, inv, _ = random_packed(n, k, gran, gs, seed=i)
-        x = (torch.randn(m, k, generator=gen) * float(torch.rand(1, generator=gen) * 10 + 0.1)).to("cuda", dtype)
-        if i % 5 == 0:
-            x = x.reshape(1, m, k)
-        bias = torch.randn(n, generator=gen).to("cuda", dtype) if i % 2 else None
-        compare(f"random m={m} n={n} k={k} {gran}{gs if gran == 'group' else ''} {str(dtype)[6:]} "
-                f"bias={bias is not None}", x, packed, inv, bias, gran, gs)
+    if "ternary" in parts:
+        gen = torch.Generator().manual_seed(7)
+        for i in range(30):
+            gran = ("tensor", "channel", "group")[i % 3]
+            gs = (32, 64, 128, 256)[i % 4] if gran == "group" else 128
+            m = [1, 2, 3, 5, 8, 13, 16, 17, 33, 64, 100, 257][int(torch.randint(0, 12, (1,), generator=gen))]
+            n = 4 * int(torch.randint(1, 400, (1,), generator=gen))
+            k = gs * int(torch.randint(1, 24, (1,), generator=gen)) if gran == "group" else \
+                int(torch.randint(8, 3000, (1,), generator=gen))
+            dtype = (torch.bfloat16, torch.float16, torch.float32)[i % 3 if i % 7 else 0]
+            packed, inv, _ = random_packed(n, k, gran, gs, seed=i)
+            x = (torch.randn(m, k, generator=gen) * float(torch.rand(1, generator=gen) * 10 + 0.1)).to("cuda", dtype)
+            if i % 5 == 0:
+                x = x.reshape(1, m, k)
+            bias = torch.randn(n, generator=gen).to("cuda", dtype) if i % 2 else None
+            compare(f"random m={m} n={n} k={k} {gran}{gs if gran == 'group' else ''} {str(dtype)[6:]} "
+                    f"bias={bias is not None}", x, packed, inv, bias, gran, gs)
 
-    # every tuning candidate of a few problems, so each compiled variant (split-K and the fused GEMV
-    # included) is checked; the fused GEMV must equal the two-launch GEMV of the same tile bit for bit.
-    # The first has the kernels section's K and no bias: the same binaries, compiled once for both.
-    for (m, n, k, gran, gs, has_bias) in [(1, 2048, 11008, "channel", 128, False), (1, 1024, 1024, "channel", 128, True),
-                                          (8, 512, 4096, "tensor", 128, True), (5, 1000, 4100, "channel", 128, True),
-                                          (2, 512, 2048, "group", 64, True), (64, 1024, 512, "channel", 128, True)]:
-        packed, inv, _ = random_packed(n, k, gran, gs, seed=m + n)
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if has_bias else None
-        p = tt.Problem(m, n, k, tt.SCALE_MODES[gran], gs, x.device)
-        for cfg in tt.candidate_configs(p):
-            y = compare(f"config m={m} n={n} k={k} {gran} {cfg}", x, packed, inv, bias, gran, gs, cfg)
-            if cfg.split_k > 1:  # the workspace must be clean for the next call
-                compare(f"config m={m} n={n} k={k} {gran} {cfg} again", x, packed, inv, bias, gran, gs, cfg)
-            if cfg.fused and y is not None:
-                two = tt.ternary_matmul(x, packed, inv, bias, tt.SCALE_MODES[gran], gs,
-                                        config=dataclasses.replace(cfg, fused=False))
-                same = torch.equal(y, two)
-                failures += not same
-                cases.append({"case": f"fused = two-launch m={m} n={n} k={k} {gran} {cfg}", "ok": same})
+        # every tuning candidate of a few problems, so each compiled variant (split-K and the fused GEMV
+        # included) is checked; the fused GEMV must equal the two-launch GEMV of the same tile bit for bit.
+        # The first has the kernels section's K and no bias: the same binaries, compiled once for both.
+        for (m, n, k, gran, gs, has_bias) in [(1, 2048, 11008, "channel", 128, False), (1, 1024, 1024, "channel", 128, True),
+                                              (8, 512, 4096, "tensor", 128, True), (5, 1000, 4100, "channel", 128, True),
+                                              (2, 512, 2048, "group", 64, True), (64, 1024, 512, "channel", 128, True)]:
+            packed, inv, _ = random_packed(n, k, gran, gs, seed=m + n)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if has_bias else None
+            p = tt.Problem(m, n, k, tt.SCALE_MODES[gran], gs, x.device)
+            for cfg in tt.candidate_configs(p):
+                y = compare(f"config m={m} n={n} k={k} {gran} {cfg}", x, packed, inv, bias, gran, gs, cfg)
+                if cfg.split_k > 1:  # the workspace must be clean for the next call
+                    compare(f"config m={m} n={n} k={k} {gran} {cfg} again", x, packed, inv, bias, gran, gs, cfg)
+                if cfg.fused and y is not None:
+                    two = tt.ternary_matmul(x, packed, inv, bias, tt.SCALE_MODES[gran], gs,
+                                            config=dataclasses.replace(cfg, fused=False))
+                    same = torch.equal(y, two)
+                    failures += not same
+                    cases.append({"case": f"fused = two-launch m={m} n={n} k={k} {gran} {cfg}", "ok": same})
 
-    # activation quantizer bit for bit
-    from bitconvert.quant import int8_absmax_quantize
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for k in (4099, 20000):  # one pass and two passes over the row
-            x = torch.randn(37, k, device="cuda", dtype=dtype) * 3
-            codes, inv, total = tt.quantize_activations(x)
-            rc, ri = int8_absmax_quantize(x)
-            ok = (torch.equal(codes, rc) and torch.equal(inv, ri.reshape(-1))
-                  and torch.equal(total, rc.int().sum(-1, dtype=torch.int32)))
+        # activation quantizer bit for bit
+        from bitconvert.quant import int8_absmax_quantize
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for k in (4099, 20000):  # one pass and two passes over the row
+                x = torch.randn(37, k, device="cuda", dtype=dtype) * 3
+                codes, inv, total = tt.quantize_activations(x)
+                rc, ri = int8_absmax_quantize(x)
+                ok = (torch.equal(codes, rc) and torch.equal(inv, ri.reshape(-1))
+                      and torch.equal(total, rc.int().sum(-1, dtype=torch.int32)))
+                failures += not ok
+                cases.append({"case": f"act quant {dtype} k={k}", "ok": ok})
+        # activations quantized by the caller (the compiled path with COMPILED_ACT_QUANT): equal to the product on x
+        from bitconvert.kernels import quantize_for_kernels, ternary_linear_quantized
+        for m, n, k, gran, gs, dtype in [(1, 2048, 2560, "channel", 128, torch.bfloat16), (3, 512, 6912, "group", 64, torch.bfloat16),
+                                         (40, 1024, 1024, "tensor", 128, torch.float16)]:
+            packed, inv, _ = random_packed(n, k, gran, gs, seed=3 * m + n)
+            x = torch.randn(2, m, k, device="cuda", dtype=dtype) * 2
+            bias = torch.randn(n, device="cuda", dtype=dtype)
+            y = ternary_linear_quantized(*quantize_for_kernels(x), packed, inv, bias, granularity=gran, group_size=gs,
+                                         dtype=dtype)
+            same = torch.equal(y, ternary_linear(x, packed, inv, bias, granularity=gran, group_size=gs))
+            ref = ternary_linear_reference(x, packed, inv, bias, granularity=gran, group_size=gs)
+            ok = same and relerr(y, ref) <= 4e-3
             failures += not ok
-            cases.append({"case": f"act quant {dtype} k={k}", "ok": ok})
-    # activations quantized by the caller (the compiled path with COMPILED_ACT_QUANT): equal to the product on x
-    from bitconvert.kernels import quantize_for_kernels, ternary_linear_quantized
-    for m, n, k, gran, gs, dtype in [(1, 2048, 2560, "channel", 128, torch.bfloat16), (3, 512, 6912, "group", 64, torch.bfloat16),
-                                     (40, 1024, 1024, "tensor", 128, torch.float16)]:
-        packed, inv, _ = random_packed(n, k, gran, gs, seed=3 * m + n)
-        x = torch.randn(2, m, k, device="cuda", dtype=dtype) * 2
-        bias = torch.randn(n, device="cuda", dtype=dtype)
-        y = ternary_linear_quantized(*quantize_for_kernels(x), packed, inv, bias, granularity=gran, group_size=gs,
-                                     dtype=dtype)
-        same = torch.equal(y, ternary_linear(x, packed, inv, bias, granularity=gran, group_size=gs))
-        ref = ternary_linear_reference(x, packed, inv, bias, granularity=gran, group_size=gs)
-        ok = same and relerr(y, ref) <= 4e-3
-        failures += not ok
-        cases.append({"case": f"quantized acts m={m} n={n} k={k} {gran} {str(dtype)[6:]}", "ok": ok,
-                      "equal_to_ternary_linear": same, "relerr": relerr(y, ref)})
-    # SwiGLU in the epilogue (a SwiGLU MLP's gate/up product): every candidate of two decode problems, and
-    # random prompts; silu itself may differ from torch's by a rounding step of the output dtype
-    for m, n, k, gran, gs, dtype, all_candidates in [(1, 13824, 2560, "channel", 128, torch.bfloat16, True),
-                                                     (4, 3072, 1024, "tensor", 128, torch.bfloat16, False),
-                                                     (2, 1024, 512, "group", 64, torch.float16, False),
-                                                     (77, 2048, 2560, "channel", 128, torch.bfloat16, False),
-                                                     (300, 1536, 576, "group", 64, torch.bfloat16, False)]:
-        packed, inv, _ = random_packed(n, k, gran, gs, seed=5 * m + n)
-        x = torch.randn(m, k, device="cuda", dtype=dtype) * 2
-        ref = ternary_linear_reference(x, packed, inv, None, granularity=gran, group_size=gs, swiglu=True)
-        p = tt.Problem(m, n, k, tt.SCALE_MODES[gran], gs, x.device, swiglu=True)
-        for cfg in tt.candidate_configs(p) if all_candidates else [None]:
+            cases.append({"case": f"quantized acts m={m} n={n} k={k} {gran} {str(dtype)[6:]}", "ok": ok,
+                          "equal_to_ternary_linear": same, "relerr": relerr(y, ref)})
+    if "swiglu" in parts:
+        # SwiGLU in the epilogue (a SwiGLU MLP's gate/up product): every candidate of two decode problems, and
+        # random prompts; silu itself may differ from torch's by a rounding step of the output dtype
+        for m, n, k, gran, gs, dtype, all_candidates in [(1, 13824, 2560, "channel", 128, torch.bfloat16, True),
+                                                         (4, 3072, 1024, "tensor", 128, torch.bfloat16, False),
+                                                         (2, 1024, 512, "group", 64, torch.float16, False),
+                                                         (77, 2048, 2560, "channel", 128, torch.bfloat16, False),
+                                                         (300, 1536, 576, "group", 64, torch.bfloat16, False)]:
+            packed, inv, _ = random_packed(n, k, gran, gs, seed=5 * m + n)
+            x = torch.randn(m, k, device="cuda", dtype=dtype) * 2
+            ref = ternary_linear_reference(x, packed, inv, None, granularity=gran, group_size=gs, swiglu=True)
+            p = tt.Problem(m, n, k, tt.SCALE_MODES[gran], gs, x.device, swiglu=True)
+            for cfg in tt.candidate_configs(p) if all_candidates else [None]:
+                try:
+                    y = (ternary_linear(x, packed, inv, granularity=gran, group_size=gs, swiglu=True) if cfg is None else
+                         tt.ternary_matmul(x, packed, inv, None, tt.SCALE_MODES[gran], gs, config=cfg, swiglu=True))
+                    err, ok = relerr(y, ref), y.shape == ref.shape and relerr(y, ref) <= 8e-3
+                except Exception as exc:
+                    err, ok = f"{type(exc).__name__}: {str(exc)[:200]}", False
+                failures += not ok
+                cases.append({"case": f"swiglu m={m} n={n} k={k} {gran} {str(dtype)[6:]} {cfg or 'tuned'}", "ok": ok,
+                              "relerr": err})
+    if "attention" in parts:
+        # decode attention: one query per sequence over a cache, grouped heads, masks with padding and empty slots
+        from bitconvert.kernels import triton_attention as ta
+        from bitconvert.kernels.attention import decode_attention_reference
+        for b, h, hkv, d, keys, valid, splits, dtype in [
+                (1, 20, 4, 128, 304, [33], None, torch.bfloat16), (1, 20, 4, 128, 304, [288], 1, torch.bfloat16),
+                (1, 9, 3, 64, 4096, [4000], None, torch.bfloat16), (4, 32, 8, 128, 1000, [1000, 1, 500, 999], None, torch.float16),
+                (2, 16, 16, 64, 130, [130, 64], 3, torch.bfloat16), (8, 12, 2, 96, 77, None, None, torch.bfloat16),
+                (1, 64, 8, 128, 32768, [30000], None, torch.bfloat16)]:
+            q = torch.randn(b, h, d, device="cuda", dtype=dtype)
+            k, v = (torch.randn(b, hkv, keys, d, device="cuda", dtype=dtype) for _ in range(2))
+            mask = None
+            if valid is not None:
+                mask = torch.zeros(b, keys, dtype=torch.bool, device="cuda")
+                for row, n_valid in enumerate(valid):
+                    mask[row, keys - n_valid:] = True
+            ref = decode_attention_reference(q.float(), k.float(), v.float(), mask, d ** -0.5)
             try:
-                y = (ternary_linear(x, packed, inv, granularity=gran, group_size=gs, swiglu=True) if cfg is None else
-                     tt.ternary_matmul(x, packed, inv, None, tt.SCALE_MODES[gran], gs, config=cfg, swiglu=True))
-                err, ok = relerr(y, ref), y.shape == ref.shape and relerr(y, ref) <= 8e-3
+                got = ta.decode_attention(q, k, v, mask, d ** -0.5, splits=splits)
+                again = ta.decode_attention(q, k, v, mask, d ** -0.5, splits=splits)
+                err = relerr(got.float(), ref)
+                ok = err <= 1e-2 and torch.equal(got, again) and got.dtype == dtype
             except Exception as exc:
                 err, ok = f"{type(exc).__name__}: {str(exc)[:200]}", False
             failures += not ok
-            cases.append({"case": f"swiglu m={m} n={n} k={k} {gran} {str(dtype)[6:]} {cfg or 'tuned'}", "ok": ok,
-                          "relerr": err})
-    # decode attention: one query per sequence over a cache, grouped heads, masks with padding and empty slots
-    from bitconvert.kernels import triton_attention as ta
-    from bitconvert.kernels.attention import decode_attention_reference
-    for b, h, hkv, d, keys, valid, splits, dtype in [
-            (1, 20, 4, 128, 304, [33], None, torch.bfloat16), (1, 20, 4, 128, 304, [288], 1, torch.bfloat16),
-            (1, 9, 3, 64, 4096, [4000], None, torch.bfloat16), (4, 32, 8, 128, 1000, [1000, 1, 500, 999], None, torch.float16),
-            (2, 16, 16, 64, 130, [130, 64], 3, torch.bfloat16), (8, 12, 2, 96, 77, None, None, torch.bfloat16),
-            (1, 64, 8, 128, 32768, [30000], None, torch.bfloat16)]:
-        q = torch.randn(b, h, d, device="cuda", dtype=dtype)
-        k, v = (torch.randn(b, hkv, keys, d, device="cuda", dtype=dtype) for _ in range(2))
-        mask = None
-        if valid is not None:
-            mask = torch.zeros(b, keys, dtype=torch.bool, device="cuda")
-            for row, n_valid in enumerate(valid):
-                mask[row, keys - n_valid:] = True
-        ref = decode_attention_reference(q.float(), k.float(), v.float(), mask, d ** -0.5)
-        try:
-            got = ta.decode_attention(q, k, v, mask, d ** -0.5, splits=splits)
-            again = ta.decode_attention(q, k, v, mask, d ** -0.5, splits=splits)
-            err = relerr(got.float(), ref)
-            ok = err <= 1e-2 and torch.equal(got, again) and got.dtype == dtype
-        except Exception as exc:
-            err, ok = f"{type(exc).__name__}: {str(exc)[:200]}", False
-        failures += not ok
-        cases.append({"case": f"decode attention b={b} h={h}/{hkv} d={d} keys={keys} valid={valid} splits={splits} "
-                              f"{str(dtype)[6:]}", "ok": ok, "relerr": err})
-    counters_clean = all(int(c.abs().sum()) == 0 for c in ta._counters.values())
-    failures += not counters_clean
-    cases.append({"case": "decode attention counters all zero after the checks", "ok": counters_clean})
+            cases.append({"case": f"decode attention b={b} h={h}/{hkv} d={d} keys={keys} valid={valid} splits={splits} "
+                                  f"{str(dtype)[6:]}", "ok": ok, "relerr": err})
+        counters_clean = all(int(c.abs().sum()) == 0 for c in ta._counters.values())
+        failures += not counters_clean
+        cases.append({"case": "decode attention counters all zero after the checks", "ok": counters_clean})
     ws = [int(w.abs().sum()) + int(c.abs().sum()) for w, c in tt._workspaces.values()]
     clean = all(v == 0 for v in ws)
     failures += not clean
@@ -659,13 +666,15 @@ OVERLAPS = {"off": (False, False), "prefetch": (False, True), "pdl": (True, True
 class Variant:
     """A packed_fused variant: how bitconvert's kernels overlap (OVERLAPS), inductor's kernels launched with
     PDL too, the activation quantizer compiled into the kernel before each product (COMPILED_ACT_QUANT),
-    bitconvert's decode attention (else transformers' sdpa), SwiGLU in the gate/up product's epilogue."""
+    bitconvert's decode attention (else transformers' sdpa), SwiGLU in the gate/up product's epilogue, which
+    GEMVs quantize their activations themselves (triton_ternary.FUSED_GEMV)."""
 
     overlap: str
     inductor_pdl: bool
     prequant: bool = False
     decode_attention: bool = True
     swiglu: bool = True
+    fused_gemv: str = "auto"
 
 
 OVERLAP_VARIANTS = {"packed_fused_no_overlap": Variant("off", False),
@@ -675,7 +684,9 @@ OVERLAP_VARIANTS = {"packed_fused_no_overlap": Variant("off", False),
                     "packed_fused_prequant_pdl": Variant("pdl", True, prequant=True),
                     "packed_fused_pdl_sdpa": Variant("pdl", True, decode_attention=False),
                     "packed_fused_pdl_no_swiglu": Variant("pdl", True, swiglu=False),
-                    "packed_fused_pdl_sdpa_no_swiglu": Variant("pdl", True, decode_attention=False, swiglu=False)}
+                    "packed_fused_pdl_sdpa_no_swiglu": Variant("pdl", True, decode_attention=False, swiglu=False),
+                    "packed_fused_pdl_fused_gemv": Variant("pdl", True, fused_gemv="always"),
+                    "packed_fused_fused_gemv": Variant("pdl", False, fused_gemv="always")}
 # bf16 variants: the bf16 model compiled with inductor's PDL; with bitconvert's decode attention (the part of
 # a step that the two models share, made as fast for bf16 as for packed)
 BF16_VARIANTS = ("bf16_pdl", "bf16_decode_attention")
@@ -696,6 +707,21 @@ def attention(model, decode: bool):
         yield
     finally:
         model.config._attn_implementation = before
+
+
+@contextlib.contextmanager
+def fused_gemv(policy: str):
+    """triton_ternary.FUSED_GEMV = ``policy`` inside the block, every tile choice measured afresh."""
+    from bitconvert.kernels import triton_ternary as tt
+
+    before = tt.FUSED_GEMV
+    tt.FUSED_GEMV = policy
+    tt._tuned.clear()
+    try:
+        yield
+    finally:
+        tt.FUSED_GEMV = before
+        tt._tuned.clear()
 
 
 @contextlib.contextmanager
@@ -817,7 +843,7 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
     for variant, v in OVERLAP_VARIANTS.items():
         if variant in variants and (not v.prequant or "compiled" in modes):
             with (compiled_act_quant(v.prequant), launch_overlap(v.overlap, v.inductor_pdl),
-                  attention(packed, v.decode_attention), swiglu_epilogue(packed, v.swiglu)):
+                  attention(packed, v.decode_attention), swiglu_epilogue(packed, v.swiglu), fused_gemv(v.fused_gemv)):
                 result[variant] = measure_model(packed, prompt, new_tokens, graph_tokens,
                                                 ["compiled"] if v.prequant else modes, profile)
             save()
@@ -957,7 +983,8 @@ def markdown(data: dict) -> str:
                       "gate/up product, the overlap below). sdpa = transformers' attention instead of bitconvert's "
                       "decode attention; no_swiglu = SiLU·up as its own kernel between the two MLP products; "
                       "bf16_decode_attention = the bf16 model with bitconvert's decode attention (the attention both "
-                      "models share, as fast for both). prefetch = the GEMVs first start the L2 prefetch of their weights; "
+                      "models share, as fast for both); fused_gemv = every batch-1 GEMV quantizes its activations "
+                      "itself (the tuner's choice otherwise). prefetch = the GEMVs first start the L2 prefetch of their weights; "
                       "pdl = that, and every bitconvert kernel launched with programmatic dependent launch (it "
                       "starts while the one before finishes and waits for it only before touching activations), "
                       "and inductor's kernels launched the same way (bf16_pdl: the bf16 model compiled with that "
@@ -1007,6 +1034,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"), help="folder for kernels.json/md")
     parser.add_argument("--sections", default="check,kernels,e2e")
+    parser.add_argument("--checks", default=",".join(CHECK_PARTS), help="parts of the check section")
     parser.add_argument("--smollm2-gguf", default=None, help="real SmolLM2-135M weights (a .gguf or model folder)")
     parser.add_argument("--models", nargs="*", default=None, help="e2e models to run (default: all)")
     parser.add_argument("--weight-scale", default="channel", choices=["tensor", "channel", "group"])
@@ -1033,7 +1061,7 @@ def main(argv=None) -> int:
         return 2
     from bitconvert.kernels import triton_ternary as tt
 
-    tt.FUSED_GEMV = True  # the benchmark checks the fused GEMV before anything is timed, so it may compete
+    tt.FUSED_GEMV = "never" if tt.FUSED_GEMV == "never" else "auto"  # checked before anything is timed
     default_overlap = (tt._overlap.pdl, tt._overlap.prefetch)
     tt.set_launch_overlap(*(default_overlap if args.overlap == "default" else OVERLAPS[args.overlap]))
     sections = args.sections.split(",")
@@ -1047,7 +1075,7 @@ def main(argv=None) -> int:
     results.save()
     for section in sections:  # in the order given
         if section == "check":
-            results.data["check"] = check_section()
+            results.data["check"] = check_section(args.checks.split(","))
         elif section == "kernels":
             print("# kernels: out x in, batch: bf16 kernel / graph µs, packed kernel / graph µs (components), "
                   "speedups", flush=True)

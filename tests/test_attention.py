@@ -84,6 +84,7 @@ INTERPRETER_CHECK = textwrap.dedent("""
     cases = [  # batch, heads, kv heads, dim, keys, valid keys per row (None: no mask), splits (None: chosen)
         (1, 20, 4, 128, 304, [33], None), (1, 20, 4, 128, 304, [288], 1), (2, 9, 3, 64, 150, [5, 150], None),
         (2, 4, 4, 80, 70, [70, 1], 2), (1, 8, 2, 64, 40, None, None), (3, 6, 2, 32, 200, [200, 64, 65], 3),
+        (1, 8, 2, 64, 1500, [700], None), (2, 4, 1, 32, 2100, [1, 2100], 5),  # long caches: empty blocks skipped
     ]
     for b, h, hkv, d, keys, valid, splits in cases:
         q, k, v = torch.randn(b, h, d).half(), torch.randn(b, hkv, keys, d).half(), torch.randn(b, hkv, keys, d).half()
@@ -123,7 +124,7 @@ def test_decode_attention_compiles_for_hopper_and_waits_before_it_reads(split):
 
     from bitconvert.kernels import triton_attention as ta
 
-    constants = dict(G=5, GP=16, D=128, DP=128, BN=64, HAS_MASK=True, SPLIT=split, PDL=True)
+    constants = dict(G=5, GP=16, D=128, DP=128, BN=64, HAS_MASK=True, SKIP=split, SP=8 if split else 1, PDL=True)
     types = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", mask_ptr="*u8", out_ptr="*bf16", part_ptr="*fp32",
                  cnt_ptr="*i32", scale_log2="fp32")
     lines = _ptx_for_hopper(ta._decode_attention_kernel, constants, types).splitlines()

@@ -5,7 +5,7 @@ set -e
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 timeout ${LIMIT:-560} python3 benchmarks/bench_kernels.py --out $OUT/main --sections ${SECTIONS:-check,e2e} \
-  --models Llama-2.4B --modes compiled --profile \
+  --checks ${CHECKS:-ternary,swiglu,attention} --models Llama-2.4B --modes compiled --profile \
   --variants ${VARIANTS:-bf16_decode_attention,packed_fused,packed_fused_pdl,packed_fused_pdl_sdpa,packed_fused_pdl_no_swiglu} \
   > $OUT/main.log 2>&1 || echo "rc $?"
 grep "^# \|FAIL\|ERROR\|Error" $OUT/main.log | grep -v "^# e2e\|Loading" | tail -40

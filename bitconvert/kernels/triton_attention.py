@@ -11,8 +11,13 @@ sum), in float32, with base-2 exponentials.
 Split-KV: a cache has few key/value heads (4 of them at batch 1 fill 4 of 132 SMs), so the keys are
 cut into slices, one program each. Each writes its unnormalised sum, maximum and total to a scratch
 buffer; the last one to finish (a per-head counter says which, as in the ternary kernels' split-K)
-combines them, writes the output and resets its counter. Blocks of keys that the mask excludes
-altogether (a static cache's unwritten end) are skipped without reading them.
+combines them (all slices' loads issued at once: an unrolled loop over at most MAX_SPLITS), writes the
+output and resets its counter.
+
+Each block's mask, keys and values are loaded together, one memory round trip, and the mask applies
+to the scores. In a long cache (more than SKIP_AFTER_KEYS slots) a block is first checked against
+the mask and not read at all when no key in it counts (a static cache's unwritten end): one round
+trip more per block, far fewer bytes.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import triton.language as tl
 from bitconvert.kernels.triton_ternary import INTERPRET, _overlap_on, _pdl_meta, _wait_for_previous_kernel
 
 BLOCK_KEYS = 64
+MAX_SPLITS = 16  # the combination's loop is unrolled: its loads are all in flight together
+SKIP_AFTER_KEYS = 1024
 COUNTERS = 1 << 14  # key/value heads x sequences that one split call may cover
 
 
@@ -35,9 +42,12 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, c
                              stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
                              stride_mb, stride_ml, stride_ob, stride_oh,
                              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                             BN: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
+                             BN: tl.constexpr, HAS_MASK: tl.constexpr, SKIP: tl.constexpr, SP: tl.constexpr,
+                             PDL: tl.constexpr):
     """``q`` (B, H, D) with H = HKV * G, ``k``/``v`` (B, HKV, L, D), ``mask`` (B, L) uint8 (1: attend),
-    ``out`` (B, H, D). ``part``: float32 scratch (B * HKV, n_splits, GP, DP + 2) when SPLIT."""
+    ``out`` (B, H, D). ``part``: float32 scratch (B * HKV, n_splits, GP, DP + 2) when SP > 1 (SP: a power
+    of two, at least n_splits). SKIP: blocks the mask excludes are not read."""
+    SPLIT: tl.constexpr = SP > 1
     _wait_for_previous_kernel(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -62,18 +72,13 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, c
         valid = offs_n < hi
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + b.to(tl.int64) * stride_mb + offs_n * stride_ml, mask=valid, other=0) != 0)
-        if tl.max(valid.to(tl.int32), axis=0) > 0:  # a block with no key to attend to is not read
-            kv_mask = valid[:, None] & d_mask[None, :]
-            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale_log2
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the block has a valid key
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        if SKIP:
+            if tl.max(valid.to(tl.int32), axis=0) > 0:
+                m_i, l_i, acc = _attend_block(q, k_base, v_base, offs_n, valid, valid, d_mask, offs_d, stride_kl,
+                                              stride_vl, scale_log2, m_i, l_i, acc)
+        else:  # keys and values load beside the mask: the load masks do not wait for it
+            m_i, l_i, acc = _attend_block(q, k_base, v_base, offs_n, offs_n < hi, valid, d_mask, offs_d, stride_kl,
+                                          stride_vl, scale_log2, m_i, l_i, acc)
 
     out_rows = out_ptr + b.to(tl.int64) * stride_ob + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :]
     out_mask = g_mask[:, None] & d_mask[None, :]
@@ -91,20 +96,46 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, c
         if arrived == n_splits - 1:
             tl.debug_barrier()
             first = part_ptr + bh.to(tl.int64) * n_splits * GP * W
+            # Each slice's sums are scaled by exp2(its maximum - the running one); unrolled, so that every
+            # load (.cg: from L2, where the other programs' stores are) is issued before any is used.
             m_all = tl.full([GP], float("-inf"), tl.float32)
-            for s_i in range(0, n_splits):  # the overall maximum first, so that every weight is at most 1
-                m_all = tl.maximum(m_all, tl.load(first + s_i * GP * W + offs_g * W + DP, cache_modifier=".cg"))
-            m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
             total = tl.zeros([GP], tl.float32)
             out = tl.zeros([GP, DP], tl.float32)
-            for s_i in range(0, n_splits):  # .cg: read from L2, where the other programs' stores are
+            for s_i in tl.static_range(SP):
                 one = first + s_i * GP * W
-                w = tl.exp2(tl.load(one + offs_g * W + DP, cache_modifier=".cg") - m_safe)
-                total += w * tl.load(one + offs_g * W + DP + 1, cache_modifier=".cg")
-                out += w[:, None] * tl.load(one + offs_g[:, None] * W + offs_d[None, :], cache_modifier=".cg")
+                here = s_i < n_splits
+                m_s = tl.load(one + offs_g * W + DP, mask=g_mask & here, other=float("-inf"), cache_modifier=".cg")
+                l_s = tl.load(one + offs_g * W + DP + 1, mask=g_mask & here, other=0.0, cache_modifier=".cg")
+                acc_s = tl.load(one + offs_g[:, None] * W + offs_d[None, :], mask=out_mask & here, other=0.0,
+                                cache_modifier=".cg")
+                m_new = tl.maximum(m_all, m_s)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                old = tl.exp2(m_all - m_safe)
+                new = tl.exp2(m_s - m_safe)
+                total = total * old + l_s * new
+                out = out * old[:, None] + acc_s * new[:, None]
+                m_all = m_new
             out = out / tl.where(total > 0, total, 1.0)[:, None]
             tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(cnt_ptr + bh, 0, sem="relaxed")
+
+
+@triton.jit
+def _attend_block(q, k_base, v_base, offs_n, load_mask, valid, d_mask, offs_d, stride_kl, stride_vl, scale_log2,
+                  m_i, l_i, acc):
+    """One block of keys into the running maximum ``m_i``, sum ``l_i`` and output ``acc`` (base-2 online
+    softmax). Keys not ``valid`` get no weight; blocks with none at all leave the three unchanged."""
+    kv_mask = load_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: every weight stays 0
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
 
 
 _counters: dict[torch.device, torch.Tensor] = {}
@@ -126,9 +157,10 @@ def _sm_count(device: torch.device) -> int:
 
 
 def split_count(heads: int, keys: int, device: torch.device) -> int:
-    """Slices of the keys: enough programs to cover every SM about twice, at least one block of keys each."""
+    """Slices of the keys: enough programs to cover every SM about twice, at least one block of keys each,
+    at most MAX_SPLITS."""
     blocks = triton.cdiv(keys, BLOCK_KEYS)
-    return max(1, min(blocks, 2 * _sm_count(device) // max(1, heads)))
+    return max(1, min(blocks, MAX_SPLITS, 2 * _sm_count(device) // max(1, heads)))
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
@@ -139,7 +171,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     kv_heads, keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     out = torch.empty((batch, heads, dim), dtype=query.dtype, device=query.device)
-    splits = splits or split_count(batch * kv_heads, keys, query.device)
+    splits = min(splits or split_count(batch * kv_heads, keys, query.device), MAX_SPLITS)
     counters = _split_counters(query.device) if splits > 1 and batch * kv_heads <= COUNTERS else None
     if counters is None:
         splits = 1
@@ -158,6 +190,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         value.stride(0), value.stride(1), value.stride(2),
         mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
         out.stride(0), out.stride(1),
-        G=groups, GP=gp, D=dim, DP=dp, BN=BLOCK_KEYS, HAS_MASK=mask is not None, SPLIT=splits > 1, num_warps=4,
+        G=groups, GP=gp, D=dim, DP=dp, BN=BLOCK_KEYS, HAS_MASK=mask is not None,
+        SKIP=mask is not None and keys > SKIP_AFTER_KEYS, SP=triton.next_power_of_2(splits), num_warps=4,
         **_pdl_meta(_overlap_on(query.device).pdl))
     return out

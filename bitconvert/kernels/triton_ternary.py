@@ -49,9 +49,12 @@ GEMV_MAX_K = 1 << 16  # its int32 sums of 64 * code * x stay exact up to this ma
 # 64 (also when it let the next kernel launch only after its products), so larger GEMMs launch plainly.
 GEMM_PDL_MAX_M = 16
 FUSED_MAX_M = 8  # every program of the fused GEMV quantizes all its tokens: worth it for a few only
-# The fused GEMV passed every check of benchmarks/bench_kernels.py on an H200 and won most batch-1
-# shapes there; BITCONVERT_FUSED_GEMV=0 takes it out of the tuner's candidates.
-FUSED_GEMV = os.environ.get("BITCONVERT_FUSED_GEMV", "1") == "1"
+# Which GEMVs quantize the activations themselves: "auto" lets the tuner measure the fused GEMV against
+# quantize-then-GEMV, "always" keeps only the fused one where it applies (batch <= FUSED_MAX_M), "never"
+# drops it. BITCONVERT_FUSED_GEMV=auto|always|never (1 and 0 mean auto and never). The fused GEMV passed
+# every check of benchmarks/bench_kernels.py on an H200.
+_fused_choice = os.environ.get("BITCONVERT_FUSED_GEMV", "auto")
+FUSED_GEMV = {"1": "auto", "0": "never"}.get(_fused_choice, _fused_choice)
 WORKSPACE_ROWS = 64  # split-K is used only for at most this many tokens...
 WORKSPACE_COLS = 1 << 16  # ...and at most this many output features
 COUNTERS = 1 << 16
@@ -641,7 +644,7 @@ class Problem:
 
     @property
     def fused_ok(self) -> bool:
-        return FUSED_GEMV and self.gemv_ok and self.m <= FUSED_MAX_M and not self.acts_ready
+        return FUSED_GEMV != "never" and self.gemv_ok and self.m <= FUSED_MAX_M and not self.acts_ready
 
     @cached_property
     def tuning_key(self) -> tuple:
@@ -698,7 +701,7 @@ def candidate_configs(p: Problem) -> list[GemvConfig | GemmConfig]:
     out: list[GemvConfig | GemmConfig] = []
     if p.gemv_ok:
         bm = _next_pow2(p.m)
-        for fused in (True, False) if p.fused_ok else (False,):
+        for fused in ((True,) if FUSED_GEMV == "always" else (True, False)) if p.fused_ok else (False,):
             for br, bkw, warps in GEMV_TILES:
                 if bm * br * bkw > 1024 * warps:
                     continue
