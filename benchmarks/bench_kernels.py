@@ -22,8 +22,11 @@ what it measured):
 kernels sections overlap the kernel before them (bitconvert.kernels.triton_ternary.LaunchOverlap;
 the default is bitconvert's, PDL and prefetch on Hopper). The e2e variants packed, packed_fused and
 packed_fused_prequant use bitconvert's default; the variants in OVERLAP_VARIANTS set their own, some
-with inductor's kernels launched with PDL too (torch._inductor.config.triton.enable_pdl), and then the
-bf16 model is also measured compiled that way (bf16_pdl).
+with inductor's kernels launched with PDL too (torch._inductor.config.triton.enable_pdl), some with
+transformers' sdpa instead of bitconvert's decode attention, without the SwiGLU epilogue, with other
+fused-GEMV policies or attention block sizes. bf16 variants: bf16_pdl (compiled with inductor's PDL)
+and bf16_decode_attention (the bf16 model with bitconvert's decode attention, the fair baseline for
+the part of a step both models share).
 
 Times: "kernel" is triton's do_bench median with L2 flushed before each call (the GPU time of one
 call while the CPU can queue it during the flush; a call whose Python/launch cost exceeds the flush,
@@ -675,6 +678,7 @@ class Variant:
     decode_attention: bool = True
     swiglu: bool = True
     fused_gemv: str = "auto"
+    attention_block: int = 0  # keys per block of the decode attention kernel (0: its default)
 
 
 OVERLAP_VARIANTS = {"packed_fused_no_overlap": Variant("off", False),
@@ -686,7 +690,9 @@ OVERLAP_VARIANTS = {"packed_fused_no_overlap": Variant("off", False),
                     "packed_fused_pdl_no_swiglu": Variant("pdl", True, swiglu=False),
                     "packed_fused_pdl_sdpa_no_swiglu": Variant("pdl", True, decode_attention=False, swiglu=False),
                     "packed_fused_pdl_fused_gemv": Variant("pdl", True, fused_gemv="always"),
-                    "packed_fused_fused_gemv": Variant("pdl", False, fused_gemv="always")}
+                    "packed_fused_fused_gemv": Variant("pdl", False, fused_gemv="always"),
+                    "packed_fused_pdl_keys32": Variant("pdl", True, attention_block=32),
+                    "packed_fused_pdl_keys128": Variant("pdl", True, attention_block=128)}
 # bf16 variants: the bf16 model compiled with inductor's PDL; with bitconvert's decode attention (the part of
 # a step that the two models share, made as fast for bf16 as for packed)
 BF16_VARIANTS = ("bf16_pdl", "bf16_decode_attention")
@@ -722,6 +728,19 @@ def fused_gemv(policy: str):
     finally:
         tt.FUSED_GEMV = before
         tt._tuned.clear()
+
+
+@contextlib.contextmanager
+def attention_block(keys: int):
+    """The decode attention kernel takes ``keys`` keys a block inside the block (0: as it is)."""
+    from bitconvert.kernels import triton_attention as ta
+
+    before = ta.BLOCK_KEYS
+    ta.BLOCK_KEYS = keys or before
+    try:
+        yield
+    finally:
+        ta.BLOCK_KEYS = before
 
 
 @contextlib.contextmanager
@@ -843,7 +862,8 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
     for variant, v in OVERLAP_VARIANTS.items():
         if variant in variants and (not v.prequant or "compiled" in modes):
             with (compiled_act_quant(v.prequant), launch_overlap(v.overlap, v.inductor_pdl),
-                  attention(packed, v.decode_attention), swiglu_epilogue(packed, v.swiglu), fused_gemv(v.fused_gemv)):
+                  attention(packed, v.decode_attention), swiglu_epilogue(packed, v.swiglu), fused_gemv(v.fused_gemv),
+                  attention_block(v.attention_block)):
                 result[variant] = measure_model(packed, prompt, new_tokens, graph_tokens,
                                                 ["compiled"] if v.prequant else modes, profile)
             save()
@@ -984,7 +1004,8 @@ def markdown(data: dict) -> str:
                       "decode attention; no_swiglu = SiLU·up as its own kernel between the two MLP products; "
                       "bf16_decode_attention = the bf16 model with bitconvert's decode attention (the attention both "
                       "models share, as fast for both); fused_gemv = every batch-1 GEMV quantizes its activations "
-                      "itself (the tuner's choice otherwise). prefetch = the GEMVs first start the L2 prefetch of their weights; "
+                      "itself (the tuner's choice otherwise); keys32, keys128 = the decode attention kernel with "
+                      "blocks of 32 or 128 keys instead of 64. prefetch = the GEMVs first start the L2 prefetch of their weights; "
                       "pdl = that, and every bitconvert kernel launched with programmatic dependent launch (it "
                       "starts while the one before finishes and waits for it only before touching activations), "
                       "and inductor's kernels launched the same way (bf16_pdl: the bf16 model compiled with that "

@@ -326,3 +326,17 @@ def test_which_launches_overlap(monkeypatch):
         assert small["PDL"] and small["launch_pdl"] and not large["PDL"] and "launch_pdl" not in large
     finally:
         tt._launch_params.cache_clear()
+
+
+def test_fused_gemv_policy_chooses_the_tuner_candidates(monkeypatch):
+    pytest.importorskip("triton")
+    from bitconvert.kernels import triton_ternary as tt
+
+    problem = tt.Problem(1, 256, 1024, 1, 128, torch.device("cpu"))
+    kinds = {}
+    for policy in ("auto", "always", "never"):
+        monkeypatch.setattr(tt, "FUSED_GEMV", policy)
+        kinds[policy] = {(c.kind, c.fused) for c in tt.candidate_configs(problem)}
+    assert kinds["auto"] == {("gemv", True), ("gemv", False), ("gemm", False)}
+    assert kinds["always"] == {("gemv", True), ("gemm", False)}  # the GEMM stays: no fused one exists
+    assert kinds["never"] == {("gemv", False), ("gemm", False)}
