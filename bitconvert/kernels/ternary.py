@@ -291,3 +291,41 @@ def ternary_linear_quantized_op(codes, x_inv, x_sum, packed, inv_scale, bias, gr
 @ternary_linear_quantized_op.register_fake
 def _ternary_linear_quantized_shape(codes, x_inv, x_sum, packed, inv_scale, bias, granularity, group_size, dtype):
     return codes.new_empty((*codes.shape[:-1], packed.shape[0] * 4), dtype=dtype)
+
+
+def ternary_swiglu_quantized(x: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tensor,
+                             bias: torch.Tensor | None = None, *, granularity: str = "tensor", group_size: int = 128,
+                             cache: TernaryCache | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_for_kernels(ternary_linear(x, ..., swiglu=True))``: a SwiGLU MLP's hidden activations, quantized
+    as its down projection takes them (:func:`ternary_linear_quantized`). On CUDA the gate/up GEMV quantizes them
+    itself, in its last program, so no quantizer kernel runs between the MLP's two products."""
+    if (x.is_cuda and _kernel_eligible(x, packed, inv_scale, bias) and (bias is None or bias.dtype == x.dtype)
+            and triton_available()):
+        from bitconvert.kernels import triton_ternary as tt
+
+        x2d = x.reshape(-1, x.shape[-1])
+        if x2d.stride(-1) != 1:
+            x2d = x2d.contiguous()
+        out = tt.ternary_matmul(x2d, packed, inv_scale, bias, tt.SCALE_MODES[granularity], group_size,
+                                acts=_last_activations.get(x), keep_acts=lambda acts: _last_activations.put(x, acts),
+                                swiglu=True, quantize_out=True)
+        if out is not None:
+            codes, x_inv, x_sum = out[1]
+            lead = x.shape[:-1]
+            return codes.reshape(*lead, codes.shape[-1]), x_inv.reshape(lead), x_sum.reshape(lead)
+    return quantize_for_kernels(ternary_linear(x, packed, inv_scale, bias, granularity=granularity,
+                                               group_size=group_size, cache=cache, swiglu=True))
+
+
+@torch.library.custom_op("bitconvert::ternary_swiglu_quantized", mutates_args=(),
+                         schema="(Tensor x, Tensor packed, Tensor inv_scale, Tensor? bias, str granularity, "
+                                "int group_size) -> (Tensor, Tensor, Tensor)")
+def ternary_swiglu_quantized_op(x, packed, inv_scale, bias, granularity, group_size):
+    return ternary_swiglu_quantized(x, packed, inv_scale, bias, granularity=granularity, group_size=group_size)
+
+
+@ternary_swiglu_quantized_op.register_fake
+def _ternary_swiglu_quantized_shape(x, packed, inv_scale, bias, granularity, group_size):
+    lead = x.shape[:-1]
+    return (x.new_empty((*lead, packed.shape[0] * 2), dtype=torch.int8), x.new_empty(lead, dtype=torch.float32),
+            x.new_empty(lead, dtype=torch.int32))
