@@ -304,11 +304,8 @@ def check_section(parts=CHECK_PARTS) -> dict:
             cases.append({"case": f"quantized acts m={m} n={n} k={k} {gran} {str(dtype)[6:]}", "ok": ok,
                           "equal_to_ternary_linear": same, "relerr": relerr(y, ref)})
     if "swiglu" in parts:
-        from bitconvert.kernels import quantize_for_kernels, ternary_swiglu_quantized
-        # SwiGLU in the epilogue (a SwiGLU MLP's gate/up product), its output also quantized for the down
-        # projection by the GEMV's last program (the codes exactly quantize_activations' of the output): every
-        # candidate of the 2.4B model's decode problem, and random prompts; silu itself may differ from torch's
-        # by a rounding step of the output dtype
+        # SwiGLU in the epilogue (a SwiGLU MLP's gate/up product): every candidate of two decode problems, and
+        # random prompts; silu itself may differ from torch's by a rounding step of the output dtype
         for m, n, k, gran, gs, dtype, all_candidates in [(1, 13824, 2560, "channel", 128, torch.bfloat16, True),
                                                          (4, 3072, 1024, "tensor", 128, torch.bfloat16, False),
                                                          (2, 1024, 512, "group", 64, torch.float16, False),
@@ -317,25 +314,17 @@ def check_section(parts=CHECK_PARTS) -> dict:
             packed, inv, _ = random_packed(n, k, gran, gs, seed=5 * m + n)
             x = torch.randn(m, k, device="cuda", dtype=dtype) * 2
             ref = ternary_linear_reference(x, packed, inv, None, granularity=gran, group_size=gs, swiglu=True)
-            p = tt.Problem(m, n, k, tt.SCALE_MODES[gran], gs, x.device, swiglu=True, quant_out=True)
+            p = tt.Problem(m, n, k, tt.SCALE_MODES[gran], gs, x.device, swiglu=True)
             for cfg in tt.candidate_configs(p) if all_candidates else [None]:
                 try:
-                    if cfg is None:
-                        y = ternary_linear(x, packed, inv, granularity=gran, group_size=gs, swiglu=True)
-                        codes = quantize_for_kernels(y)
-                        got = ternary_swiglu_quantized(x, packed, inv, granularity=gran, group_size=gs)
-                    else:
-                        y, got = tt.ternary_matmul(x, packed, inv, None, tt.SCALE_MODES[gran], gs, config=cfg,
-                                                   swiglu=True, quantize_out=True)
-                        codes = tt.quantize_activations(y)
-                    torch.cuda.synchronize()
-                    same = all(torch.equal(a.reshape(b.shape), b) for a, b in zip(got, codes))
-                    err, ok = relerr(y, ref), y.shape == ref.shape and relerr(y, ref) <= 8e-3 and same
+                    y = (ternary_linear(x, packed, inv, granularity=gran, group_size=gs, swiglu=True) if cfg is None else
+                         tt.ternary_matmul(x, packed, inv, None, tt.SCALE_MODES[gran], gs, config=cfg, swiglu=True))
+                    err, ok = relerr(y, ref), y.shape == ref.shape and relerr(y, ref) <= 8e-3
                 except Exception as exc:
                     err, ok = f"{type(exc).__name__}: {str(exc)[:200]}", False
                 failures += not ok
-                cases.append({"case": f"swiglu + output codes m={m} n={n} k={k} {gran} {str(dtype)[6:]} "
-                                      f"{cfg or 'ternary_swiglu_quantized'}", "ok": ok, "relerr": err})
+                cases.append({"case": f"swiglu m={m} n={n} k={k} {gran} {str(dtype)[6:]} {cfg or 'tuned'}", "ok": ok,
+                              "relerr": err})
     if "attention" in parts:
         # decode attention: one query per sequence over a cache, grouped heads, masks with padding and empty slots
         from bitconvert.kernels import triton_attention as ta
@@ -690,7 +679,6 @@ class Variant:
     swiglu: bool = True
     fused_gemv: str = "auto"
     attention_block: int = 0  # keys per block of the decode attention kernel (0: its default)
-    handoff: bool = True  # the gate/up GEMV quantizes its output for the down projection
 
 
 OVERLAP_VARIANTS = {"packed_fused_no_overlap": Variant("off", False),
@@ -704,8 +692,7 @@ OVERLAP_VARIANTS = {"packed_fused_no_overlap": Variant("off", False),
                     "packed_fused_pdl_fused_gemv": Variant("pdl", True, fused_gemv="always"),
                     "packed_fused_fused_gemv": Variant("pdl", False, fused_gemv="always"),
                     "packed_fused_pdl_keys32": Variant("pdl", True, attention_block=32),
-                    "packed_fused_pdl_keys128": Variant("pdl", True, attention_block=128),
-                    "packed_fused_pdl_no_handoff": Variant("pdl", True, handoff=False)}
+                    "packed_fused_pdl_keys128": Variant("pdl", True, attention_block=128)}
 # bf16 variants: the bf16 model compiled with inductor's PDL; with bitconvert's decode attention (the part of
 # a step that the two models share, made as fast for bf16 as for packed)
 BF16_VARIANTS = ("bf16_pdl", "bf16_decode_attention")
@@ -757,16 +744,11 @@ def attention_block(keys: int):
 
 
 @contextlib.contextmanager
-def swiglu_epilogue(model, on: bool, handoff: bool = True):
-    """Off: every FusedSwiGLU MLP is its original module again inside the block (gate/up fused, SiLU·up apart).
-    ``handoff`` False: the MLPs keep SiLU·up in the product but quantize the down projection's input apart."""
+def swiglu_epilogue(model, on: bool):
+    """Off: every FusedSwiGLU MLP is its original module again inside the block (gate/up fused, SiLU·up apart)."""
     from bitconvert.layers.fused import FusedSwiGLU
 
     swapped = []
-    for module in model.modules():
-        if isinstance(module, FusedSwiGLU) and not handoff:
-            module.handoff = False
-            swapped.append((module, "handoff", True))
     if not on:
         for name, module in list(model.named_modules()):
             if isinstance(module, FusedSwiGLU):
@@ -777,8 +759,8 @@ def swiglu_epilogue(model, on: bool, handoff: bool = True):
     try:
         yield
     finally:
-        for parent, attr, value in swapped:
-            setattr(parent, attr, value)
+        for parent, attr, module in swapped:
+            setattr(parent, attr, module)
 
 
 @contextlib.contextmanager
@@ -880,8 +862,7 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
     for variant, v in OVERLAP_VARIANTS.items():
         if variant in variants and (not v.prequant or "compiled" in modes):
             with (compiled_act_quant(v.prequant), launch_overlap(v.overlap, v.inductor_pdl),
-                  attention(packed, v.decode_attention), swiglu_epilogue(packed, v.swiglu, v.handoff),
-                  fused_gemv(v.fused_gemv),
+                  attention(packed, v.decode_attention), swiglu_epilogue(packed, v.swiglu), fused_gemv(v.fused_gemv),
                   attention_block(v.attention_block)):
                 result[variant] = measure_model(packed, prompt, new_tokens, graph_tokens,
                                                 ["compiled"] if v.prequant else modes, profile)
@@ -1024,8 +1005,7 @@ def markdown(data: dict) -> str:
                       "bf16_decode_attention = the bf16 model with bitconvert's decode attention (the attention both "
                       "models share, as fast for both); fused_gemv = every batch-1 GEMV quantizes its activations "
                       "itself (the tuner's choice otherwise); keys32, keys128 = the decode attention kernel with "
-                      "blocks of 32 or 128 keys instead of 64; no_handoff = the down projection's input quantized by "
-                      "its own kernel, not by the gate/up product. prefetch = the GEMVs first start the L2 prefetch of their weights; "
+                      "blocks of 32 or 128 keys instead of 64. prefetch = the GEMVs first start the L2 prefetch of their weights; "
                       "pdl = that, and every bitconvert kernel launched with programmatic dependent launch (it "
                       "starts while the one before finishes and waits for it only before touching activations), "
                       "and inductor's kernels launched the same way (bf16_pdl: the bf16 model compiled with that "
