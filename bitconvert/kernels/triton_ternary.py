@@ -302,62 +302,18 @@ def _write(acc0, acc1, acc2, acc3, offs_m, offs_r, r_mask, M, R, xinv, xsum, win
 
 
 @triton.jit
-def _quantize_output(y_ptr, stride_ym, M, n_out, codes_ptr, inv_ptr, sum_ptr, cnt_ptr, tiles,
-                     QB: tl.constexpr, ON_GPU: tl.constexpr):
-    """Called by every program once its tile of ``y`` is written: the last of the ``tiles`` to arrive quantizes
-    the whole of ``y`` (M, n_out) for the next product, as ``_act_quant_kernel`` does (the same arithmetic, so
-    the same codes), and resets the counter. ``y`` is read from L2 (.cg), where the other programs' stores are."""
-    tl.debug_barrier()  # every thread's stores precede the counter's release
-    arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
-    if arrived == tiles - 1:
-        tl.debug_barrier()
-        offs = tl.arange(0, QB)
-        first = offs < 1
-        for m in range(0, M):
-            row = y_ptr + m * stride_ym
-            codes_row = codes_ptr + m * n_out
-            if QB >= n_out:  # the whole row in registers: read it once
-                v = tl.load(row + offs, mask=offs < n_out, other=0.0, cache_modifier=".cg").to(tl.float32)
-                inv = _inv_scale(tl.zeros([QB], tl.float32) + tl.max(tl.abs(v), axis=0), ON_GPU)
-                q = _quantize(v, inv, ON_GPU)
-                tl.store(codes_row + offs, q.to(tl.int8), mask=offs < n_out)
-                total = tl.sum(q.to(tl.int32), axis=0)
-            else:
-                amax = tl.zeros([QB], tl.float32)
-                for k0 in range(0, n_out, QB):
-                    v = tl.load(row + k0 + offs, mask=k0 + offs < n_out, other=0.0, cache_modifier=".cg")
-                    amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
-                inv = _inv_scale(tl.zeros([QB], tl.float32) + tl.max(amax, axis=0), ON_GPU)
-                acc = tl.zeros([QB], tl.int32)
-                for k0 in range(0, n_out, QB):
-                    v = tl.load(row + k0 + offs, mask=k0 + offs < n_out, other=0.0, cache_modifier=".cg")
-                    q = _quantize(v.to(tl.float32), inv, ON_GPU)
-                    tl.store(codes_row + k0 + offs, q.to(tl.int8), mask=k0 + offs < n_out)
-                    acc += q.to(tl.int32)
-                total = tl.sum(acc, axis=0)
-            tl.store(inv_ptr + m + offs, inv, mask=first)
-            tl.store(sum_ptr + m + offs, tl.zeros([QB], tl.int32) + total, mask=first)
-        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed")
-
-
-@triton.jit
 def _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, tile, xinv, xsum, winv_ptr, bias_ptr, y_ptr,
             stride_ym,
             ws_ptr, cnt_ptr, split_k, SPLIT: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-            SWIGLU: tl.constexpr, ON_GPU: tl.constexpr, QUANT_OUT: tl.constexpr, n_out, tiles,
-            q_codes_ptr, q_inv_ptr, q_sum_ptr, q_cnt_ptr, QB: tl.constexpr):
+            SWIGLU: tl.constexpr, ON_GPU: tl.constexpr):
     """Write the four output row blocks ``b * R + offs_r`` whose sums are ``acc0..acc3`` (see ``_write``).
 
-    With split-K, add them into the workspace instead; the program that arrives last finishes. QUANT_OUT: then
-    quantize the whole output for the next product (``_quantize_output``).
+    With split-K, add them into the workspace instead; the program that arrives last finishes.
     """
     r_mask = offs_r < R
     if not SPLIT:
         _write(acc0, acc1, acc2, acc3, offs_m, offs_r, r_mask, M, R, xinv, xsum, winv_ptr, bias_ptr, y_ptr,
                stride_ym, SCALE_MODE, HAS_BIAS, SWIGLU, ON_GPU)
-        if QUANT_OUT:
-            _quantize_output(y_ptr, stride_ym, M, n_out, q_codes_ptr, q_inv_ptr, q_sum_ptr, q_cnt_ptr, tiles, QB,
-                             ON_GPU)
     else:
         mask = (offs_m < M)[:, None] & r_mask[None, :]
         ws = ws_ptr + offs_m[:, None] * N + offs_r[None, :]
@@ -377,9 +333,6 @@ def _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, tile, xinv, xsum, w
             _write(total0, total1, total2, total3, offs_m, offs_r, r_mask, M, R, xinv, xsum, winv_ptr, bias_ptr,
                    y_ptr, stride_ym, SCALE_MODE, HAS_BIAS, SWIGLU, ON_GPU)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
-            if QUANT_OUT:
-                _quantize_output(y_ptr, stride_ym, M, n_out, q_codes_ptr, q_inv_ptr, q_sum_ptr, q_cnt_ptr, tiles,
-                                 QB, ON_GPU)
 
 
 @triton.jit
@@ -422,13 +375,11 @@ def _gemv_group_part(prod, xs, kw0, offs_n, r_mask, winv_ptr, n_groups, SHIFT: t
 
 @triton.jit
 def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-                 qcodes_ptr, qinv_ptr, qsum_ptr, qcnt_ptr, n_out,
                  M, N, R, KW, stride_x, stride_ym, n_groups, split_k,
                  BM: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr,
                  CHAIN: tl.constexpr, SCALE_MODE: tl.constexpr, GW: tl.constexpr, GWT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, FUSED: tl.constexpr, XBLOCK: tl.constexpr, ON_GPU: tl.constexpr,
-                 PDL: tl.constexpr, PREFETCH: tl.constexpr, SWIGLU: tl.constexpr, QUANT_OUT: tl.constexpr,
-                 QB: tl.constexpr):
+                 PDL: tl.constexpr, PREFETCH: tl.constexpr, SWIGLU: tl.constexpr):
     """A few tokens: ``xw`` int32 (M, K/4) activation codes, ``ww`` int32 (R, K/4) packed weights.
 
     FUSED: ``xw`` is the activations themselves (M, K), rows ``stride_x`` apart, and ``xinv``/``xsum``
@@ -531,8 +482,7 @@ def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, 
             xsum = tl.zeros_like(xsum)
     _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, pid_m * tl.num_programs(0) + pid_r, xinv,
             xsum, winv_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, split_k, SPLIT, SCALE_MODE, HAS_BIAS,
-            SWIGLU, ON_GPU, QUANT_OUT, n_out, tl.num_programs(0) * tl.num_programs(2), qcodes_ptr, qinv_ptr, qsum_ptr,
-            qcnt_ptr, QB)
+            SWIGLU, ON_GPU)
 
 
 @triton.jit
@@ -614,8 +564,7 @@ def _gemm_kernel(xq_ptr, xinv_ptr, xsum_ptr, w_ptr, winv_ptr, bias_ptr, y_ptr, w
             out2 = tl.dot(a, _unpack_bytes(p, 4, ON_GPU), out2, out_dtype=tl.int32)
             out3 = tl.dot(a, _unpack_bytes(p, 6, ON_GPU), out3, out_dtype=tl.int32)
     _finish(out0, out1, out2, out3, offs_m, offs_r, M, N, R, pid, row_inv, row_sum, winv_ptr, bias_ptr, y_ptr,
-            stride_ym, ws_ptr, cnt_ptr, SPLIT_K, SPLIT_K > 1, SCALE_MODE, HAS_BIAS, SWIGLU, ON_GPU, False, 0, 1,
-            y_ptr, y_ptr, y_ptr, y_ptr, 16)
+            stride_ym, ws_ptr, cnt_ptr, SPLIT_K, SPLIT_K > 1, SCALE_MODE, HAS_BIAS, SWIGLU, ON_GPU)
 
 
 @triton.jit
@@ -680,7 +629,6 @@ class Problem:
     device: torch.device
     acts_ready: bool = False
     swiglu: bool = False
-    quant_out: bool = False  # the product also quantizes its output for the next one
 
     @property
     def rows(self) -> int:
@@ -704,7 +652,7 @@ class Problem:
     def tuning_key(self) -> tuple:
         """Problems that share this share one measured choice (``fused_ok``: they have the same candidates)."""
         return (self.device.index or 0, _bucket(self.m), self.n, self.k, self.mode, self.group_size, self.fused_ok,
-                self.swiglu, self.quant_out)
+                self.swiglu)
 
     def split_ok(self, split_k: int) -> bool:
         """Split-K sums in int32 through the workspace: not for group scales, and only if it fits."""
@@ -794,12 +742,6 @@ def _absmax_block(k: int, bm: int, num_warps: int) -> int:
     return max(16, min(_next_pow2(k), 32 * 32 * num_warps // bm))
 
 
-def _output_block(n_out: int) -> int:
-    """Outputs per step of the GEMV's output quantizer: the whole row when it has at most 8192 (one read of it)."""
-    whole = max(128, _next_pow2(n_out))
-    return whole if whole <= 8192 else 4096
-
-
 def set_launch_overlap(pdl: bool = True, prefetch: bool = True) -> LaunchOverlap:
     """Choose how kernels overlap (see :class:`LaunchOverlap`) from now on; returns the previous choice.
 
@@ -836,10 +778,9 @@ def _pdl_meta(pdl: bool) -> dict:
 
 @functools.lru_cache(maxsize=4096)
 def _launch_params(cfg: GemvConfig | GemmConfig, p: Problem, has_bias: bool,
-                   aligned: bool = True, quant_out: bool = False) -> tuple[tuple, int, dict]:
+                   aligned: bool = True) -> tuple[tuple, int, dict]:
     """Grid, number of scale groups and compile-time arguments of one configuration on one problem
-    (``aligned``: the packed weight starts on 16 bytes, as the L2 prefetch needs; ``quant_out``: the GEMV also
-    quantizes its output for the next product)."""
+    (``aligned``: the packed weight starts on 16 bytes, as the L2 prefetch needs)."""
     overlap = _overlap_on(p.device)
     n_groups = p.k // p.group_size if p.mode == 2 else 1
     if cfg.kind == "gemv":
@@ -851,8 +792,7 @@ def _launch_params(cfg: GemvConfig | GemmConfig, p: Problem, has_bias: bool,
                     GWT=min(gw, cfg.bkw), HAS_BIAS=has_bias, FUSED=cfg.fused,
                     XBLOCK=_absmax_block(p.k, bm, cfg.num_warps) if cfg.fused else 1, ON_GPU=not INTERPRET,
                     PREFETCH=overlap.prefetch and aligned and p.k % 16 == 0 and _prefetch_fits(p),
-                    SWIGLU=p.swiglu, QUANT_OUT=quant_out, QB=_output_block(p.n // 2 if p.swiglu else p.n),
-                    num_warps=cfg.num_warps,
+                    SWIGLU=p.swiglu, num_warps=cfg.num_warps,
                     **_pdl_meta(overlap.pdl))
     else:
         grid = (triton.cdiv(p.m, cfg.bm) * triton.cdiv(p.rows, cfg.br), cfg.split_k)
@@ -904,35 +844,27 @@ def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
 
 def launch(cfg: GemvConfig | GemmConfig, p: Problem, x2d: torch.Tensor,
            acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, packed: torch.Tensor,
-           inv_scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
-           out_acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+           inv_scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
     """Run one configuration: ``y`` (M, N) receives the result. The fused GEMV reads ``x2d`` itself; the
-    others read ``acts = quantize_activations(x2d)`` (codes, inverse scales, sums). ``out_acts``: buffers that
-    receive ``quantize_activations(y)`` (the GEMV's last program computes them; otherwise a second kernel)."""
-    scratch = _workspace(y.device) if cfg.split_k > 1 or out_acts is not None else None
+    others read ``acts = quantize_activations(x2d)`` (codes, inverse scales, sums)."""
+    scratch = _workspace(y.device) if cfg.split_k > 1 else None
     if cfg.split_k > 1 and scratch is None:  # first split-K call inside a graph capture: split 1 is always right
         cfg = dataclasses.replace(cfg, split_k=1)
-    in_kernel = out_acts is not None and cfg.kind == "gemv" and scratch is not None
-    grid, n_groups, meta = _launch_params(cfg, p, bias is not None, packed.data_ptr() % 16 == 0, in_kernel)
+    grid, n_groups, meta = _launch_params(cfg, p, bias is not None, packed.data_ptr() % 16 == 0)
     ws, counters = scratch or (y, y)  # y: a pointer never touched
     bias_arg = y if bias is None else bias
-    # the output quantizer's arrival counter: the last slot, which tile counters never reach
-    q_args = (*out_acts, counters[COUNTERS - 1:], y.shape[1]) if in_kernel else (y, y, y, y, 0)
     if cfg.fused:
-        _gemv_kernel[grid](x2d, y, y, packed.view(torch.int32), inv_scale, bias_arg, y, ws, counters, *q_args,
+        _gemv_kernel[grid](x2d, y, y, packed.view(torch.int32), inv_scale, bias_arg, y, ws, counters,
                            p.m, p.n, p.rows, p.k // 4, x2d.stride(0), y.stride(0), n_groups, cfg.split_k, **meta)
-    elif cfg.kind == "gemv":
-        codes, x_inv, x_sum = acts
+        return
+    codes, x_inv, x_sum = acts
+    if cfg.kind == "gemv":
         _gemv_kernel[grid](codes.view(torch.int32), x_inv, x_sum, packed.view(torch.int32), inv_scale, bias_arg, y,
-                           ws, counters, *q_args, p.m, p.n, p.rows, p.k // 4, p.k // 4, y.stride(0), n_groups,
-                           cfg.split_k, **meta)
+                           ws, counters, p.m, p.n, p.rows, p.k // 4, p.k // 4, y.stride(0), n_groups, cfg.split_k,
+                           **meta)
     else:
-        codes, x_inv, x_sum = acts
         _gemm_kernel[grid](codes, x_inv, x_sum, packed, inv_scale, bias_arg, y, ws, counters,
                            p.m, p.n, p.rows, p.k, y.stride(0), n_groups, **meta)
-    if out_acts is not None and not in_kernel:
-        for buffer, value in zip(out_acts, quantize_activations(y)):
-            buffer.copy_(value)
 
 
 # --------------------------------------------------------------------------- tuning
@@ -1016,12 +948,9 @@ def graph_time_us(calls: list) -> float:
 def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None,
                    mode: int, group_size: int, config: GemvConfig | GemmConfig | None = None,
                    acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                   keep_acts=None, out_dtype: torch.dtype | None = None, swiglu: bool = False,
-                   quantize_out: bool = False):
+                   keep_acts=None, out_dtype: torch.dtype | None = None, swiglu: bool = False) -> torch.Tensor | None:
     """``(M, K) -> (M, N)`` on the GPU; ``None`` when no kernel covers this case (the caller falls back).
     ``swiglu``: the rows are gate and up stacked, and the result ``silu(gate) * up`` is ``(M, N / 2)``.
-    ``quantize_out``: returns ``(y, quantize_activations(y))``, the latter computed by the GEMV itself (its last
-    program), for a next product that takes quantized activations.
 
     ``acts`` are ``quantize_activations(x2d)`` when the caller already has them (then ``x2d`` may be the
     codes themselves and ``out_dtype`` says the result's dtype). Without them the fused GEMV (one
@@ -1031,13 +960,9 @@ def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Ten
     m, k = x2d.shape
     n = packed.shape[0] * 4
     y = torch.empty((m, n // 2 if swiglu else n), dtype=out_dtype or x2d.dtype, device=x2d.device)
-    out_acts = None
-    if quantize_out:
-        out_acts = (torch.empty(y.shape, dtype=torch.int8, device=y.device),
-                    torch.empty((m,), dtype=torch.float32, device=y.device), torch.empty((m,), dtype=torch.int32, device=y.device))
     if m == 0:
-        return (y, out_acts) if quantize_out else y
-    p = _problem(m, n, k, mode, group_size, x2d.device, acts is not None, swiglu, quantize_out)
+        return y
+    p = _problem(m, n, k, mode, group_size, x2d.device, acts is not None, swiglu)
 
     rotation: list = []
 
@@ -1047,7 +972,7 @@ def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Ten
 
         def call(w, w_inv):  # quantize-then-multiply pays for its quantizer on every call, as in use
             launch(cfg, p, x2d, acts if acts is not None or cfg.fused else quantize_activations(x2d), w, w_inv,
-                   bias, y, out_acts)
+                   bias, y)
 
         return graph_time_us([functools.partial(call, w, w_inv) for w, w_inv in rotation])
 
@@ -1059,5 +984,5 @@ def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Ten
         acts = quantize_activations(x2d)
         if keep_acts is not None:
             keep_acts(acts)
-    launch(cfg, p, x2d, acts, packed, inv_scale, bias, y, out_acts)
-    return (y, out_acts) if quantize_out else y
+    launch(cfg, p, x2d, acts, packed, inv_scale, bias, y)
+    return y

@@ -99,23 +99,15 @@ class FusedSwiGLU(nn.Module):
     """A SwiGLU MLP as two packed products: ``down_proj(gate_up(x, swiglu=True))``.
 
     Takes the place of the MLP module it was made from, which it keeps as ``original`` (its gate and up
-    projections are views of ``gate_up`` by then, so nothing is stored twice). With ``handoff`` (when the
-    down projection is a packed b1.58 layer too) the gate/up product also quantizes its output for the down
-    projection, which then multiplies the int8 codes: the same numbers, one quantizer kernel fewer on CUDA.
+    projections are views of ``gate_up`` by then, so nothing is stored twice).
     """
 
     def __init__(self, original: nn.Module, gate_up: PackedBitLinear):
         super().__init__()
         self.original, self.gate_up = original, gate_up
-        down = original.down_proj
-        self.handoff = (isinstance(down, PackedBitLinear) and down.spec.variant == "b1.58" and down.rms_norm is None
-                        and gate_up.spec.variant == "b1.58")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        down = self.original.down_proj
-        if self.handoff and not (torch.is_grad_enabled() and x.requires_grad):
-            return down.forward_quantized(*self.gate_up.swiglu_quantized(x), dtype=x.dtype)
-        return down(self.gate_up(x, swiglu=True))
+        return self.original.down_proj(self.gate_up(x, swiglu=True))
 
 
 def _is_silu(module) -> bool:

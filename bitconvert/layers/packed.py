@@ -14,10 +14,7 @@ from bitconvert.kernels import (
     quantize_for_kernels,
     ternary_linear,
     ternary_linear_op,
-    ternary_linear_quantized,
     ternary_linear_quantized_op,
-    ternary_swiglu_quantized,
-    ternary_swiglu_quantized_op,
 )
 from bitconvert.layers.bitlinear import RMSNorm
 from bitconvert.quant import (
@@ -110,25 +107,6 @@ class PackedBitLinear(nn.Module):
             return ternary_linear_op(x, self.weight, self.weight_scale, self.bias, self.spec.weight_scale,
                                      self.spec.group_size, swiglu)
         return self._packed_forward(x, swiglu)
-
-    def swiglu_quantized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Frozen b1.58 inference: ``silu(gate) * up`` of this stacked gate/up product, quantized for the next
-        product as :func:`~bitconvert.kernels.quantize_for_kernels` does (on CUDA, inside this product's kernel)."""
-        args = (x, self.weight, self.weight_scale, self.bias)
-        if torch.compiler.is_compiling():
-            return ternary_swiglu_quantized_op(*args, self.spec.weight_scale, self.spec.group_size)
-        return ternary_swiglu_quantized(*args, granularity=self.spec.weight_scale, group_size=self.spec.group_size,
-                                        cache=self.kernel_cache)
-
-    def forward_quantized(self, codes: torch.Tensor, x_inv: torch.Tensor, x_sum: torch.Tensor,
-                          dtype: torch.dtype) -> torch.Tensor:
-        """Frozen b1.58 inference on activations quantized already: the same as ``forward`` on the ``x`` they
-        came from, in ``dtype``."""
-        args = (codes, x_inv, x_sum, self.weight, self.weight_scale, self.bias)
-        if torch.compiler.is_compiling():
-            return ternary_linear_quantized_op(*args, self.spec.weight_scale, self.spec.group_size, dtype)
-        return ternary_linear_quantized(*args, granularity=self.spec.weight_scale, group_size=self.spec.group_size,
-                                        dtype=dtype)
 
     @torch.no_grad()
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
