@@ -340,3 +340,15 @@ def test_fused_gemv_policy_chooses_the_tuner_candidates(monkeypatch):
     assert kinds["auto"] == {("gemv", True), ("gemv", False), ("gemm", False)}
     assert kinds["always"] == {("gemv", True), ("gemm", False)}  # the GEMM stays: no fused one exists
     assert kinds["never"] == {("gemv", False), ("gemm", False)}
+
+
+def test_compiled_products_never_reuse_another_layers_activations(monkeypatch):
+    """Inductor hands one buffer object to several products in turn and rewrites it without a version bump:
+    the custom operator must not look up activations by tensor identity."""
+    from bitconvert.kernels import ternary
+
+    seen = []
+    monkeypatch.setattr(ternary, "ternary_linear", lambda *args, **kwargs: seen.append(kwargs) or args[0].clone())
+    ternary.ternary_linear_op(torch.randn(2, 8), torch.zeros(2, 8, dtype=torch.uint8), torch.ones(1), None,
+                              "tensor", 128)
+    assert seen and seen[0]["reuse"] is False

@@ -132,7 +132,9 @@ class _LastActivations(threading.local):
     tuner picked the fused GEMV for a shape, nothing is kept: each of those layers quantizes inside.)
 
     Identity, not address: a weak reference to the tensor object plus its version counter, so a
-    freed tensor or an in-place change never matches.
+    freed tensor or an in-place change never matches. Eager mode only: code compiled by inductor hands
+    one buffer object to several products in turn and rewrites it from its kernels, which bump no
+    version counter, so there a stale entry could match (the custom operators pass ``reuse=False``).
     """
 
     entry: tuple | None = None
@@ -151,9 +153,11 @@ class _LastActivations(threading.local):
 _last_activations = _LastActivations()
 
 
-def _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, acts=None, dtype=None, swiglu=False):
+def _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, acts=None, dtype=None, swiglu=False,
+                 reuse=True):
     """The Triton product of ``x`` (or of its int8 codes, when ``acts`` holds their quantization; then
-    ``dtype`` is the result's), or None when no kernel covers it."""
+    ``dtype`` is the result's), or None when no kernel covers it. ``reuse``: may share quantized
+    activations with the layer before (:class:`_LastActivations`)."""
     from bitconvert.kernels import triton_ternary as tt
 
     k = x.shape[-1]
@@ -165,7 +169,7 @@ def _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, acts=None,
     if separate_bias and swiglu:
         return None
     keep = None
-    if acts is None:
+    if acts is None and reuse:
         # Activations another layer quantized from this very tensor are reused; otherwise the tuner picks
         # between the fused GEMV (quantizes inside, keeps nothing) and quantizing once here, kept for the next.
         acts = _last_activations.get(x)
@@ -215,17 +219,18 @@ def _kernel_eligible(x, packed, inv_scale, bias) -> bool:
 
 def ternary_linear(x: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None = None,
                    *, granularity: str = "tensor", group_size: int = 128,
-                   cache: TernaryCache | None = None, swiglu: bool = False) -> torch.Tensor:
+                   cache: TernaryCache | None = None, swiglu: bool = False, reuse: bool = True) -> torch.Tensor:
     """``y = dequant(int8(x)) · dequant(W)ᵀ + b`` for W packed 2 bits a weight (transformers' bitnet layout).
 
     ``packed`` is uint8 ``(out / 4, in)``, ``inv_scale`` the float32 inverse scale of shape ``(1,)``,
     ``(out,)`` or ``(out, in / group_size)``. ``cache`` (optional, one per weight) lets the CPU
     path keep the unpacked weight; ``BITCONVERT_KERNELS=reference`` forces the reference everywhere.
     ``swiglu``: W's rows are a SwiGLU MLP's gate and up projections stacked, and the result is
-    ``silu(gate) * up`` (``out / 2`` features), computed in the kernel's epilogue on CUDA.
+    ``silu(gate) * up`` (``out / 2`` features), computed in the kernel's epilogue on CUDA. ``reuse``: on CUDA,
+    a layer that gets the very tensor the layer before got reuses its quantized activations (eager mode).
     """
     if x.is_cuda and _kernel_eligible(x, packed, inv_scale, bias) and triton_available():
-        y = _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, swiglu=swiglu)
+        y = _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, swiglu=swiglu, reuse=reuse)
         if y is not None:
             return y
     elif (x.device.type == "cpu" and cache is not None and cache.cpu != "none" and packed.device == x.device
@@ -238,12 +243,14 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tenso
 
 # torch.compile sees the packed product as one opaque operator: dynamo cannot trace the dispatch above
 # (environment lookups, weak references, the tuner), and inductor must not try to fuse into the Triton
-# kernels. Inside, the call takes the same path as eager; only the CPU cache is out of reach.
+# kernels. Inside, the call takes the same path as eager, except for the CPU cache (out of reach) and the
+# reuse of quantized activations between layers (unsafe with inductor's reused buffers, see _LastActivations).
 @torch.library.custom_op("bitconvert::ternary_linear", mutates_args=(),
                          schema="(Tensor x, Tensor packed, Tensor inv_scale, Tensor? bias, str granularity, "
                                 "int group_size, bool swiglu=False) -> Tensor")
 def ternary_linear_op(x, packed, inv_scale, bias, granularity, group_size, swiglu=False):
-    return ternary_linear(x, packed, inv_scale, bias, granularity=granularity, group_size=group_size, swiglu=swiglu)
+    return ternary_linear(x, packed, inv_scale, bias, granularity=granularity, group_size=group_size, swiglu=swiglu,
+                          reuse=False)
 
 
 @ternary_linear_op.register_fake
