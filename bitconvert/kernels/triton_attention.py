@@ -71,7 +71,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, c
         offs_n = n0 + tl.arange(0, BN)
         valid = offs_n < hi
         if HAS_MASK:
-            valid = valid & (tl.load(mask_ptr + b.to(tl.int64) * stride_mb + offs_n * stride_ml, mask=valid, other=0) != 0)
+            attend = tl.load(mask_ptr + b.to(tl.int64) * stride_mb + offs_n * stride_ml, mask=valid, other=0)
+            valid = valid & (attend != 0)
         if SKIP:
             if tl.max(valid.to(tl.int32), axis=0) > 0:
                 m_i, l_i, acc = _attend_block(q, k_base, v_base, offs_n, valid, valid, d_mask, offs_d, stride_kl,

@@ -20,8 +20,9 @@ output rows, and each tile of output is written to four row blocks of ``y``.
 Both multiply with ``code + 1`` in {0, 1, 2} and subtract ``Σ x`` afterwards, which saves one
 operation per weight. With ``SWIGLU`` (a SwiGLU MLP's gate and up rows stacked) their epilogue writes
 ``silu(gate) * up`` instead of both: in this layout the gate and up rows of one feature land in the
-same program (row blocks 0 and 2, 1 and 3), so the product needs no kernel after it. Integer sums are exact, so tensor and channel scales give the reference's
-result up to the order of float32 scaling (identical in practice).
+same program (row blocks 0 and 2, 1 and 3), so the product needs no kernel after it. Integer sums
+are exact, so tensor and channel scales give the reference's result up to the order of float32
+scaling (identical in practice).
 
 Split-K: when a matrix has too few rows to fill the GPU, K is cut into slices whose int32 partial
 sums are added atomically into a workspace; the last program to finish a tile (a per-tile counter
