@@ -3,7 +3,8 @@
 ``ternary_linear`` is the one entry point: it quantizes activations to int8 per token and
 multiplies them with 2-bit packed weights. CUDA tensors run Triton kernels (imported on first use,
 so CPU-only installs need no triton); CPU tensors run torch, optionally keeping the unpacked weight
-(``TernaryCache``). See docs/kernels.md.
+(``TernaryCache``). The decode step's attention has its own entry point,
+:func:`bitconvert.kernels.attention.decode_attention`. See docs/kernels.md.
 """
 
 from bitconvert.kernels.binary import binary_linear_reference, onebit_linear_reference

@@ -8,10 +8,10 @@ from torch import nn
 
 from bitconvert.kernels import (
     TernaryCache,
-    swiglu_reference,
     binary_linear,
     onebit_linear,
     quantize_for_kernels,
+    swiglu_reference,
     ternary_linear,
     ternary_linear_op,
     ternary_linear_quantized_op,
