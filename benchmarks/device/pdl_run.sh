@@ -10,7 +10,7 @@ if [ "${STAGE:-e2e}" = kernels ]; then
   grep " b1 \|check:" $OUT/pdl.log $OUT/off.log
 else
   python3 benchmarks/bench_kernels.py --out $OUT/e2e --sections e2e --models Llama-2.4B --modes compiled --profile \
-    --variants ${VARIANTS:-packed_fused,packed_fused_pdl,packed_fused_pdl_kernels,packed_fused_pdl_noprefetch,packed_fused_prequant_pdl} \
+    --variants ${VARIANTS:-bf16_pdl,packed_fused,packed_fused_pdl,packed_fused_pdl_kernels,packed_fused_pdl_noprefetch,packed_fused_prequant_pdl} \
     --budget-s 500 > $OUT/e2e.log 2>&1 || echo "rc $?"
   sed -n '/Kernels launched to overlap/,$p' $OUT/e2e/kernels.md
 fi
