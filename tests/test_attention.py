@@ -131,3 +131,18 @@ def test_decode_attention_compiles_for_hopper_and_waits_before_it_reads(split):
     wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
     assert not [line for line in lines[:wait] if any(op in line for op in ("ld.global", "st.global", "atom."))]
     assert any("mma" in line for line in lines)
+
+
+def test_decode_attention_compiles_as_one_opaque_operator():
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    g = torch.Generator().manual_seed(3)
+    query, key, value = (torch.randn(s, generator=g) for s in ((2, 6, 1, 16), (2, 2, 11, 16), (2, 2, 11, 16)))
+    mask = torch.ones(2, 1, 1, 11, dtype=torch.bool)
+    mask[1, ..., :4] = False
+
+    def attend(q, k, v, m):
+        return decode_attention_forward(module, q, k, v, m, scaling=0.25)[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(query, key, value, mask), attend(query, key, value, mask))
