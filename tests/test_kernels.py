@@ -352,3 +352,16 @@ def test_compiled_products_never_reuse_another_layers_activations(monkeypatch):
     ternary.ternary_linear_op(torch.randn(2, 8), torch.zeros(2, 8, dtype=torch.uint8), torch.ones(1), None,
                               "tensor", 128)
     assert seen and seen[0]["reuse"] is False
+
+
+def test_reference_kernels_context_takes_the_reference_inside_only():
+    from bitconvert.kernels import TernaryCache, reference_kernels, ternary_linear
+
+    packed, inv = random_packed(16, 32, "channel")
+    x = torch.randn(3, 32)
+    cache = TernaryCache("int8")
+    with reference_kernels(), reference_kernels():  # nests
+        y = ternary_linear(x, packed, inv, granularity="channel", cache=cache)
+        assert cache.nbytes == 0  # the CPU cache was not filled: the reference ran
+    assert cache.nbytes == 0
+    assert torch.equal(ternary_linear(x, packed, inv, granularity="channel", cache=cache), y) and cache.nbytes > 0
