@@ -25,6 +25,21 @@ In the morning the market opened early, and the smell of bread drifted along the
 Numbers such as 12, 345 and 6789 appear in text as well as words, and a tokenizer must handle both.
 """
 
+def run_in_triton_interpreter(script: str) -> None:
+    """Run ``script`` in a fresh Python with triton's CPU interpreter on (it is chosen at import), from the
+    repository root; skip where this triton's interpreter cannot run under the installed numpy."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
+                            capture_output=True, text=True, timeout=600)
+    if "only 0-dimensional arrays can be converted" in result.stderr:
+        pytest.skip("this triton's interpreter does not run under this numpy")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 TINY_ARCHS = ("llama", "qwen2", "mistral", "phi3", "gemma", "gpt2", "mixtral", "qwen2_moe")
 
 

@@ -1,10 +1,6 @@
 """Decode attention: one query token per sequence, keys and values read once per key/value head."""
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,9 +8,7 @@ import torch
 
 from bitconvert.kernels.attention import decode_attention, decode_attention_reference
 from bitconvert.layers.attention import DECODE_ATTENTION, decode_attention_forward, use_decode_attention
-from conftest import build_tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import build_tiny_model, run_in_triton_interpreter
 
 
 def naive_attention(query, key, value, mask, scale):
@@ -106,13 +100,7 @@ INTERPRETER_CHECK = textwrap.dedent("""
 def test_triton_decode_attention_matches_reference_in_the_interpreter():
     """The kernel's indexing, masking, block skipping and split-KV combination, run by triton's CPU
     interpreter in float16 (its bfloat16 matrix products are wrong; the GPU benchmark checks bfloat16)."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
-    if "only 0-dimensional arrays can be converted" in result.stderr:
-        pytest.skip("this triton's interpreter does not run under this numpy")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_in_triton_interpreter(INTERPRETER_CHECK)
 
 
 @pytest.mark.parametrize("split", [False, True])

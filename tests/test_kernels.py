@@ -1,7 +1,6 @@
 """ternary_linear against the unpacked reference: the CPU paths here, the Triton kernels through
 triton's interpreter when triton is installed (the GPU itself is checked by benchmarks/bench_kernels.py)."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import torch
 from bitconvert.kernels import CPU_CACHES, TernaryCache, ternary_linear, ternary_linear_reference
 from bitconvert.layers import PackedBitLinear
 from bitconvert.quant import QuantSpec, pack_ternary, ternary_quantize
+from conftest import run_in_triton_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,13 +190,7 @@ INTERPRETER_CHECK = textwrap.dedent("""
 @pytest.mark.slow
 def test_triton_kernels_match_reference_in_the_interpreter():
     """The kernels' indexing, split-K bookkeeping and scales, run by triton's CPU interpreter."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
-    if "only 0-dimensional arrays can be converted" in result.stderr:
-        pytest.skip("this triton's interpreter does not run under this numpy")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_in_triton_interpreter(INTERPRETER_CHECK)
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
