@@ -10,11 +10,9 @@ cache always gives one).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from bitconvert.kernels.ternary import triton_available
+from bitconvert.kernels.ternary import _reference_only, triton_available
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -36,7 +34,7 @@ def _kernel_eligible(query, key, value, mask) -> bool:
             and key.shape[-1] == value.shape[-1] == query.shape[-1] and query.shape[1] % key.shape[1] == 0
             and key.stride(-1) == 1 and value.stride(-1) == 1 and not (torch.is_grad_enabled() and query.requires_grad)
             and (mask is None or mask.dtype in (torch.bool, torch.uint8))
-            and os.environ.get("BITCONVERT_KERNELS", "auto") != "reference" and triton_available())
+            and not _reference_only() and triton_available())
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,

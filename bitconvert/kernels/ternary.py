@@ -194,7 +194,8 @@ _reference = _Reference()
 
 @contextmanager
 def reference_kernels():
-    """Inside the block (this thread), every product takes the torch reference, as ``BITCONVERT_KERNELS=reference``."""
+    """Inside the block (this thread), every product and the decode attention take the torch reference, as
+    ``BITCONVERT_KERNELS=reference`` makes them do everywhere."""
     _reference.depth += 1
     try:
         yield

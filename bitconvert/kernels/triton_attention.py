@@ -22,13 +22,12 @@ trip more per block, far fewer bytes.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from bitconvert.kernels.triton_ternary import INTERPRET, _overlap_on, _pdl_meta, _wait_for_previous_kernel
+from bitconvert.kernels.triton_ternary import (INTERPRET, _overlap_on, _pdl_meta, _sm_count,
+                                               _wait_for_previous_kernel)
 
 BLOCK_KEYS = 64
 MAX_SPLITS = 16  # the combination's loop is unrolled: its loads are all in flight together
@@ -150,11 +149,6 @@ def _split_counters(device: torch.device) -> torch.Tensor | None:
             return None
         _counters[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
     return _counters[device]
-
-
-@functools.lru_cache(maxsize=64)
-def _sm_count(device: torch.device) -> int:
-    return 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def split_count(heads: int, keys: int, device: torch.device) -> int:

@@ -605,6 +605,7 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=64)
 def _sm_count(device: torch.device) -> int:
     if INTERPRET:
         return 4
