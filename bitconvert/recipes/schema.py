@@ -7,9 +7,10 @@ any work starts; unknown keys are errors (see :mod:`bitconvert.recipes.loading` 
 
 from __future__ import annotations
 
+import difflib
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bitconvert.mod import MoDConfig
 from bitconvert.quant.spec import QuantSpec
@@ -121,13 +122,31 @@ class TrainConfig(Strict):
     loss: LossConfig = Field(default_factory=LossConfig, description="loss weights")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(default="bf16", description="autocast on GPUs (CPU runs in float32)")
     gradient_checkpointing: bool = Field(default=False, description="recompute activations to save memory")
-    compile: bool = Field(default=False, description="torch.compile the student")
+    compile: Literal[False, "layers", "model"] = Field(
+        default=False, description="torch.compile the student: false = eager, layers = each decoder block on its own "
+                                   "(compiles in seconds, one graph for all blocks), model = the whole student "
+                                   "(true, in older recipes)")
+    fused_loss: bool = Field(default=True, description="KL and cross-entropy from the final hidden states chunk by "
+                             "chunk, never the full logits (models with a plain linear head; others fall back)")
     seed: int = Field(default=0, description="data order, sampling and initial RNG state")
     log_every: int = Field(default=10, gt=0, description="steps between metrics lines")
     eval_every: int = Field(default=0, ge=0, description="steps between held-out perplexity checks; 0 = only at the end")
     save_every: int = Field(default=200, ge=0, description="steps between checkpoints; 0 = only at the end")
     save_every_minutes: float = Field(default=15.0, ge=0, description="also checkpoint this often; 0 = off")
     keep_checkpoints: int = Field(default=2, gt=0, description="newest checkpoints kept")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_mode(cls, value):
+        if value is True:  # older recipes: true compiled the whole student
+            return "model"
+        if value is None:
+            return False
+        if isinstance(value, str) and value not in ("layers", "model"):
+            close = difflib.get_close_matches(value.lower(), ["layers", "model", "false"], n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ValueError(f"train.compile is false, layers or model, not {value!r}{hint}")
+        return value
 
     @model_validator(mode="after")
     def _one_budget(self) -> "TrainConfig":

@@ -25,7 +25,9 @@ from bitconvert.convert import set_quant_strength
 from bitconvert.mod import calibrate_decisions, capacity_schedule, mod_config, set_mod_capacity
 from bitconvert.recipes.schema import TrainConfig
 from bitconvert.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from bitconvert.train.compiling import compile_student
 from bitconvert.train.data import TrainingData
+from bitconvert.train.head_loss import ChunkedHead, head_loss_support, head_losses, no_logits
 from bitconvert.train.losses import AttentionInputs, attention_relation_kl, hidden_mse, logit_kl, next_token_ce
 from bitconvert.utils.io import atomic_write_text
 from bitconvert.utils.progress import Progress
@@ -103,40 +105,98 @@ class StopOnInterrupt:
 
 # --------------------------------------------------------------------------- losses
 
-def compute_losses(student, teacher, input_ids: torch.Tensor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The weighted training loss and its terms for one micro-batch."""
+def compute_losses(student, teacher, input_ids: torch.Tensor, cfg: TrainConfig,
+                   head: ChunkedHead | None = None) -> dict[str, torch.Tensor]:
+    """The weighted training loss and its terms for one micro-batch.
+
+    With ``head`` (see :func:`chunked_head`), KL and CE come from the final hidden states chunk by chunk
+    (:func:`head_losses`) and the student never computes its full logits; the terms are the same.
+    """
     weights = cfg.loss
     distill = teacher is not None and cfg.mode == "distill"
     need_hidden = distill and weights.hidden > 0
     need_attention = distill and weights.attention > 0
+    need_ce = weights.ce > 0 or not distill
+    need_kl = distill and weights.kl > 0
+    logits_kwargs = {"logits_to_keep": no_logits(input_ids)} if head is not None else {}
 
     def keep(model):  # the q/k/v projections' outputs of one layer, when the attention-relation loss wants them
         return AttentionInputs(model, weights.attention_layer) if need_attention else nullcontext()
 
     with keep(student) as student_attention:
-        out = student(input_ids=input_ids, output_hidden_states=need_hidden, use_cache=False)
+        out = student(input_ids=input_ids, output_hidden_states=need_hidden, use_cache=False, **logits_kwargs)
     terms: dict[str, torch.Tensor] = {}
-    if weights.ce > 0 or not distill:
+    if need_ce and head is None:
         terms["ce"] = next_token_ce(out.logits, input_ids)
-    if distill and (weights.kl > 0 or need_hidden or need_attention):
+    reference = None
+    if distill and (need_kl or need_hidden or need_attention):
+        teacher_kwargs = logits_kwargs if head is not None and head.teacher is not None else {}
         with torch.no_grad(), keep(teacher) as teacher_attention:
-            reference = teacher(input_ids=input_ids, output_hidden_states=need_hidden, use_cache=False)
-        if weights.kl > 0:
+            reference = teacher(input_ids=input_ids, output_hidden_states=need_hidden, use_cache=False, **teacher_kwargs)
+        if need_kl and head is None:
             terms["kl"] = logit_kl(out.logits, reference.logits, weights.temperature)
         if need_hidden:
             terms["hidden"] = hidden_mse(out.hidden_states, reference.hidden_states)
         if need_attention:
             terms["attention"] = attention_relation_kl(student_attention.states, teacher_attention.states,
                                                        teacher_attention.head_dim)
+    fused = None
+    if head is not None:
+        hidden, dtype = head.student.take()
+        teacher_inputs = {}
+        if need_kl and head.teacher is not None:
+            teacher_hidden, teacher_dtype = head.teacher.take()
+            teacher_inputs = {"teacher_hidden": teacher_hidden, "teacher_weight": head.teacher.head.weight,
+                              "teacher_dtype": teacher_dtype}
+        elif need_kl:
+            teacher_inputs = {"teacher_logits": reference.logits}
+        elif head.teacher is not None and reference is not None:
+            head.teacher.take()
+        if need_kl or need_ce:
+            ce_weight = weights.ce if distill else 1.0
+            fused, kl, ce = head_losses(hidden, head.student.head.weight, input_ids, temperature=weights.temperature,
+                                        kl_weight=weights.kl if need_kl else 0.0, ce_weight=ce_weight if need_ce else 0.0,
+                                        dtype=dtype, **teacher_inputs)
+            # logged terms, as the plain path gives them; the gradient flows through ``fused``
+            terms.update({**({"ce": ce} if need_ce else {}), **({"kl": kl} if need_kl else {})})
     if not distill:  # continued pretraining: cross-entropy is the whole objective
-        terms["loss"] = terms["ce"]
+        terms["loss"] = fused if fused is not None else terms["ce"]
     else:
-        terms["loss"] = sum(getattr(weights, k) * v for k, v in terms.items())
+        rest = {k: v for k, v in terms.items() if fused is None or k not in ("kl", "ce")}
+        terms["loss"] = sum(getattr(weights, k) * v for k, v in rest.items()) + (fused if fused is not None else 0)
     aux = auxiliary_loss(student)
     if aux is not None:
         terms["aux"] = aux
         terms["loss"] = terms["loss"] + aux
     return terms
+
+
+def chunked_head(student, teacher, cfg: TrainConfig, accelerator, probe_ids: torch.Tensor) -> ChunkedHead | None:
+    """The chunked head loss for this run, or None (the plain path: full logits) with the reason logged.
+
+    ``student`` and ``teacher`` are the unwrapped modules; ``probe_ids`` (1, tokens) on their device feed
+    one small forward pass that checks the logits really are ``final_hidden @ lm_head.weight.T``.
+    """
+    from accelerate.utils import DistributedType
+
+    def off(reason: str) -> None:
+        log.debug("chunked head loss off, full logits instead: %s", reason)
+
+    if not cfg.fused_loss:
+        return off("train.fused_loss is false")
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        # the head weight is gathered only inside the wrapped forward pass
+        return off(f"{accelerator.distributed_type.value} shards the head weight")
+    reason = head_loss_support(student, probe_ids)
+    if reason is not None:
+        return off(f"student: {reason}")
+    if teacher is not None:
+        reason = head_loss_support(teacher, probe_ids)
+        if reason is not None:
+            log.debug("chunked head loss takes the teacher's full logits: %s", reason)
+            teacher = None
+    log.debug("chunked head loss on (teacher: %s)", "final hidden states" if teacher is not None else "full logits")
+    return ChunkedHead(student, teacher)
 
 
 def auxiliary_loss(model) -> torch.Tensor | None:
@@ -222,8 +282,12 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
     student, optimizer = accelerator.prepare(student, optimizer)
     if teacher is not None:
         teacher = prepare_teacher(teacher, accelerator)
-    if cfg.compile:
-        student = torch.compile(student)
+    head = None
+    if cfg.mode != "none":
+        probe = data.batch(0, 1)[:, :16].to(accelerator.device)
+        head = chunked_head(accelerator.unwrap_model(student), teacher if cfg.mode == "distill" else None, cfg,
+                            accelerator, probe)
+    student = compile_student(student, cfg.compile, accelerator.unwrap_model(student))
 
     run_signature = {"fingerprint": data.fingerprint, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                      "world": world, "sequence_length": seq}
@@ -269,7 +333,7 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
     last_checkpoint = checkpoint
     last_logged = (step, elapsed)
     routing = mod_config(accelerator.unwrap_model(student))  # Mixture-of-Depths: capacity warmup, decision calibration
-    with StopOnInterrupt() as stop:
+    with StopOnInterrupt() as stop, (head if head is not None else nullcontext()):
         while True:
             done = (total_steps is not None and step >= total_steps) or (budget_seconds is not None and elapsed >= budget_seconds)
             stop_now, done_now = stop.requested, done
@@ -302,7 +366,7 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
                     ids = ids.to(accelerator.device)
                 sync = accelerator.no_sync(student) if micro < cfg.grad_accum - 1 and world > 1 else nullcontext()
                 with sync:
-                    terms = compute_losses(student, teacher, ids, cfg)
+                    terms = compute_losses(student, teacher, ids, cfg, head)
                     accelerator.backward(terms["loss"] / cfg.grad_accum)
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0.0) + value.detach().float() / cfg.grad_accum

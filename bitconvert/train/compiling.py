@@ -1,0 +1,51 @@
+"""torch.compile for training: the whole student, or each decoder block on its own (regional).
+
+A BitLinear's fake quantizers are a dozen small elementwise kernels each, launched for every
+projection of every block; compiled, they fuse into a few. Compiling the blocks one by one instead of
+the whole model gives inductor a graph it compiles in seconds, and since the blocks share their code
+and shapes, the first block's compilation serves all the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+COMPILE_MODES = (False, "layers", "model")
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The repeated decoder blocks: the longest ``nn.ModuleList`` whose children are all one class
+    (``model.layers`` in Llama-style models, ``transformer.h`` in GPT-2)."""
+    best: nn.ModuleList | None = None
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            kinds = Counter(type(child) for child in module)
+            if len(kinds) == 1 and (best is None or len(module) > len(best)):
+                best = module
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no list of repeated blocks to compile one by one; "
+                         "use train.compile: model")
+    return best
+
+
+def compile_student(student: nn.Module, mode, unwrapped: nn.Module | None = None) -> nn.Module:
+    """Apply ``train.compile``: False leaves ``student`` as it is, ``"model"`` returns it torch.compiled,
+    ``"layers"`` compiles each decoder block of ``unwrapped`` (the module under any wrapper) in place."""
+    if mode is False:
+        return student
+    if mode == "model":
+        return torch.compile(student)
+    if mode == "layers":
+        blocks = decoder_blocks(unwrapped if unwrapped is not None else student)
+        for block in blocks:
+            # static shapes: training batches all have one shape; the held-out batches add a few graphs
+            block.compile(dynamic=False)
+        log.debug("compiled %d decoder blocks (%s) one by one", len(blocks), type(blocks[0]).__name__)
+        return student
+    raise ValueError(f"train.compile {mode!r}: expected one of {COMPILE_MODES}")
