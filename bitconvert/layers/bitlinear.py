@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitconvert.quant import QuantSpec, int8_fake_quantize, straight_through, ternary_fake_quantize, ternary_quantize
+from bitconvert.quant import QuantSpec, int8_fake_quantize, ternary_fake_quantize, ternary_quantize
 from bitconvert.quant.binary import (
     binary_quantize,
     binary_weight_ste,
@@ -23,17 +23,22 @@ from bitconvert.quant.binary import (
 )
 
 
-# Plain eager ops. Compiling these two with torch.compile was measured slower on an H100 (46k vs
-# 52k tokens/s distilling SmolLM2-135M, benchmarks/results/qat_step_speed_h100.json).
+# Eager by default. Compiling these two alone with torch.compile was measured slower on an H100 (46k vs
+# 52k tokens/s distilling SmolLM2-135M, benchmarks/results/qat_step_speed_h100.json); train.compile:
+# layers compiles them inside each decoder block instead. The quantized value is computed without
+# autograd: the straight-through estimator discards its graph anyway, so recording it is pure overhead.
 def activation_ste(x: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
     """int8 per-token fake quantization with a straight-through gradient (blended by ``strength``)."""
-    return straight_through(x, int8_fake_quantize(x), strength.to(x.dtype))
+    with torch.no_grad():
+        delta = strength.to(x.dtype) * (int8_fake_quantize(x) - x)
+    return x + delta
 
 
 def weight_ste(weight: torch.Tensor, strength: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
     """Ternary fake quantization of a latent weight with a straight-through gradient."""
-    fake = ternary_fake_quantize(weight, granularity, group_size)
-    return straight_through(weight, fake, strength.to(weight.dtype))
+    with torch.no_grad():
+        delta = strength.to(weight.dtype) * (ternary_fake_quantize(weight, granularity, group_size) - weight)
+    return weight + delta
 
 
 class RMSNorm(nn.Module):

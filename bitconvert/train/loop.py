@@ -332,6 +332,7 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
     interrupted = False
     last_checkpoint = checkpoint
     last_logged = (step, elapsed)
+    last_strength = None
     routing = mod_config(accelerator.unwrap_model(student))  # Mixture-of-Depths: capacity warmup, decision calibration
     with StopOnInterrupt() as stop, (head if head is not None else nullcontext()):
         while True:
@@ -351,7 +352,9 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
             for group in optimizer.param_groups:
                 group["lr"] = lr
             strength = quant_strength(cfg, step, p)
-            set_quant_strength(accelerator.unwrap_model(student), strength)
+            if strength != last_strength:  # a fill per quantized layer; after the warmup it stays at 1
+                set_quant_strength(accelerator.unwrap_model(student), strength)
+                last_strength = strength
             capacity = capacity_schedule(routing, p) if routing is not None else None
             if capacity is not None:
                 set_mod_capacity(accelerator.unwrap_model(student), capacity)
