@@ -191,7 +191,7 @@ def environment() -> dict:
 
 # --------------------------------------------------------------------------- section: check
 
-CHECK_PARTS = ("ternary", "swiglu", "attention")
+CHECK_PARTS = ("ternary", "swiglu", "layers", "attention")
 
 
 def check_section(parts=CHECK_PARTS) -> dict:
@@ -325,6 +325,50 @@ def check_section(parts=CHECK_PARTS) -> dict:
                 failures += not ok
                 cases.append({"case": f"swiglu m={m} n={n} k={k} {gran} {str(dtype)[6:]} {cfg or 'tuned'}", "ok": ok,
                               "relerr": err})
+    if "layers" in parts:
+        # what bitconvert.layers.decoder hands to the products: a residual added in the epilogue (every candidate
+        # of a decode o_proj problem, bit for bit against the product plus the residual), and RMSNorm with the
+        # quantizer in one kernel (its codes exactly the quantizer's of its normed output)
+        from bitconvert.kernels import rms_norm_quantize_reference
+        for m, n, k, gran, gs, all_candidates in [(1, 2560, 2560, "channel", 128, True), (3, 1024, 6912, "group", 64, False),
+                                                  (40, 2048, 1024, "channel", 128, False)]:
+            packed, inv, _ = random_packed(n, k, gran, gs, seed=7 * m + n)
+            packed_next = random_packed(2 * n, k, gran, gs, seed=7 * m + n + 1)[0]
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
+            residual = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) * 4
+            p = tt.Problem(m, n, k, tt.SCALE_MODES[gran], gs, x.device)
+            for cfg in tt.candidate_configs(p) if all_candidates else [None]:
+                try:
+                    if cfg is None:
+                        y = ternary_linear(x, packed, inv, granularity=gran, group_size=gs, residual=residual)
+                        plain = ternary_linear(x, packed, inv, granularity=gran, group_size=gs)
+                    else:
+                        y = tt.ternary_matmul(x, packed, inv, None, tt.SCALE_MODES[gran], gs, config=cfg, residual=residual)
+                        plain = tt.ternary_matmul(x, packed, inv, None, tt.SCALE_MODES[gran], gs, config=cfg)
+                    ok = torch.equal(y, residual + plain)
+                    err = relerr(y, residual + plain)
+                    if cfg is not None and cfg.kind == "gemv":  # prefetching another weight changes no bit
+                        ahead = tt.ternary_matmul(x, packed, inv, None, tt.SCALE_MODES[gran], gs, config=cfg,
+                                                  residual=residual, prefetch=packed_next)
+                        ok = ok and torch.equal(ahead, y)
+                except Exception as exc:
+                    err, ok = f"{type(exc).__name__}: {str(exc)[:200]}", False
+                failures += not ok
+                cases.append({"case": f"residual m={m} n={n} k={k} {gran} {cfg or 'tuned'}", "ok": ok, "relerr": err})
+        for m, k, dtype, wdtype in [(1, 2560, torch.bfloat16, torch.bfloat16), (7, 576, torch.bfloat16, torch.bfloat16),
+                                    (300, 4096, torch.float16, torch.float32), (2, 8192, torch.bfloat16, torch.bfloat16)]:
+            x = torch.randn(m, k, device="cuda", dtype=dtype) * 3
+            weight = (torch.randn(k, device="cuda") * 0.3 + 1).to(wdtype)
+            normed, (codes, x_inv, total) = tt.rms_norm_quantize(x, weight, 1e-5)
+            want = rms_norm_quantize_reference(x, weight, 1e-5)
+            again = tt.quantize_activations(normed)
+            exact = (normed == want[0]).float().mean().item()
+            ok = (normed.dtype == want[0].dtype and relerr(normed, want[0]) <= 4e-3 and torch.equal(codes, again[0])
+                  and torch.equal(x_inv, again[1]) and torch.equal(total, again[2])
+                  and (codes.int() - want[1].int()).abs().max().item() <= 1)
+            failures += not ok
+            cases.append({"case": f"rms norm + quantizer m={m} k={k} {str(dtype)[6:]} weight {str(wdtype)[6:]}", "ok": ok,
+                          "normed_exact_fraction": exact, "codes_exact_fraction": (codes == want[1]).float().mean().item()})
     if "attention" in parts:
         # decode attention: one query per sequence over a cache, grouped heads, masks with padding and empty slots
         from bitconvert.kernels import triton_attention as ta
@@ -381,7 +425,7 @@ def config_label(cfg) -> str:
 
 
 def kernels_section(bandwidth: float, batches=BATCHES, shapes=SHAPES, deadline: float = float("inf")) -> list[dict]:
-    from bitconvert.kernels import ternary_linear, ternary_linear_reference
+    from bitconvert.kernels import ternary_linear, ternary_linear_quantized, ternary_linear_reference
     from bitconvert.kernels import triton_ternary as tt
 
     rows = []
@@ -423,6 +467,21 @@ def kernels_section(bandwidth: float, batches=BATCHES, shapes=SHAPES, deadline: 
             row["bf16_graph_us"] = time_graph_us([lambda w=w: F.linear(x, w) for w in b_copies])
             row["packed_graph_us"] = time_graph_us(
                 [lambda c=c: ternary_linear(x[:], c[0], c[1], granularity="channel") for c in p_copies])
+            # the product alone, its activations quantized by the kernel before it (as the RMSNorm of a decoder
+            # layer hands them over, bitconvert.layers.decoder): the codes in, no quantizer launch of its own
+            given = (acts[0], acts[1], acts[2])
+            ternary_linear_quantized(*given, packed, inv, granularity="channel", dtype=torch.bfloat16)  # tunes once
+            row["packed_codes_graph_us"] = time_graph_us(
+                [lambda c=c: ternary_linear_quantized(*given, c[0], c[1], granularity="channel", dtype=torch.bfloat16)
+                 for c in p_copies])
+            row["speedup_codes_graph"] = row["bf16_graph_us"] / row["packed_codes_graph_us"]
+            # ... and each call bringing the next call's weights into L2, as the products of a decode step do
+            nexts = p_copies[1:] + p_copies[:1]
+            row["packed_codes_ahead_graph_us"] = time_graph_us(
+                [lambda c=c, after=after: ternary_linear_quantized(*given, c[0], c[1], granularity="channel",
+                                                                  dtype=torch.bfloat16, prefetch=after[0])
+                 for c, after in zip(p_copies, nexts)])
+            row["speedup_codes_ahead_graph"] = row["bf16_graph_us"] / row["packed_codes_ahead_graph_us"]
             row["bf16_eager_us"] = time_eager_us([lambda w=w: F.linear(x, w) for w in b_copies])
             row["packed_eager_us"] = time_eager_us(
                 [lambda c=c: ternary_linear(x[:], c[0], c[1], granularity="channel") for c in p_copies])
@@ -435,6 +494,8 @@ def kernels_section(bandwidth: float, batches=BATCHES, shapes=SHAPES, deadline: 
                   f"packed {row['packed_kernel_us']:6.1f} / {row['packed_graph_us']:6.1f} us  "
                   f"(act {row['act_quant_kernel_us']:.1f}, mm {row.get('matmul_only_kernel_us', float('nan')):.1f}; "
                   f"floor {row['floor_packed_us']:.1f})  x{row['speedup_kernel']:.2f} / x{row['speedup_graph']:.2f}  "
+                  f"codes given {row['packed_codes_graph_us']:.1f} us x{row['speedup_codes_graph']:.2f}, "
+                  f"next prefetched {row['packed_codes_ahead_graph_us']:.1f} us x{row['speedup_codes_ahead_graph']:.2f}  "
                   f"{config_label(cfg)}", flush=True)
         del p_copies, b_copies, w_bf16
         torch.cuda.empty_cache()
@@ -679,6 +740,8 @@ class Variant:
     swiglu: bool = True
     fused_gemv: str = "auto"
     attention_block: int = 0  # keys per block of the decode attention kernel (0: its default)
+    decoder_layers: bool = False  # bitconvert.layers.decoder: norms quantize, o_proj/down_proj add the residual
+    prefetch_next: bool = True  # with decoder_layers: each GEMV brings the next product's weights into L2
 
 
 OVERLAP_VARIANTS = {"packed_fused_no_overlap": Variant("off", False),
@@ -692,7 +755,10 @@ OVERLAP_VARIANTS = {"packed_fused_no_overlap": Variant("off", False),
                     "packed_fused_pdl_fused_gemv": Variant("pdl", True, fused_gemv="always"),
                     "packed_fused_fused_gemv": Variant("pdl", False, fused_gemv="always"),
                     "packed_fused_pdl_keys32": Variant("pdl", True, attention_block=32),
-                    "packed_fused_pdl_keys128": Variant("pdl", True, attention_block=128)}
+                    "packed_fused_pdl_keys128": Variant("pdl", True, attention_block=128),
+                    "packed_fused_layers": Variant("pdl", False, decoder_layers=True),
+                    "packed_fused_pdl_layers": Variant("pdl", True, decoder_layers=True),
+                    "packed_fused_pdl_layers_noprefetch": Variant("pdl", True, decoder_layers=True, prefetch_next=False)}
 # bf16 variants: the bf16 model compiled with inductor's PDL; with bitconvert's decode attention (the part of
 # a step that the two models share, made as fast for bf16 as for packed)
 BF16_VARIANTS = ("bf16_pdl", "bf16_decode_attention")
@@ -741,6 +807,19 @@ def attention_block(keys: int):
         yield
     finally:
         ta.BLOCK_KEYS = before
+
+
+@contextlib.contextmanager
+def decoder_layers(model, on: bool, prefetch_next: bool = True):
+    """On: bitconvert.layers.decoder.fuse_decoder_layers inside the block (undone after it)."""
+    from bitconvert.layers.decoder import fuse_decoder_layers, unfuse_decoder_layers
+
+    if on and not fuse_decoder_layers(model, prefetch_next=prefetch_next):
+        raise RuntimeError("fuse_decoder_layers changed no layer of this model")
+    try:
+        yield
+    finally:
+        unfuse_decoder_layers(model)
 
 
 @contextlib.contextmanager
@@ -851,6 +930,8 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
         with swiglu_epilogue(packed, False):
             apart = packed(prompt).logits.float()
         result["fused_logits_relerr_swiglu_vs_apart"] = relerr(packed(prompt).logits.float(), apart)
+        with decoder_layers(packed, True):
+            result["fused_logits_relerr_decoder_layers_vs_not"] = relerr(packed(prompt).logits.float(), got)
     if "packed_fused" in variants:
         result["packed_fused"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes, profile)
         save()
@@ -863,7 +944,7 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
         if variant in variants and (not v.prequant or "compiled" in modes):
             with (compiled_act_quant(v.prequant), launch_overlap(v.overlap, v.inductor_pdl),
                   attention(packed, v.decode_attention), swiglu_epilogue(packed, v.swiglu), fused_gemv(v.fused_gemv),
-                  attention_block(v.attention_block)):
+                  attention_block(v.attention_block), decoder_layers(packed, v.decoder_layers, v.prefetch_next)):
                 result[variant] = measure_model(packed, prompt, new_tokens, graph_tokens,
                                                 ["compiled"] if v.prequant else modes, profile)
             save()
@@ -945,14 +1026,22 @@ def markdown(data: dict) -> str:
         lines += ["## y = x · Wᵀ, W (out x in), per-output-channel scales, activation quantization included", "",
                   "Times in µs. kernel = one call after an L2 flush (do_bench median; includes the CPU launch cost "
                   "where it exceeds the flush); graph = CUDA-graph replay over rotating weight copies (GPU time); "
-                  "eager = back-to-back Python calls. Floors: bytes moved / measured copy bandwidth.", "",
+                  "eager = back-to-back Python calls. Floors: bytes moved / measured copy bandwidth. codes given = "
+                  "the packed graph row with the int8 activations handed over by the kernel before (a decoder "
+                  "layer's RMSNorm quantizes them, bitconvert.layers.decoder), so no quantizer launch of its own; "
+                  "+ next = that, each call also bringing the next call's weights into L2 (as each product of a "
+                  "decode step does for the next one).", "",
                   "| out x in | batch | bf16 kernel | packed kernel | speedup | bf16 graph | packed graph | speedup "
-                  "| packed floor | bf16 floor | packed eager | bf16 eager | tuned config |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| codes given | speedup | + next | speedup | packed floor | bf16 floor | packed eager | bf16 eager "
+                  "| tuned config |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['out']}x{r['in']} | {r['batch']} | {r['bf16_kernel_us']:.1f} | {r['packed_kernel_us']:.1f} "
                          f"| {r['speedup_kernel']:.2f}x | {r['bf16_graph_us']:.1f} | {r['packed_graph_us']:.1f} | "
-                         f"{r['speedup_graph']:.2f}x | {r['floor_packed_us']:.1f} | {r['floor_bf16_us']:.1f} | "
+                         f"{r['speedup_graph']:.2f}x | {r.get('packed_codes_graph_us', float('nan')):.1f} | "
+                         f"{r.get('speedup_codes_graph', float('nan')):.2f}x | "
+                         f"{r.get('packed_codes_ahead_graph_us', float('nan')):.1f} | "
+                         f"{r.get('speedup_codes_ahead_graph', float('nan')):.2f}x | {r['floor_packed_us']:.1f} | {r['floor_bf16_us']:.1f} | "
                          f"{r['packed_eager_us']:.1f} | {r['bf16_eager_us']:.1f} | "
                          f"{r.get('config_label', '')} |")
         lines.append("")

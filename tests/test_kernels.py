@@ -175,6 +175,35 @@ INTERPRETER_CHECK = textwrap.dedent("""
         assert got.shape == (m, n // 2), (got.shape, cfg)
         err = ((got - want).norm() / want.norm()).item()
         assert err < 1e-5, ("swiglu", m, n, k, gran, cfg, err)
+    # a residual added in the epilogue: residual + product, rounded once to the output dtype
+    residual_cases = [(1, 32, 256, "channel", 128, tt.GemvConfig(br=2, bkw=16, stages=3)),
+                      (3, 64, 512, "tensor", 128, tt.GemvConfig(br=4, bkw=16, split_k=4)),
+                      (2, 32, 128, "group", 32, tt.GemvConfig(br=2, bkw=16, fused=True)),
+                      (20, 64, 200, "channel", 128, tt.GemmConfig(bm=16, br=8, bk=32, split_k=3))]
+    for m, n, k, gran, gs, cfg in residual_cases:
+        codes, inv = ternary_quantize(torch.randn(n, k), gran, gs)
+        packed = pack_ternary(codes)
+        x = (torch.randn(m, k) * 3).half()
+        bias = torch.randn(n).half() if m % 2 else None
+        residual = torch.randn(m, n).half()
+        plain = tt.ternary_matmul(x, packed, inv, bias, tt.SCALE_MODES[gran], gs, config=cfg)
+        got = tt.ternary_matmul(x, packed, inv, bias, tt.SCALE_MODES[gran], gs, config=cfg, residual=residual)
+        assert torch.equal(got, residual + plain), ("residual", m, n, k, gran, cfg)
+    # RMSNorm and the quantizer in one kernel, against transformers' formula then quantize_for_kernels
+    from bitconvert.kernels.ternary import rms_norm_quantize_reference
+    for m, k, dtype, wdtype in [(1, 64, torch.float16, torch.float16), (5, 300, torch.float32, torch.float32),
+                                (3, 96, torch.float16, torch.float32)]:
+        x = (torch.randn(m, k) * 4).to(dtype)
+        weight = torch.randn(k).to(wdtype)
+        normed, (codes, inv, total) = tt.rms_norm_quantize(x, weight, 1e-5)
+        want = rms_norm_quantize_reference(x, weight, 1e-5)
+        assert normed.dtype == want[0].dtype
+        assert ((normed.float() - want[0].float()).abs() <= 2e-3 * want[0].float().abs() + 1e-6).all(), (m, k, dtype)
+        # the codes of the kernel's own normed row, exactly as the quantizer makes them
+        again = tt.quantize_activations(normed)
+        assert torch.equal(codes, again[0]) and torch.equal(total, again[2]), (m, k, dtype)
+        assert ((inv - again[1]).abs() <= 1e-6 * again[1]).all()
+        assert (codes.int() - want[1].int()).abs().max() <= 1
     # the tuner measures the fused GEMV against the two-launch path, unless the activations are quantized already
     tt.FUSED_GEMV = "auto"
     fresh = tt.candidate_configs(tt.Problem(3, 64, 256, 1, 128, torch.device("cpu")))
@@ -269,17 +298,30 @@ def test_overlapped_gemv_prefetches_weights_and_touches_nothing_else_before_it_w
     from bitconvert.kernels import triton_ternary as tt
 
     constants = dict(BM=1, BR=4, BKW=128, SPLIT=split, STAGES=3, CHAIN=True, SCALE_MODE=1, GW=1, GWT=1,
-                     HAS_BIAS=True, FUSED=fused, XBLOCK=256, ON_GPU=True, PDL=True, PREFETCH=True, SWIGLU=split)
+                     HAS_BIAS=True, FUSED=fused, XBLOCK=256, ON_GPU=True, PDL=True, PREFETCH=True, SWIGLU=split,
+                     RESIDUAL=not split, PREFETCH_NEXT=fused)
     types = {name: "*i32" for name in ("xw_ptr", "ww_ptr", "xsum_ptr", "ws_ptr", "cnt_ptr")}
-    types.update(xinv_ptr="*fp32", winv_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16")
+    types.update(xinv_ptr="*fp32", winv_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16", res_ptr="*bf16", next_ptr="*u8")
     if fused:
         types["xw_ptr"] = "*bf16"
     lines = _ptx_for_hopper(tt._gemv_kernel, constants, types).splitlines()
     wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
     memory_ops = ("ld.global", "st.global", "atom.", "red.")
     assert not [line for line in lines[:wait] if any(op in line for op in memory_ops)]
-    assert sum("cp.async.bulk.prefetch.L2.global" in line for line in lines[:wait]) == constants["BR"]
+    # one prefetch a weight row, and with PREFETCH_NEXT one for this program's share of the next weights
+    assert sum("cp.async.bulk.prefetch.L2.global" in line for line in lines[:wait]) == constants["BR"] + fused
     assert any("griddepcontrol.launch_dependents" in line for line in lines[wait:])
+
+
+def test_norm_quantizer_compiles_for_hopper_and_waits_before_it_reads():
+    pytest.importorskip("triton")
+    from bitconvert.kernels import triton_ternary as tt
+
+    types = dict(x_ptr="*bf16", w_ptr="*bf16", n_ptr="*bf16", q_ptr="*i8", inv_ptr="*fp32", sum_ptr="*i32", eps="fp32")
+    lines = _ptx_for_hopper(tt._rms_norm_quant_kernel, dict(BLOCK=4096, ON_GPU=True, PDL=True), types).splitlines()
+    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+    assert not [line for line in lines[:wait] if "ld.global" in line or "st.global" in line]
+    assert any("rsqrt" in line for line in lines[wait:])
 
 
 def test_launch_overlap_is_chosen_once_and_clears_the_tuned_tiles():

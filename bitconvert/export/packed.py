@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from bitconvert.kernels import triton_available
 from bitconvert.layers import BitExperts, BitLinear, PackedBitLinear, PackedExperts
 from bitconvert.quant import QuantSpec, pack_ternary, pack_weight
 from bitconvert.utils.io import atomic_write_json, sha256_file
@@ -276,7 +277,9 @@ def load_ternary(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     """Load an export (any variant, with or without Mixture-of-Depths) as ``(model, tokenizer)`` with
     packed layers (fast kernels where available). On CUDA an sdpa model's decode steps attend with
     bitconvert's decode attention (:mod:`bitconvert.layers.attention`; ``BITCONVERT_DECODE_ATTENTION=0``
-    keeps transformers' sdpa)."""
+    keeps transformers' sdpa), and on GPUs where bitconvert's kernels launch with PDL, torch.compile is
+    set to launch its kernels that way too (``triton_ternary.compile_with_pdl``; ``BITCONVERT_INDUCTOR_PDL=0``
+    leaves torch's setting alone)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest = read_manifest(path, verify=verify)
@@ -292,4 +295,8 @@ def load_ternary(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         from bitconvert.layers.attention import use_decode_attention
 
         use_decode_attention(model)
+        if triton_available():
+            from bitconvert.kernels.triton_ternary import compile_with_pdl
+
+            compile_with_pdl(model.device)
     return model, tokenizer

@@ -14,6 +14,9 @@ from bitconvert.kernels.ternary import (
     TernaryCache,
     quantize_for_kernels,
     reference_kernels,
+    rms_norm_quantize,
+    rms_norm_quantize_op,
+    rms_norm_quantize_reference,
     ternary_linear,
     ternary_linear_op,
     ternary_linear_quantized,
@@ -33,6 +36,7 @@ def onebit_linear(x, packed, input_scale, output_scale, bias=None):
 
 
 __all__ = ["CPU_CACHES", "TernaryCache", "binary_linear", "binary_linear_reference", "onebit_linear",
-           "onebit_linear_reference", "quantize_for_kernels", "reference_kernels", "swiglu_reference",
+           "onebit_linear_reference", "quantize_for_kernels", "reference_kernels", "rms_norm_quantize", "rms_norm_quantize_op",
+           "rms_norm_quantize_reference", "swiglu_reference",
            "ternary_linear", "ternary_linear_op", "ternary_linear_quantized", "ternary_linear_quantized_op",
            "ternary_linear_reference", "triton_available"]

@@ -154,10 +154,10 @@ _last_activations = _LastActivations()
 
 
 def _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, acts=None, dtype=None, swiglu=False,
-                 reuse=True):
+                 reuse=True, residual=None, prefetch=None):
     """The Triton product of ``x`` (or of its int8 codes, when ``acts`` holds their quantization; then
-    ``dtype`` is the result's), or None when no kernel covers it. ``reuse``: may share quantized
-    activations with the layer before (:class:`_LastActivations`)."""
+    ``dtype`` is the result's), plus ``residual`` if given, or None when no kernel covers it. ``reuse``: may
+    share quantized activations with the layer before (:class:`_LastActivations`)."""
     from bitconvert.kernels import triton_ternary as tt
 
     k = x.shape[-1]
@@ -177,12 +177,20 @@ def _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, acts=None,
         def keep(quantized):
             _last_activations.put(x, quantized)
 
+    res2d = None
+    if residual is not None and not separate_bias and not swiglu and residual.dtype == dtype:
+        res2d = residual.reshape(-1, residual.shape[-1])
+        if res2d.stride(-1) != 1:
+            res2d = res2d.contiguous()
     y = tt.ternary_matmul(x2d, packed, inv_scale, None if separate_bias else bias, tt.SCALE_MODES[granularity],
-                          group_size, acts=acts, keep_acts=keep, out_dtype=dtype, swiglu=swiglu)
+                          group_size, acts=acts, keep_acts=keep, out_dtype=dtype, swiglu=swiglu, residual=res2d,
+                          prefetch=prefetch if prefetch is not None and prefetch.device == x.device else None)
     if y is None:
         return None
     y = y.reshape(*x.shape[:-1], y.shape[-1])
-    return y + bias if separate_bias else y
+    if separate_bias:
+        y = y + bias
+    return residual + y if residual is not None and res2d is None else y
 
 
 class _Reference(threading.local):
@@ -220,7 +228,8 @@ def _kernel_eligible(x, packed, inv_scale, bias) -> bool:
 
 def ternary_linear(x: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None = None,
                    *, granularity: str = "tensor", group_size: int = 128,
-                   cache: TernaryCache | None = None, swiglu: bool = False, reuse: bool = True) -> torch.Tensor:
+                   cache: TernaryCache | None = None, swiglu: bool = False, reuse: bool = True,
+                   residual: torch.Tensor | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
     """``y = dequant(int8(x)) · dequant(W)ᵀ + b`` for W packed 2 bits a weight (transformers' bitnet layout).
 
     ``packed`` is uint8 ``(out / 4, in)``, ``inv_scale`` the float32 inverse scale of shape ``(1,)``,
@@ -229,17 +238,25 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tenso
     ``swiglu``: W's rows are a SwiGLU MLP's gate and up projections stacked, and the result is
     ``silu(gate) * up`` (``out / 2`` features), computed in the kernel's epilogue on CUDA. ``reuse``: on CUDA,
     a layer that gets the very tensor the layer before got reuses its quantized activations (eager mode).
+    ``residual``: return ``residual + y`` (a decoder layer's residual stream; on CUDA added in the kernel).
+    ``prefetch``: on CUDA, a tensor the next kernels read (the next product's packed weights), which a GEMV
+    brings into L2 while it runs; only speed.
     """
     if x.is_cuda and _kernel_eligible(x, packed, inv_scale, bias) and triton_available():
-        y = _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, swiglu=swiglu, reuse=reuse)
+        y = _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, swiglu=swiglu, reuse=reuse,
+                         residual=residual, prefetch=prefetch)
         if y is not None:
             return y
     elif (x.device.type == "cpu" and cache is not None and cache.cpu != "none" and packed.device == x.device
           and not _reference_only()):
         y = _cpu_linear(x, packed, inv_scale, bias, granularity, group_size, cache)
-        return swiglu_reference(y) if swiglu else y
-    return ternary_linear_reference(x, packed, inv_scale, bias, granularity=granularity, group_size=group_size,
-                                    swiglu=swiglu)
+        return _plus(residual, swiglu_reference(y) if swiglu else y)
+    return _plus(residual, ternary_linear_reference(x, packed, inv_scale, bias, granularity=granularity,
+                                                    group_size=group_size, swiglu=swiglu))
+
+
+def _plus(residual: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    return y if residual is None else residual + y
 
 
 # torch.compile sees the packed product as one opaque operator: dynamo cannot trace the dispatch above
@@ -248,14 +265,16 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tenso
 # reuse of quantized activations between layers (unsafe with inductor's reused buffers, see _LastActivations).
 @torch.library.custom_op("bitconvert::ternary_linear", mutates_args=(),
                          schema="(Tensor x, Tensor packed, Tensor inv_scale, Tensor? bias, str granularity, "
-                                "int group_size, bool swiglu=False) -> Tensor")
-def ternary_linear_op(x, packed, inv_scale, bias, granularity, group_size, swiglu=False):
+                                "int group_size, bool swiglu=False, Tensor? residual=None, Tensor? prefetch=None) "
+                                "-> Tensor")
+def ternary_linear_op(x, packed, inv_scale, bias, granularity, group_size, swiglu=False, residual=None, prefetch=None):
     return ternary_linear(x, packed, inv_scale, bias, granularity=granularity, group_size=group_size, swiglu=swiglu,
-                          reuse=False)
+                          reuse=False, residual=residual, prefetch=prefetch)
 
 
 @ternary_linear_op.register_fake
-def _ternary_linear_shape(x, packed, inv_scale, bias, granularity, group_size, swiglu=False):
+def _ternary_linear_shape(x, packed, inv_scale, bias, granularity, group_size, swiglu=False, residual=None,
+                          prefetch=None):
     return x.new_empty((*x.shape[:-1], packed.shape[0] * (2 if swiglu else 4)))
 
 
@@ -273,7 +292,8 @@ def quantize_for_kernels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 def ternary_linear_quantized(codes: torch.Tensor, x_inv: torch.Tensor, x_sum: torch.Tensor, packed: torch.Tensor,
                              inv_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
                              granularity: str = "tensor", group_size: int = 128,
-                             dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                             dtype: torch.dtype = torch.bfloat16, swiglu: bool = False,
+                             residual: torch.Tensor | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`ternary_linear` for activations quantized already (:func:`quantize_for_kernels`): the same
     result as ``ternary_linear(x, ...)`` on the ``x`` they came from, in ``dtype``."""
     k = codes.shape[-1]
@@ -281,21 +301,72 @@ def ternary_linear_quantized(codes: torch.Tensor, x_inv: torch.Tensor, x_sum: to
             and triton_available()):
         codes = codes.contiguous()
         acts = (codes.reshape(-1, k), x_inv.reshape(-1).float().contiguous(), x_sum.reshape(-1).to(torch.int32).contiguous())
-        y = _cuda_linear(codes, packed, inv_scale, bias, granularity, group_size, acts=acts, dtype=dtype)
+        y = _cuda_linear(codes, packed, inv_scale, bias, granularity, group_size, acts=acts, dtype=dtype, swiglu=swiglu,
+                         residual=residual, prefetch=prefetch)
         if y is not None:
             return y
-    return quantized_linear_reference(codes, x_inv.unsqueeze(-1).float(), unpack_ternary(packed), inv_scale, bias,
-                                      granularity=granularity, group_size=group_size, dtype=dtype)
+    y = quantized_linear_reference(codes, x_inv.unsqueeze(-1).float(), unpack_ternary(packed), inv_scale, bias,
+                                   granularity=granularity, group_size=group_size, dtype=dtype)
+    return _plus(residual, swiglu_reference(y) if swiglu else y)
 
 
 @torch.library.custom_op("bitconvert::ternary_linear_quantized", mutates_args=(),
                          schema="(Tensor codes, Tensor x_inv, Tensor x_sum, Tensor packed, Tensor inv_scale, "
-                                "Tensor? bias, str granularity, int group_size, ScalarType dtype) -> Tensor")
-def ternary_linear_quantized_op(codes, x_inv, x_sum, packed, inv_scale, bias, granularity, group_size, dtype):
+                                "Tensor? bias, str granularity, int group_size, ScalarType dtype, bool swiglu=False, "
+                                "Tensor? residual=None, Tensor? prefetch=None) -> Tensor")
+def ternary_linear_quantized_op(codes, x_inv, x_sum, packed, inv_scale, bias, granularity, group_size, dtype,
+                                swiglu=False, residual=None, prefetch=None):
     return ternary_linear_quantized(codes, x_inv, x_sum, packed, inv_scale, bias, granularity=granularity,
-                                    group_size=group_size, dtype=dtype)
+                                    group_size=group_size, dtype=dtype, swiglu=swiglu, residual=residual,
+                                    prefetch=prefetch)
 
 
 @ternary_linear_quantized_op.register_fake
-def _ternary_linear_quantized_shape(codes, x_inv, x_sum, packed, inv_scale, bias, granularity, group_size, dtype):
-    return codes.new_empty((*codes.shape[:-1], packed.shape[0] * 4), dtype=dtype)
+def _ternary_linear_quantized_shape(codes, x_inv, x_sum, packed, inv_scale, bias, granularity, group_size, dtype,
+                                    swiglu=False, residual=None, prefetch=None):
+    return codes.new_empty((*codes.shape[:-1], packed.shape[0] * (2 if swiglu else 4)), dtype=dtype)
+
+
+def rms_norm_quantize_reference(x: torch.Tensor, weight: torch.Tensor,
+                                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """transformers' RMSNorm (``weight * (x * rsqrt(mean(x²) + eps))``, statistics in float32, the
+    normalised ``x`` rounded to its dtype first) and :func:`quantize_for_kernels` of the result."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    normed = weight * h.to(x.dtype)
+    return (normed, *quantize_for_kernels(normed))
+
+
+def rms_norm_quantize(x: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An RMSNorm and the int8 activations of its output for the packed products that read it, in one kernel
+    on CUDA: ``(normed, codes, 127 / absmax, Σ codes)``, as :func:`rms_norm_quantize_reference` computes them
+    (on CUDA up to float32 rounding in the statistics)."""
+    if (x.is_cuda and x.dtype in _KERNEL_DTYPES and weight.device == x.device and weight.dtype in _KERNEL_DTYPES
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not _reference_only() and triton_available()):
+        from bitconvert.kernels import triton_ternary as tt
+
+        k = x.shape[-1]
+        x2d = x.reshape(-1, k)
+        if x2d.stride(-1) != 1:
+            x2d = x2d.contiguous()
+        out = tt.rms_norm_quantize(x2d, weight, eps)
+        if out is not None:
+            normed, (codes, inv, total) = out
+            lead = x.shape[:-1]
+            return normed.reshape(*lead, k), codes.reshape(*lead, k), inv.reshape(lead), total.reshape(lead)
+    return rms_norm_quantize_reference(x, weight, eps)
+
+
+@torch.library.custom_op("bitconvert::rms_norm_quantize", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor, Tensor, Tensor)")
+def rms_norm_quantize_op(x, weight, eps):
+    return rms_norm_quantize(x, weight, eps)
+
+
+@rms_norm_quantize_op.register_fake
+def _rms_norm_quantize_shape(x, weight, eps):
+    lead = x.shape[:-1]
+    return (x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype)), x.new_empty(x.shape, dtype=torch.int8),
+            x.new_empty(lead, dtype=torch.float32), x.new_empty(lead, dtype=torch.int32))

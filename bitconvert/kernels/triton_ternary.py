@@ -189,6 +189,18 @@ def _prefetch_rows_l2(ww_ptr, first_row, R, KW, kw_lo, kw_hi, BR: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_share_l2(ptr, nbytes, program, programs):
+    """Start moving this program's share of ``nbytes`` bytes at ``ptr`` (a byte pointer; both multiples of
+    16) into L2: the programs of one launch together prefetch all of it, one instruction each."""
+    share = tl.cdiv(tl.cdiv(nbytes, programs), 16) * 16
+    lo = program * share
+    size = tl.minimum(share, nbytes - lo)
+    if size > 0:
+        tl.inline_asm_elementwise(_PREFETCH_L2_ASM, "=r,l,r", [ptr + lo.to(tl.int64), size.to(tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _wait_for_previous_kernel(PDL: tl.constexpr):
     """With programmatic dependent launch: wait until the kernel before has finished and its writes are
     visible, then let the next kernel launch, which waits for this one in turn. Never the other way
@@ -236,6 +248,37 @@ def _act_quant_kernel(x_ptr, q_ptr, inv_ptr, sum_ptr, K, stride_x, BLOCK: tl.con
 
 
 @triton.jit
+def _rms_norm_quant_kernel(x_ptr, w_ptr, n_ptr, q_ptr, inv_ptr, sum_ptr, K, stride_x, eps,
+                           BLOCK: tl.constexpr, ON_GPU: tl.constexpr, PDL: tl.constexpr):
+    """One token: transformers' RMSNorm of x (float32 statistics, the normalised row rounded to x's dtype,
+    then times the weight in the weight's and x's common dtype, which is ``n``'s), and BitNet's int8 codes
+    of that row as ``_act_quant_kernel`` computes them. The whole row is in registers (K <= BLOCK)."""
+    _wait_for_previous_kernel(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    v = x.to(tl.float32)
+    mean_square = tl.zeros([BLOCK], tl.float32) + tl.sum(v * v, axis=0) / K
+    if ON_GPU:
+        r = tl.extra.cuda.libdevice.rsqrt(mean_square + eps)
+    else:
+        r = 1.0 / tl.sqrt(mean_square + eps)
+    h = (v * r).to(x.dtype)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    out_ty: tl.constexpr = n_ptr.dtype.element_ty
+    n = (w.to(tl.float32) * h.to(tl.float32)).to(out_ty)
+    tl.store(n_ptr + row * K + offs, n, mask=mask)
+    nf = n.to(tl.float32)
+    inv = _inv_scale(tl.zeros([BLOCK], tl.float32) + tl.max(tl.abs(nf), axis=0), ON_GPU)
+    q = _quantize(nf, inv, ON_GPU)
+    tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=mask)
+    first = offs < 1
+    tl.store(inv_ptr + row + offs, inv, mask=first)
+    tl.store(sum_ptr + row + offs, tl.zeros([BLOCK], tl.int32) + tl.sum(q.to(tl.int32), axis=0), mask=first)
+
+
+@triton.jit
 def _scaled(acc, offs_n, n_mask, xinv, xsum, winv_ptr, bias_ptr, out_ty: tl.constexpr,
             SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ON_GPU: tl.constexpr):
     """Turn exact sums of ``codes_x · (codes_w + 1)`` into outputs of type ``out_ty``: subtract Σ codes_x,
@@ -280,12 +323,23 @@ def _store(y, offs_m, offs_n, n_mask, M, y_ptr, stride_ym):
 
 
 @triton.jit
+def _plus_residual(y, offs_m, offs_n, n_mask, M, res_ptr, stride_rm):
+    """``residual + y`` rounded once to y's dtype, as torch adds two tensors of that dtype."""
+    ptrs = res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :]
+    r = tl.load(ptrs, mask=(offs_m < M)[:, None] & n_mask[None, :], other=0.0)
+    return (r.to(tl.float32) + y.to(tl.float32)).to(y.dtype)
+
+
+@triton.jit
 def _write(acc0, acc1, acc2, acc3, offs_m, offs_r, r_mask, M, R, xinv, xsum, winv_ptr, bias_ptr, y_ptr, stride_ym,
-           SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ON_GPU: tl.constexpr):
+           res_ptr, stride_rm, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
+           RESIDUAL: tl.constexpr, ON_GPU: tl.constexpr):
     """Scale the four row blocks ``b * R + offs_r`` and store them, or with SWIGLU store ``silu(gate) * up``.
 
     SWIGLU: the rows are gate then up, stacked (N = 2I); ``I = 2R``, so blocks 0 and 2 hold gate and up of
-    the same features, as do blocks 1 and 3, and ``y`` (M, I) receives ``I`` columns.
+    the same features, as do blocks 1 and 3, and ``y`` (M, I) receives ``I`` columns. RESIDUAL (not with
+    SWIGLU): store ``residual + y`` instead, ``residual`` (M, N) rows ``stride_rm`` apart, as a decoder
+    layer adds a projection's output to its residual stream.
     """
     out_ty: tl.constexpr = y_ptr.dtype.element_ty
     y0 = _scaled(acc0, offs_r, r_mask, xinv, xsum, winv_ptr, bias_ptr, out_ty, SCALE_MODE, HAS_BIAS, ON_GPU)
@@ -296,6 +350,11 @@ def _write(acc0, acc1, acc2, acc3, offs_m, offs_r, r_mask, M, R, xinv, xsum, win
         _store(_silu_times(y0, y2, ON_GPU), offs_m, offs_r, r_mask, M, y_ptr, stride_ym)
         _store(_silu_times(y1, y3, ON_GPU), offs_m, offs_r + R, r_mask, M, y_ptr, stride_ym)
     else:
+        if RESIDUAL:
+            y0 = _plus_residual(y0, offs_m, offs_r, r_mask, M, res_ptr, stride_rm)
+            y1 = _plus_residual(y1, offs_m, offs_r + R, r_mask, M, res_ptr, stride_rm)
+            y2 = _plus_residual(y2, offs_m, offs_r + 2 * R, r_mask, M, res_ptr, stride_rm)
+            y3 = _plus_residual(y3, offs_m, offs_r + 3 * R, r_mask, M, res_ptr, stride_rm)
         _store(y0, offs_m, offs_r, r_mask, M, y_ptr, stride_ym)
         _store(y1, offs_m, offs_r + R, r_mask, M, y_ptr, stride_ym)
         _store(y2, offs_m, offs_r + 2 * R, r_mask, M, y_ptr, stride_ym)
@@ -304,9 +363,9 @@ def _write(acc0, acc1, acc2, acc3, offs_m, offs_r, r_mask, M, R, xinv, xsum, win
 
 @triton.jit
 def _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, tile, xinv, xsum, winv_ptr, bias_ptr, y_ptr,
-            stride_ym,
+            stride_ym, res_ptr, stride_rm,
             ws_ptr, cnt_ptr, split_k, SPLIT: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-            SWIGLU: tl.constexpr, ON_GPU: tl.constexpr):
+            SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, ON_GPU: tl.constexpr):
     """Write the four output row blocks ``b * R + offs_r`` whose sums are ``acc0..acc3`` (see ``_write``).
 
     With split-K, add them into the workspace instead; the program that arrives last finishes.
@@ -314,7 +373,7 @@ def _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, tile, xinv, xsum, w
     r_mask = offs_r < R
     if not SPLIT:
         _write(acc0, acc1, acc2, acc3, offs_m, offs_r, r_mask, M, R, xinv, xsum, winv_ptr, bias_ptr, y_ptr,
-               stride_ym, SCALE_MODE, HAS_BIAS, SWIGLU, ON_GPU)
+               stride_ym, res_ptr, stride_rm, SCALE_MODE, HAS_BIAS, SWIGLU, RESIDUAL, ON_GPU)
     else:
         mask = (offs_m < M)[:, None] & r_mask[None, :]
         ws = ws_ptr + offs_m[:, None] * N + offs_r[None, :]
@@ -332,7 +391,7 @@ def _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, tile, xinv, xsum, w
             total2 = tl.atomic_xchg(ws + 2 * R, zero, mask=mask, sem="relaxed")
             total3 = tl.atomic_xchg(ws + 3 * R, zero, mask=mask, sem="relaxed")
             _write(total0, total1, total2, total3, offs_m, offs_r, r_mask, M, R, xinv, xsum, winv_ptr, bias_ptr,
-                   y_ptr, stride_ym, SCALE_MODE, HAS_BIAS, SWIGLU, ON_GPU)
+                   y_ptr, stride_ym, res_ptr, stride_rm, SCALE_MODE, HAS_BIAS, SWIGLU, RESIDUAL, ON_GPU)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
 
 
@@ -375,12 +434,13 @@ def _gemv_group_part(prod, xs, kw0, offs_n, r_mask, winv_ptr, n_groups, SHIFT: t
 
 
 @triton.jit
-def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-                 M, N, R, KW, stride_x, stride_ym, n_groups, split_k,
+def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, res_ptr, next_ptr, ws_ptr, cnt_ptr,
+                 M, N, R, KW, stride_x, stride_ym, stride_rm, next_bytes, n_groups, split_k,
                  BM: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr,
                  CHAIN: tl.constexpr, SCALE_MODE: tl.constexpr, GW: tl.constexpr, GWT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, FUSED: tl.constexpr, XBLOCK: tl.constexpr, ON_GPU: tl.constexpr,
-                 PDL: tl.constexpr, PREFETCH: tl.constexpr, SWIGLU: tl.constexpr):
+                 PDL: tl.constexpr, PREFETCH: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                 PREFETCH_NEXT: tl.constexpr):
     """A few tokens: ``xw`` int32 (M, K/4) activation codes, ``ww`` int32 (R, K/4) packed weights.
 
     FUSED: ``xw`` is the activations themselves (M, K), rows ``stride_x`` apart, and ``xinv``/``xsum``
@@ -395,7 +455,9 @@ def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, 
     GWT = min(GW, BKW) the part of a group that one tile holds.
 
     PREFETCH and PDL: see :class:`LaunchOverlap`. Nothing that the kernel before may write (activations,
-    the output, the split-K workspace) is touched before ``_wait_for_previous_kernel``.
+    the output, the split-K workspace) is touched before ``_wait_for_previous_kernel``. PREFETCH_NEXT: the
+    programs also start moving the ``next_bytes`` bytes at ``next_ptr`` (the next product's weights) into L2,
+    so that those are on chip when that product runs.
     """
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -406,6 +468,9 @@ def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, 
     kw_hi = tl.minimum(kw_lo + per_split * BKW, KW)
     if PREFETCH:
         _prefetch_rows_l2(ww_ptr, pid_r * BR, R, KW, kw_lo, kw_hi, BR)
+    if PREFETCH_NEXT:
+        _prefetch_share_l2(next_ptr, next_bytes, (pid_m * split_k + pid_k) * tl.num_programs(0) + pid_r,
+                           tl.num_programs(0) * split_k * tl.num_programs(2))
     _wait_for_previous_kernel(PDL)
 
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -482,17 +547,17 @@ def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, 
             acc3 -= xsum[:, None]
             xsum = tl.zeros_like(xsum)
     _finish(acc0, acc1, acc2, acc3, offs_m, offs_r, M, N, R, pid_m * tl.num_programs(0) + pid_r, xinv,
-            xsum, winv_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, split_k, SPLIT, SCALE_MODE, HAS_BIAS,
-            SWIGLU, ON_GPU)
+            xsum, winv_ptr, bias_ptr, y_ptr, stride_ym, res_ptr, stride_rm, ws_ptr, cnt_ptr, split_k, SPLIT,
+            SCALE_MODE, HAS_BIAS, SWIGLU, RESIDUAL, ON_GPU)
 
 
 @triton.jit
-def _gemm_kernel(xq_ptr, xinv_ptr, xsum_ptr, w_ptr, winv_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-                 M, N, R, K, stride_ym, n_groups,
+def _gemm_kernel(xq_ptr, xinv_ptr, xsum_ptr, w_ptr, winv_ptr, bias_ptr, y_ptr, res_ptr, ws_ptr, cnt_ptr,
+                 M, N, R, K, stride_ym, stride_rm, n_groups,
                  BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
                  GROUP_M: tl.constexpr, SCALE_MODE: tl.constexpr, GS: tl.constexpr,
                  HAS_BIAS: tl.constexpr, ON_GPU: tl.constexpr, PDL: tl.constexpr,
-                 SWIGLU: tl.constexpr):
+                 SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
     """Many tokens: ``xq`` int8 (M, K) activation codes, ``w`` uint8 (R, K) packed weights.
 
     In group mode GS (the group size) is a multiple of BK and partial sums are scaled per group.
@@ -565,7 +630,8 @@ def _gemm_kernel(xq_ptr, xinv_ptr, xsum_ptr, w_ptr, winv_ptr, bias_ptr, y_ptr, w
             out2 = tl.dot(a, _unpack_bytes(p, 4, ON_GPU), out2, out_dtype=tl.int32)
             out3 = tl.dot(a, _unpack_bytes(p, 6, ON_GPU), out3, out_dtype=tl.int32)
     _finish(out0, out1, out2, out3, offs_m, offs_r, M, N, R, pid, row_inv, row_sum, winv_ptr, bias_ptr, y_ptr,
-            stride_ym, ws_ptr, cnt_ptr, SPLIT_K, SPLIT_K > 1, SCALE_MODE, HAS_BIAS, SWIGLU, ON_GPU)
+            stride_ym, res_ptr, stride_rm, ws_ptr, cnt_ptr, SPLIT_K, SPLIT_K > 1, SCALE_MODE, HAS_BIAS, SWIGLU,
+            RESIDUAL, ON_GPU)
 
 
 @triton.jit
@@ -768,6 +834,25 @@ def _overlap_on(device: torch.device) -> LaunchOverlap:
     return _overlap
 
 
+def compile_with_pdl(device: torch.device) -> bool:
+    """Have torch.compile launch its own kernels with PDL too (``torch._inductor.config.triton.enable_pdl``),
+    where bitconvert's kernels use it on ``device``; returns whether that setting is on now.
+
+    A chain of PDL launches overlaps only where both neighbours take part: with inductor's norms, rotary
+    embedding and residual adds launched plainly, each of them waits for the whole kernel before it to
+    drain. On an H200 this took the compiled 2.4B decode from 2.03x to 2.25-2.29x bf16 (docs/kernels.md).
+    The setting is process-wide and only speed (the same kernels, the same results); bf16 models compiled
+    with it were as fast as without. ``BITCONVERT_INDUCTOR_PDL=0`` leaves it as it is.
+    """
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        return False
+    if os.environ.get("BITCONVERT_INDUCTOR_PDL", "1") != "0" and _overlap_on(device).pdl:
+        inductor_config.triton.enable_pdl = True
+    return bool(inductor_config.triton.enable_pdl)
+
+
 def _prefetch_fits(p: Problem) -> bool:
     """A weight of more than half the L2 evicts its own first lines before the GEMV reads them (the one
     shape that large, 28672x8192, was 8% slower with the overlap on an H200; unmeasured without it)."""
@@ -780,9 +865,12 @@ def _pdl_meta(pdl: bool) -> dict:
 
 @functools.lru_cache(maxsize=4096)
 def _launch_params(cfg: GemvConfig | GemmConfig, p: Problem, has_bias: bool,
-                   aligned: bool = True) -> tuple[tuple, int, dict]:
+                   aligned: bool = True, has_residual: bool = False,
+                   prefetch_next: bool = False) -> tuple[tuple, int, dict]:
     """Grid, number of scale groups and compile-time arguments of one configuration on one problem
-    (``aligned``: the packed weight starts on 16 bytes, as the L2 prefetch needs)."""
+    (``aligned``: the packed weight starts on 16 bytes, as the L2 prefetch needs; ``has_residual``: the
+    result is added to a residual in the epilogue; ``prefetch_next``: the caller names the next product's
+    weights, aligned as the prefetch needs)."""
     overlap = _overlap_on(p.device)
     n_groups = p.k // p.group_size if p.mode == 2 else 1
     if cfg.kind == "gemv":
@@ -794,13 +882,14 @@ def _launch_params(cfg: GemvConfig | GemmConfig, p: Problem, has_bias: bool,
                     GWT=min(gw, cfg.bkw), HAS_BIAS=has_bias, FUSED=cfg.fused,
                     XBLOCK=_absmax_block(p.k, bm, cfg.num_warps) if cfg.fused else 1, ON_GPU=not INTERPRET,
                     PREFETCH=overlap.prefetch and aligned and p.k % 16 == 0 and _prefetch_fits(p),
-                    SWIGLU=p.swiglu, num_warps=cfg.num_warps,
-                    **_pdl_meta(overlap.pdl))
+                    SWIGLU=p.swiglu, RESIDUAL=has_residual, PREFETCH_NEXT=prefetch_next and overlap.prefetch,
+                    num_warps=cfg.num_warps, **_pdl_meta(overlap.pdl))
     else:
         grid = (triton.cdiv(p.m, cfg.bm) * triton.cdiv(p.rows, cfg.br), cfg.split_k)
         meta = dict(BM=cfg.bm, BR=cfg.br, BK=min(cfg.bk, p.group_size) if p.mode == 2 else cfg.bk,
                     SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m, SCALE_MODE=p.mode,
-                    GS=p.group_size if p.mode == 2 else 1, HAS_BIAS=has_bias, SWIGLU=p.swiglu, ON_GPU=not INTERPRET,
+                    GS=p.group_size if p.mode == 2 else 1, HAS_BIAS=has_bias, SWIGLU=p.swiglu,
+                    RESIDUAL=has_residual, ON_GPU=not INTERPRET,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                     **_pdl_meta(overlap.pdl and p.m <= GEMM_PDL_MAX_M))
     return grid, n_groups, meta
@@ -844,29 +933,60 @@ def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return codes, inv, total
 
 
+RMS_NORM_MAX_K = 16384  # the norm kernel holds a whole row in registers
+
+
+def rms_norm_quantize(x2d: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+    """transformers' RMSNorm of each row of ``x2d`` (rows contiguous) and its activations for the packed
+    products (codes, ``127 / absmax``, Σ codes), from one kernel; None where it does not apply."""
+    m, k = x2d.shape
+    if k > RMS_NORM_MAX_K or weight.shape != (k,) or not weight.is_contiguous():
+        return None
+    normed = torch.empty((m, k), dtype=torch.promote_types(weight.dtype, x2d.dtype), device=x2d.device)
+    codes = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
+    inv = torch.empty((m,), dtype=torch.float32, device=x2d.device)
+    total = torch.empty((m,), dtype=torch.int32, device=x2d.device)
+    if m:
+        block = max(128, _next_pow2(k))
+        _rms_norm_quant_kernel[(m,)](x2d, weight, normed, codes, inv, total, k, x2d.stride(0), float(eps),
+                                     BLOCK=block, ON_GPU=not INTERPRET, num_warps=min(16, max(4, block // 512)),
+                                     **_pdl_meta(_overlap_on(x2d.device).pdl))
+    return normed, (codes, inv, total)
+
+
 def launch(cfg: GemvConfig | GemmConfig, p: Problem, x2d: torch.Tensor,
            acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, packed: torch.Tensor,
-           inv_scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
-    """Run one configuration: ``y`` (M, N) receives the result. The fused GEMV reads ``x2d`` itself; the
-    others read ``acts = quantize_activations(x2d)`` (codes, inverse scales, sums)."""
+           inv_scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+           residual: torch.Tensor | None = None, prefetch: torch.Tensor | None = None) -> None:
+    """Run one configuration: ``y`` (M, N) receives the result, plus ``residual`` (M, N) when given. The fused
+    GEMV reads ``x2d`` itself; the others read ``acts = quantize_activations(x2d)`` (codes, inverse scales, sums).
+    ``prefetch``: a tensor that the next kernels will read (the next product's packed weights), which a GEMV
+    brings into L2 while it runs."""
     scratch = _workspace(y.device) if cfg.split_k > 1 else None
     if cfg.split_k > 1 and scratch is None:  # first split-K call inside a graph capture: split 1 is always right
         cfg = dataclasses.replace(cfg, split_k=1)
-    grid, n_groups, meta = _launch_params(cfg, p, bias is not None, packed.data_ptr() % 16 == 0)
+    ahead = (prefetch is not None and cfg.kind == "gemv" and prefetch.is_contiguous() and prefetch.data_ptr() % 16 == 0
+             and (prefetch.numel() * prefetch.element_size()) % 16 == 0)
+    grid, n_groups, meta = _launch_params(cfg, p, bias is not None, packed.data_ptr() % 16 == 0, residual is not None,
+                                          ahead)
     ws, counters = scratch or (y, y)  # y: a pointer never touched
     bias_arg = y if bias is None else bias
+    res_arg, res_stride = (y, 0) if residual is None else (residual, residual.stride(0))
+    next_arg, next_bytes = (prefetch.view(torch.uint8), prefetch.numel() * prefetch.element_size()) if ahead else (packed, 0)
     if cfg.fused:
-        _gemv_kernel[grid](x2d, y, y, packed.view(torch.int32), inv_scale, bias_arg, y, ws, counters,
-                           p.m, p.n, p.rows, p.k // 4, x2d.stride(0), y.stride(0), n_groups, cfg.split_k, **meta)
+        _gemv_kernel[grid](x2d, y, y, packed.view(torch.int32), inv_scale, bias_arg, y, res_arg, next_arg, ws, counters,
+                           p.m, p.n, p.rows, p.k // 4, x2d.stride(0), y.stride(0), res_stride, next_bytes, n_groups,
+                           cfg.split_k, **meta)
         return
     codes, x_inv, x_sum = acts
     if cfg.kind == "gemv":
         _gemv_kernel[grid](codes.view(torch.int32), x_inv, x_sum, packed.view(torch.int32), inv_scale, bias_arg, y,
-                           ws, counters, p.m, p.n, p.rows, p.k // 4, p.k // 4, y.stride(0), n_groups, cfg.split_k,
-                           **meta)
+                           res_arg, next_arg, ws, counters, p.m, p.n, p.rows, p.k // 4, p.k // 4, y.stride(0),
+                           res_stride, next_bytes, n_groups, cfg.split_k, **meta)
     else:
-        _gemm_kernel[grid](codes, x_inv, x_sum, packed, inv_scale, bias_arg, y, ws, counters,
-                           p.m, p.n, p.rows, p.k, y.stride(0), n_groups, **meta)
+        _gemm_kernel[grid](codes, x_inv, x_sum, packed, inv_scale, bias_arg, y, res_arg, ws, counters,
+                           p.m, p.n, p.rows, p.k, y.stride(0), res_stride, n_groups, **meta)
 
 
 # --------------------------------------------------------------------------- tuning
@@ -950,9 +1070,12 @@ def graph_time_us(calls: list) -> float:
 def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None,
                    mode: int, group_size: int, config: GemvConfig | GemmConfig | None = None,
                    acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                   keep_acts=None, out_dtype: torch.dtype | None = None, swiglu: bool = False) -> torch.Tensor | None:
+                   keep_acts=None, out_dtype: torch.dtype | None = None, swiglu: bool = False,
+                   residual: torch.Tensor | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor | None:
     """``(M, K) -> (M, N)`` on the GPU; ``None`` when no kernel covers this case (the caller falls back).
     ``swiglu``: the rows are gate and up stacked, and the result ``silu(gate) * up`` is ``(M, N / 2)``.
+    ``residual`` (M, N) of the result's dtype, rows contiguous: the result is ``residual + x · Wᵀ``.
+    ``prefetch``: see :func:`launch` (only speed: not used while tuning, which rotates weight copies).
 
     ``acts`` are ``quantize_activations(x2d)`` when the caller already has them (then ``x2d`` may be the
     codes themselves and ``out_dtype`` says the result's dtype). Without them the fused GEMV (one
@@ -974,7 +1097,7 @@ def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Ten
 
         def call(w, w_inv):  # quantize-then-multiply pays for its quantizer on every call, as in use
             launch(cfg, p, x2d, acts if acts is not None or cfg.fused else quantize_activations(x2d), w, w_inv,
-                   bias, y)
+                   bias, y, residual)
 
         return graph_time_us([functools.partial(call, w, w_inv) for w, w_inv in rotation])
 
@@ -986,5 +1109,5 @@ def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Ten
         acts = quantize_activations(x2d)
         if keep_acts is not None:
             keep_acts(acts)
-    launch(cfg, p, x2d, acts, packed, inv_scale, bias, y)
+    launch(cfg, p, x2d, acts, packed, inv_scale, bias, y, residual, prefetch)
     return y

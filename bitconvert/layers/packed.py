@@ -14,6 +14,7 @@ from bitconvert.kernels import (
     swiglu_reference,
     ternary_linear,
     ternary_linear_op,
+    ternary_linear_quantized,
     ternary_linear_quantized_op,
 )
 from bitconvert.layers.bitlinear import RMSNorm
@@ -78,35 +79,63 @@ class PackedBitLinear(nn.Module):
         self.rms_norm = RMSNorm(in_features, spec.rms_norm_eps, device=device, dtype=dtype) if use_rms_norm else None
         # Not state: what the kernels may keep between calls (the unpacked weight on CPU).
         self.kernel_cache = TernaryCache()
+        # Handed over for the next call only (bitconvert.layers.decoder): the int8 activations of its input,
+        # quantized by the norm that made it, and a residual to add to its output.
+        self._given: tuple | None = None
+        self._residual: torch.Tensor | None = None
+        # The next product's packed weights, which this one's GEMV brings into L2 on CUDA (only speed).
+        self.prefetch_next: torch.Tensor | None = None
 
-    def _packed_forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+    def give_activations(self, x: torch.Tensor, acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """The next call, if its input is ``x`` itself, multiplies ``acts`` (:func:`quantize_for_kernels` of ``x``)
+        instead of quantizing ``x`` again."""
+        self._given = (x, acts)
+
+    def add_residual(self, residual: torch.Tensor) -> None:
+        """The next call returns ``residual + output`` (added in the kernel's epilogue where it can be)."""
+        self._residual = residual
+
+    def _packed_forward(self, x: torch.Tensor, swiglu: bool = False, acts=None,
+                        residual: torch.Tensor | None = None) -> torch.Tensor:
         variant, granularity, group = self.spec.variant, self.spec.weight_scale, self.spec.group_size
         if variant == "b1.58":
+            if acts is not None:
+                return ternary_linear_quantized(*acts, self.weight, self.weight_scale, self.bias,
+                                                granularity=granularity, group_size=group, dtype=x.dtype,
+                                                swiglu=swiglu, residual=residual, prefetch=self.prefetch_next)
             return ternary_linear(x, self.weight, self.weight_scale, self.bias, granularity=granularity,
-                                  group_size=group, cache=self.kernel_cache, swiglu=swiglu)
+                                  group_size=group, cache=self.kernel_cache, swiglu=swiglu, residual=residual,
+                                  prefetch=self.prefetch_next)
         if variant == "onebit":
             y = onebit_linear(x, self.weight, self.input_scale, self.output_scale, self.bias)
         else:
             y = binary_linear(x, self.weight, self.weight_scale, self.bias, granularity=granularity, group_size=group)
-        return swiglu_reference(y) if swiglu else y
+        y = swiglu_reference(y) if swiglu else y
+        return y if residual is None else residual + y
 
     def forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
         """``x · Wᵀ + b``; with ``swiglu`` (W's rows a SwiGLU MLP's gate and up projections, stacked)
         ``silu(gate) * up`` of it, out_features / 2 of them, computed by the product's own kernel."""
+        given, residual = self._given, self._residual
+        if given is not None or residual is not None:
+            self._given = self._residual = None
+        acts = given[1] if given is not None and given[0] is x and self.rms_norm is None else None
         if self.rms_norm is not None:
             x = self.rms_norm(x)
         if torch.is_grad_enabled() and x.requires_grad:
             y = _PackedProduct.apply(x, self)
-            return swiglu_reference(y) if swiglu else y
+            y = swiglu_reference(y) if swiglu else y
+            return y if residual is None else residual + y
         if torch.compiler.is_compiling() and self.spec.variant == "b1.58":
-            if COMPILED_ACT_QUANT:  # the quantizer as torch ops, for inductor to fuse with what made x
-                codes, x_inv, x_sum = quantize_for_kernels(x)
-                y = ternary_linear_quantized_op(codes, x_inv, x_sum, self.weight, self.weight_scale, self.bias,
-                                                self.spec.weight_scale, self.spec.group_size, x.dtype)
-                return swiglu_reference(y) if swiglu else y
+            if acts is None and COMPILED_ACT_QUANT:  # the quantizer as torch ops, for inductor to fuse with what made x
+                acts = quantize_for_kernels(x)
+            if acts is not None:
+                return ternary_linear_quantized_op(*acts, self.weight, self.weight_scale, self.bias,
+                                                   self.spec.weight_scale, self.spec.group_size, x.dtype, swiglu,
+                                                   residual, self.prefetch_next)
             return ternary_linear_op(x, self.weight, self.weight_scale, self.bias, self.spec.weight_scale,
-                                     self.spec.group_size, swiglu)
-        return self._packed_forward(x, swiglu)
+                                     self.spec.group_size, swiglu, residual, self.prefetch_next)
+        return self._packed_forward(x, swiglu, acts, residual)
 
     @torch.no_grad()
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
