@@ -51,6 +51,21 @@ def test_head_losses_match_full_logits_in_float64(temperature, kl_weight, ce_wei
         torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-12)
 
 
+def test_compiled_chunk_arithmetic_matches_eager():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g, requires_grad=True)
+    teacher = {"teacher_hidden": torch.randn(2, 9, 16, generator=g), "teacher_weight": torch.randn(40, 16, generator=g)}
+    ids = torch.randint(0, 40, (2, 9), generator=g)
+    results = []
+    for compiled in (False, True):
+        loss, kl, ce = head_losses(hidden, weight, ids, temperature=1.5, kl_weight=1.0, ce_weight=0.5, chunk_tokens=8,
+                                   compiled=compiled, **teacher)
+        results.append((loss, kl, ce, *torch.autograd.grad(loss, (hidden, weight))))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
 def test_head_losses_without_grad_keeps_nothing():
     hidden, weight = torch.randn(2, 5, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
     ids = torch.randint(0, 30, (2, 5))

@@ -37,6 +37,55 @@ def default_chunk_tokens(vocab_size: int) -> int:
     return max(64, CHUNK_ELEMENTS // max(vocab_size, 1))
 
 
+def chunk_terms(z: torch.Tensor, zt: torch.Tensor | None, targets: torch.Tensor, valid: torch.Tensor,
+                temperature: float, kl_coef: float, ce_coef: torch.Tensor, ce_on: bool, want_grad: bool,
+                grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One chunk's ``(sum of KL terms, sum of CE terms, d loss / d logits)`` from its student logits ``z``
+    (C, V) and teacher logits ``zt`` (None: no KL), both in the statistics dtype.
+
+    ``targets`` and ``valid`` are (C, 1); ``kl_coef`` and ``ce_coef`` scale the two gradients (weight over
+    row count, and T for the KL). Pure, so that it can be compiled into a few fused kernels.
+    """
+    distill = zt is not None
+    ce_sum = kl_sum = z.new_zeros(())
+    log_p = torch.log_softmax(z, dim=-1) if ce_on or (distill and temperature == 1) else None
+    if ce_on:
+        ce_sum = -(log_p.gather(1, targets) * valid).sum()
+    if distill:
+        log_ps = log_p if temperature == 1 else torch.log_softmax(z / temperature, dim=-1)
+        log_pt = torch.log_softmax(zt / temperature if temperature != 1 else zt, dim=-1)
+        p_t = log_pt.exp()
+        kl_sum = log_pt.sub_(log_ps).mul_(p_t).sum()  # sum of p_t * (log p_t - log p_s)
+        del log_pt
+    if not want_grad:
+        return kl_sum, ce_sum, None
+    if distill:
+        dz = log_ps.exp_()  # softmax(z / T); when T == 1 this is log_p's buffer, now softmax(z)
+        if ce_on and temperature == 1:
+            dz.mul_(kl_coef + ce_coef * valid)
+        else:
+            dz.mul_(kl_coef)
+            if ce_on:
+                dz.add_(log_p.exp_().mul_(ce_coef * valid))
+        dz.sub_(p_t.mul_(kl_coef))
+    else:
+        dz = log_p.exp_().mul_(ce_coef * valid)
+    if ce_on:  # minus the one-hot of the target, in rows that have one
+        dz.scatter_add_(1, targets, (-ce_coef * valid).to(dz.dtype))
+    return kl_sum, ce_sum, dz.to(grad_dtype)
+
+
+_compiled_chunk_terms = None
+
+
+def compiled_chunk_terms():
+    """:func:`chunk_terms` torch.compiled (static shapes: a full chunk and the last one), made once."""
+    global _compiled_chunk_terms
+    if _compiled_chunk_terms is None:
+        _compiled_chunk_terms = torch.compile(chunk_terms, dynamic=False)
+    return _compiled_chunk_terms
+
+
 class _HeadDistillation(torch.autograd.Function):
     """``kl_weight * KL(teacher || student) * T² + ce_weight * CE`` from the student's final hidden states.
 
@@ -49,10 +98,11 @@ class _HeadDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, teacher_logits, targets, temperature: float,
                 kl_weight: float, ce_weight: float, chunk_tokens: int, dtype: torch.dtype, teacher_dtype: torch.dtype,
-                want_grad: bool):
+                want_grad: bool, compiled: bool):
         rows = hidden.shape[0]
         math_dtype = torch.promote_types(dtype, torch.float32)  # softmax statistics: float32, or float64 in tests
         distill = kl_weight > 0
+        terms = compiled_chunk_terms() if compiled else chunk_terms
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             wt = teacher_weight.to(teacher_dtype) if distill and teacher_logits is None else None
@@ -69,42 +119,20 @@ class _HeadDistillation(torch.autograd.Function):
                 end = min(start + chunk_tokens, rows)
                 h = hidden[start:end].to(dtype)
                 z = (h @ w.t()).to(math_dtype)  # this chunk's logits (C, V)
-                tgt, ok = targets[start:end].clamp(min=0).unsqueeze(1), valid[start:end].unsqueeze(1)
-                log_p = torch.log_softmax(z, dim=-1) if ce_weight > 0 or (distill and temperature == 1) else None
-                if ce_weight > 0:
-                    ce_sum -= (log_p.gather(1, tgt) * ok).sum()
-                if distill:
-                    log_ps = log_p if temperature == 1 else torch.log_softmax(z / temperature, dim=-1)
-                    if teacher_logits is not None:
-                        zt = teacher_logits[start:end].to(math_dtype)
-                    else:
-                        zt = (teacher_hidden[start:end].to(teacher_dtype) @ wt.t()).to(math_dtype)
-                    log_pt = torch.log_softmax(zt / temperature if temperature != 1 else zt, dim=-1)
-                    del zt
-                    p_t = log_pt.exp()
-                    kl_sum += log_pt.sub_(log_ps).mul_(p_t).sum()  # sum of p_t * (log p_t - log p_s)
-                    del log_pt
-                del z
-                if not want_grad:
-                    continue
-                if distill:
-                    dz = log_ps.exp_()  # softmax(z / T); when T == 1 this is log_p's buffer, now softmax(z)
-                    if ce_weight > 0 and temperature == 1:
-                        dz.mul_(kl_coef + ce_coef * ok)
-                    else:
-                        dz.mul_(kl_coef)
-                        if ce_weight > 0:
-                            dz.add_(log_p.exp_().mul_(ce_coef * ok))
-                    dz.sub_(p_t.mul_(kl_coef))
-                    del log_ps, p_t
-                else:
-                    dz = log_p.exp_().mul_(ce_coef * ok)
-                if ce_weight > 0:  # minus the one-hot of the target, in rows that have one
-                    dz.scatter_add_(1, tgt, (-ce_coef * ok).to(dz.dtype))
-                del log_p
-                dz = dz.to(dtype)
-                grad_hidden[start:end] = (dz @ w).to(hidden.dtype)
-                grad_weight += (dz.t() @ h).to(math_dtype)
+                zt = None
+                if distill and teacher_logits is not None:
+                    zt = teacher_logits[start:end].to(math_dtype)
+                elif distill:
+                    zt = (teacher_hidden[start:end].to(teacher_dtype) @ wt.t()).to(math_dtype)
+                kl_part, ce_part, dz = terms(z, zt, targets[start:end].clamp(min=0).unsqueeze(1),
+                                             valid[start:end].unsqueeze(1), temperature, kl_coef, ce_coef,
+                                             ce_weight > 0, want_grad, dtype)
+                del z, zt
+                kl_sum += kl_part
+                ce_sum += ce_part
+                if want_grad:
+                    grad_hidden[start:end] = (dz @ w).to(hidden.dtype)
+                    grad_weight += (dz.t() @ h).to(math_dtype)
                 del dz
         kl = kl_sum / rows * temperature**2
         ce = ce_sum / ce_rows
@@ -117,7 +145,7 @@ class _HeadDistillation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kl, _grad_ce):
-        none = (None,) * 11
+        none = (None,) * 12
         if not ctx.want_grad:
             return (None, None) + none
         grad_hidden, grad_weight = ctx.saved_tensors
@@ -128,7 +156,8 @@ def head_losses(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Ten
                 teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
                 teacher_logits: torch.Tensor | None = None, temperature: float = 1.0, kl_weight: float = 1.0,
                 ce_weight: float = 0.0, chunk_tokens: int | None = None, dtype: torch.dtype | None = None,
-                teacher_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                teacher_dtype: torch.dtype | None = None, compiled: bool = False,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, kl, ce)`` of one batch from final hidden states (batch, tokens, hidden) and head weights.
 
     ``kl`` equals :func:`bitconvert.train.losses.logit_kl` of the logits (every position, times T²),
@@ -136,6 +165,8 @@ def head_losses(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Ten
     ``loss = kl_weight * kl + ce_weight * ce`` is the one that carries gradients, to ``hidden`` and
     ``weight`` (a tied embedding gets its share through it). ``dtype`` is what the head's products run
     in (the autocast dtype, as the model's own head would); statistics are float32 at least.
+    ``compiled`` runs each chunk's softmax arithmetic as one torch.compiled function (a few fused
+    kernels instead of a dozen passes over the chunk's logits).
     """
     if kl_weight > 0 and teacher_logits is None and (teacher_hidden is None or teacher_weight is None):
         raise ValueError("the KL term needs teacher_logits or teacher_hidden with teacher_weight")
@@ -151,7 +182,7 @@ def head_losses(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Ten
         teacher_logits.flatten(0, -2) if teacher_logits is not None else None, targets.flatten(),
         float(temperature), float(kl_weight), float(ce_weight), int(chunk_tokens or default_chunk_tokens(vocab)),
         dtype or flat.dtype, teacher_dtype or (teacher_hidden.dtype if teacher_hidden is not None else flat.dtype),
-        torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad))
+        torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad), compiled)
 
 
 # --------------------------------------------------------------------------- the model side
@@ -249,9 +280,11 @@ def head_loss_support(model: nn.Module, probe_ids: torch.Tensor | None = None) -
 
 class ChunkedHead(contextlib.AbstractContextManager):
     """The final hidden states that :func:`head_losses` needs: the student's, and the teacher's when its
-    head allows (``teacher`` None: the teacher's full logits are used instead). Open for a whole run."""
+    head allows (``teacher`` None: the teacher's full logits are used instead). Open for a whole run.
+    ``compiled``: the per-chunk arithmetic runs torch.compiled."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, compiled: bool = False):
+        self.compiled = compiled
         self.student = FinalHidden(student)
         self.teacher = FinalHidden(teacher) if teacher is not None else None
 

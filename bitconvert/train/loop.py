@@ -156,7 +156,7 @@ def compute_losses(student, teacher, input_ids: torch.Tensor, cfg: TrainConfig,
             ce_weight = weights.ce if distill else 1.0
             fused, kl, ce = head_losses(hidden, head.student.head.weight, input_ids, temperature=weights.temperature,
                                         kl_weight=weights.kl if need_kl else 0.0, ce_weight=ce_weight if need_ce else 0.0,
-                                        dtype=dtype, **teacher_inputs)
+                                        dtype=dtype, compiled=head.compiled, **teacher_inputs)
             # logged terms, as the plain path gives them; the gradient flows through ``fused``
             terms.update({**({"ce": ce} if need_ce else {}), **({"kl": kl} if need_kl else {})})
     if not distill:  # continued pretraining: cross-entropy is the whole objective
@@ -196,7 +196,7 @@ def chunked_head(student, teacher, cfg: TrainConfig, accelerator, probe_ids: tor
             log.debug("chunked head loss takes the teacher's full logits: %s", reason)
             teacher = None
     log.debug("chunked head loss on (teacher: %s)", "final hidden states" if teacher is not None else "full logits")
-    return ChunkedHead(student, teacher)
+    return ChunkedHead(student, teacher, compiled=cfg.compile is not False)
 
 
 def auxiliary_loss(model) -> torch.Tensor | None:
