@@ -23,6 +23,7 @@ measured) and ``qat_step_speed.md`` under --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -42,7 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bitconvert.convert import convert_to_bitnet, set_quant_strength  # noqa: E402
 from bitconvert.recipes.schema import ConvertConfig, TrainConfig  # noqa: E402
 from bitconvert.train.compiling import compile_student  # noqa: E402
-from bitconvert.train.loop import chunked_head, compute_losses, learning_rate, prepare_teacher  # noqa: E402
+from bitconvert.train.loop import (  # noqa: E402
+    chunked_head,
+    compute_losses,
+    learning_rate,
+    prepare_teacher,
+)
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-gpu.yaml"
 VARIANTS = {  # name: (train.fused_loss, train.compile)
@@ -69,7 +75,7 @@ def recipe_sections(path: Path = RECIPE) -> tuple[ConvertConfig, dict]:
     recipe = yaml.safe_load(path.read_text())
     train = {k: v for k, v in recipe.get("train", {}).items()
              if k in ("batch_size", "lr", "loss", "weight_decay", "grad_clip", "warmup_steps", "quant_warmup_steps",
-                      "schedule", "min_lr_ratio", "mixed_precision")}
+                      "schedule", "min_lr_ratio")}
     return ConvertConfig(**recipe.get("convert", {})), train
 
 
@@ -143,7 +149,7 @@ def run_variant(name: str, args, original, teacher, blocks, convert: ConvertConf
     on_gpu = device.type == "cuda"
     cfg = TrainConfig(mode="distill", steps=1, compile=compile_mode, fused_loss=fused,
                       batch_size=args.batch_size, **{k: v for k, v in train_settings.items() if k != "batch_size"},
-                      **({"mixed_precision": "bf16" if on_gpu else "no"}))
+                      mixed_precision="bf16" if on_gpu else "no")
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision if on_gpu else "no", cpu=not on_gpu)
     student = copy.deepcopy(original)
     convert_to_bitnet(student, convert.quant_spec(), convert.skip)
@@ -181,7 +187,7 @@ def run_variant(name: str, args, original, teacher, blocks, convert: ConvertConf
 
     out = {"variant": name, "fused_loss": fused, "compile": compile_mode, "batch": cfg.batch_size,
            "sequence_length": blocks.shape[1]}
-    with head if head is not None else _nothing():
+    with head if head is not None else contextlib.nullcontext():
         free_memory(device)
         started = time.perf_counter()
         if compile_mode is not False and args.compile_timeout and hasattr(signal, "SIGALRM"):
@@ -214,17 +220,7 @@ def run_variant(name: str, args, original, teacher, blocks, convert: ConvertConf
                 "last_loss": float(last["loss"].detach())})
     if compile_mode is not False:
         compiled_before.add(blocks_key)
-    del student, optimizer, accelerator, head
-    free_memory(device)
     return out
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _raise_timeout(signum, frame):
@@ -358,6 +354,7 @@ def main() -> None:
             row = {"variant": name, "error": error_text(err)}
             print(f"  {name:14s} failed: {row['error'][:400]}", flush=True)
             free_memory(device)
+        free_memory(device)  # the variant's student and optimizer went with run_variant's frame
         row["wall_seconds"] = round(time.time() - clock, 1)
         durations.append(row["wall_seconds"])
         report["variants"].append(row)

@@ -76,10 +76,11 @@ def test_head_losses_without_grad_keeps_nothing():
 
 
 def tied_pair(tiny_tokenizer):
-    from bitconvert.convert import convert_to_bitnet
-    from bitconvert.quant import QuantSpec
     from conftest import tiny_config
     from transformers import AutoModelForCausalLM
+
+    from bitconvert.convert import convert_to_bitnet
+    from bitconvert.quant import QuantSpec
 
     config = tiny_config("llama", len(tiny_tokenizer))
     config.tie_word_embeddings = True

@@ -37,9 +37,9 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
 def compile_student(student: nn.Module, mode, unwrapped: nn.Module | None = None) -> nn.Module:
     """Apply ``train.compile``: False leaves ``student`` as it is, ``"model"`` returns it torch.compiled,
     ``"layers"`` compiles each decoder block of ``unwrapped`` (the module under any wrapper) in place."""
-    if mode is False:
+    if mode is False or mode is None:
         return student
-    if mode == "model":
+    if mode is True or mode == "model":  # True: a TrainConfig changed with model_copy, which skips validation
         return torch.compile(student)
     if mode == "layers":
         blocks = decoder_blocks(unwrapped if unwrapped is not None else student)
