@@ -263,3 +263,14 @@ def test_distillation_with_the_attention_relation_loss(tmp_path, tiny_tokenizer,
     # the student starts as a copy of the teacher at quantization strength 0: relations differ once it quantizes
     assert all(math.isfinite(r["attention"]) and r["attention"] >= 0 for r in rows) and rows[-1]["attention"] > 0
     assert all(r["loss"] == pytest.approx(r["kl"] + r["attention"], rel=1e-4) for r in rows)
+
+
+def test_layer_compilation_finds_the_decoder_blocks(tiny_tokenizer):
+    from bitconvert.train.compiling import decoder_blocks
+    from conftest import build_tiny_model
+
+    for arch, path in (("llama", "model.layers"), ("gpt2", "transformer.h"), ("mixtral", "model.layers")):
+        model = build_tiny_model(arch, len(tiny_tokenizer))
+        assert decoder_blocks(model) is model.get_submodule(path), arch
+    with pytest.raises(ValueError, match="train.compile: model"):
+        decoder_blocks(torch.nn.Linear(2, 2))

@@ -124,8 +124,8 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = Field(default=False, description="recompute activations to save memory")
     compile: Literal[False, "layers", "model"] = Field(
         default=False, description="torch.compile the student: false = eager, layers = each decoder block on its own "
-                                   "(compiles in seconds, one graph for all blocks), model = the whole student "
-                                   "(true, in older recipes)")
+                                   "(one compilation serves every block), model = the whole student (true, in "
+                                   "older recipes); chunked loss arithmetic compiles with either")
     fused_loss: bool = Field(default=True, description="KL and cross-entropy from the final hidden states chunk by "
                              "chunk, never the full logits (models with a plain linear head; others fall back)")
     seed: int = Field(default=0, description="data order, sampling and initial RNG state")

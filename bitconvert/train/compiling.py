@@ -9,8 +9,6 @@ and shapes, the first block's compilation serves all the others.
 from __future__ import annotations
 
 import logging
-from collections import Counter
-
 import torch
 from torch import nn
 
@@ -20,18 +18,15 @@ COMPILE_MODES = (False, "layers", "model")
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The repeated decoder blocks: the longest ``nn.ModuleList`` whose children are all one class
-    (``model.layers`` in Llama-style models, ``transformer.h`` in GPT-2)."""
-    best: nn.ModuleList | None = None
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            kinds = Counter(type(child) for child in module)
-            if len(kinds) == 1 and (best is None or len(module) > len(best)):
-                best = module
-    if best is None:
+    """The repeated decoder blocks: the outermost ``nn.ModuleList`` (``model.layers`` in Llama-style
+    models, ``transformer.h`` in GPT-2; lists of experts sit inside the blocks). Mixture-of-Depths makes
+    every other block another class; each class then compiles once."""
+    lists = [(name.count("."), -len(m), name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
         raise ValueError(f"{type(model).__name__} has no list of repeated blocks to compile one by one; "
                          "use train.compile: model")
-    return best
+    return min(lists, key=lambda entry: entry[:3])[3]
 
 
 def compile_student(student: nn.Module, mode, unwrapped: nn.Module | None = None) -> nn.Module:
@@ -46,6 +41,7 @@ def compile_student(student: nn.Module, mode, unwrapped: nn.Module | None = None
         for block in blocks:
             # static shapes: training batches all have one shape; the held-out batches add a few graphs
             block.compile(dynamic=False)
-        log.debug("compiled %d decoder blocks (%s) one by one", len(blocks), type(blocks[0]).__name__)
+        kinds = sorted({type(block).__name__ for block in blocks})
+        log.debug("compiling %d decoder blocks one by one (%s)", len(blocks), ", ".join(kinds))
         return student
     raise ValueError(f"train.compile {mode!r}: expected one of {COMPILE_MODES}")

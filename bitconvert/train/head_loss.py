@@ -34,7 +34,9 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_softcapping", "logit_scale
 
 
 def default_chunk_tokens(vocab_size: int) -> int:
-    return max(64, CHUNK_ELEMENTS // max(vocab_size, 1))
+    """Rows per chunk: a power of two (it divides batch x tokens, so every chunk has one shape, which a
+    compiled chunk function likes), at most CHUNK_ELEMENTS logits."""
+    return max(64, 1 << (max(CHUNK_ELEMENTS // max(vocab_size, 1), 1).bit_length() - 1))
 
 
 def chunk_terms(z: torch.Tensor, zt: torch.Tensor | None, targets: torch.Tensor, valid: torch.Tensor,
