@@ -333,7 +333,6 @@ def check_section(parts=CHECK_PARTS) -> dict:
         for m, n, k, gran, gs, all_candidates in [(1, 2560, 2560, "channel", 128, True), (3, 1024, 6912, "group", 64, False),
                                                   (40, 2048, 1024, "channel", 128, False)]:
             packed, inv, _ = random_packed(n, k, gran, gs, seed=7 * m + n)
-            packed_next = random_packed(2 * n, k, gran, gs, seed=7 * m + n + 1)[0]
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
             residual = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) * 4
             p = tt.Problem(m, n, k, tt.SCALE_MODES[gran], gs, x.device)
@@ -347,10 +346,6 @@ def check_section(parts=CHECK_PARTS) -> dict:
                         plain = tt.ternary_matmul(x, packed, inv, None, tt.SCALE_MODES[gran], gs, config=cfg)
                     ok = torch.equal(y, residual + plain)
                     err = relerr(y, residual + plain)
-                    if cfg is not None and cfg.kind == "gemv":  # prefetching another weight changes no bit
-                        ahead = tt.ternary_matmul(x, packed, inv, None, tt.SCALE_MODES[gran], gs, config=cfg,
-                                                  residual=residual, prefetch=packed_next)
-                        ok = ok and torch.equal(ahead, y)
                 except Exception as exc:
                     err, ok = f"{type(exc).__name__}: {str(exc)[:200]}", False
                 failures += not ok
@@ -475,13 +470,6 @@ def kernels_section(bandwidth: float, batches=BATCHES, shapes=SHAPES, deadline: 
                 [lambda c=c: ternary_linear_quantized(*given, c[0], c[1], granularity="channel", dtype=torch.bfloat16)
                  for c in p_copies])
             row["speedup_codes_graph"] = row["bf16_graph_us"] / row["packed_codes_graph_us"]
-            # ... and each call bringing the next call's weights into L2, as the products of a decode step do
-            nexts = p_copies[1:] + p_copies[:1]
-            row["packed_codes_ahead_graph_us"] = time_graph_us(
-                [lambda c=c, after=after: ternary_linear_quantized(*given, c[0], c[1], granularity="channel",
-                                                                  dtype=torch.bfloat16, prefetch=after[0])
-                 for c, after in zip(p_copies, nexts)])
-            row["speedup_codes_ahead_graph"] = row["bf16_graph_us"] / row["packed_codes_ahead_graph_us"]
             row["bf16_eager_us"] = time_eager_us([lambda w=w: F.linear(x, w) for w in b_copies])
             row["packed_eager_us"] = time_eager_us(
                 [lambda c=c: ternary_linear(x[:], c[0], c[1], granularity="channel") for c in p_copies])
@@ -494,8 +482,7 @@ def kernels_section(bandwidth: float, batches=BATCHES, shapes=SHAPES, deadline: 
                   f"packed {row['packed_kernel_us']:6.1f} / {row['packed_graph_us']:6.1f} us  "
                   f"(act {row['act_quant_kernel_us']:.1f}, mm {row.get('matmul_only_kernel_us', float('nan')):.1f}; "
                   f"floor {row['floor_packed_us']:.1f})  x{row['speedup_kernel']:.2f} / x{row['speedup_graph']:.2f}  "
-                  f"codes given {row['packed_codes_graph_us']:.1f} us x{row['speedup_codes_graph']:.2f}, "
-                  f"next prefetched {row['packed_codes_ahead_graph_us']:.1f} us x{row['speedup_codes_ahead_graph']:.2f}  "
+                  f"codes given {row['packed_codes_graph_us']:.1f} us x{row['speedup_codes_graph']:.2f}  "
                   f"{config_label(cfg)}", flush=True)
         del p_copies, b_copies, w_bf16
         torch.cuda.empty_cache()
@@ -657,8 +644,8 @@ KERNEL_KINDS = ("ternary product", "bf16 product (cuBLAS)", "attention",
 
 
 def kernel_kind(name: str) -> str:
-    if "_gemv_kernel" in name or "_gemm_kernel" in name or "_act_quant" in name:
-        return "ternary product"
+    if any(t in name for t in ("_gemv_kernel", "_gemm_kernel", "_act_quant", "_rms_norm_quant")):
+        return "ternary product"  # with the quantizers, which the RMSNorm of bitconvert's decoder layers is
     if any(t in name for t in ("gemv", "gemm", "nvjet", "cutlass", "xmma", "splitKreduce")):
         return "bf16 product (cuBLAS)"
     if any(t in name for t in ("fmha", "flash", "attention", "attn")):
@@ -740,8 +727,7 @@ class Variant:
     swiglu: bool = True
     fused_gemv: str = "auto"
     attention_block: int = 0  # keys per block of the decode attention kernel (0: its default)
-    decoder_layers: bool = False  # bitconvert.layers.decoder: norms quantize, o_proj/down_proj add the residual
-    prefetch_next: bool = True  # with decoder_layers: each GEMV brings the next product's weights into L2
+    decoder_layers: bool = True  # bitconvert.layers.decoder: norms quantize, o_proj/down_proj add the residual
 
 
 OVERLAP_VARIANTS = {"packed_fused_no_overlap": Variant("off", False),
@@ -756,9 +742,8 @@ OVERLAP_VARIANTS = {"packed_fused_no_overlap": Variant("off", False),
                     "packed_fused_fused_gemv": Variant("pdl", False, fused_gemv="always"),
                     "packed_fused_pdl_keys32": Variant("pdl", True, attention_block=32),
                     "packed_fused_pdl_keys128": Variant("pdl", True, attention_block=128),
-                    "packed_fused_layers": Variant("pdl", False, decoder_layers=True),
-                    "packed_fused_pdl_layers": Variant("pdl", True, decoder_layers=True),
-                    "packed_fused_pdl_layers_noprefetch": Variant("pdl", True, decoder_layers=True, prefetch_next=False)}
+                    "packed_fused_pdl_no_layers": Variant("pdl", True, decoder_layers=False),
+                    "packed_fused_pdl_kernels_no_layers": Variant("pdl", False, decoder_layers=False)}
 # bf16 variants: the bf16 model compiled with inductor's PDL; with bitconvert's decode attention (the part of
 # a step that the two models share, made as fast for bf16 as for packed)
 BF16_VARIANTS = ("bf16_pdl", "bf16_decode_attention")
@@ -810,16 +795,20 @@ def attention_block(keys: int):
 
 
 @contextlib.contextmanager
-def decoder_layers(model, on: bool, prefetch_next: bool = True):
-    """On: bitconvert.layers.decoder.fuse_decoder_layers inside the block (undone after it)."""
+def decoder_layers(model, on: bool):
+    """Off: the decoder layers as transformers has them inside the block (bitconvert.layers.decoder undone),
+    on: as fuse_decoder_layers makes them; as they were after the block."""
     from bitconvert.layers.decoder import fuse_decoder_layers, unfuse_decoder_layers
 
-    if on and not fuse_decoder_layers(model, prefetch_next=prefetch_next):
+    was_on = unfuse_decoder_layers(model) > 0
+    if on and not fuse_decoder_layers(model):
         raise RuntimeError("fuse_decoder_layers changed no layer of this model")
     try:
         yield
     finally:
         unfuse_decoder_layers(model)
+        if was_on:
+            fuse_decoder_layers(model)
 
 
 @contextlib.contextmanager
@@ -919,7 +908,9 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
     if "packed" in variants:
         result["packed"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes, profile)
         save()
-    # q/k/v and gate/up as one product each, as `bitconvert generate` runs the model
+    # q/k/v and gate/up as one product each, and the decoder layers handing work to them, as `bitconvert
+    # generate` runs the model
+    from bitconvert.layers.decoder import fuse_decoder_layers
     from bitconvert.layers.fused import fuse_projections
 
     fused_names = fuse_projections(packed)
@@ -930,8 +921,8 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
         with swiglu_epilogue(packed, False):
             apart = packed(prompt).logits.float()
         result["fused_logits_relerr_swiglu_vs_apart"] = relerr(packed(prompt).logits.float(), apart)
-        with decoder_layers(packed, True):
-            result["fused_logits_relerr_decoder_layers_vs_not"] = relerr(packed(prompt).logits.float(), got)
+        result["decoder_layers"] = len(fuse_decoder_layers(packed))
+        result["fused_logits_relerr_decoder_layers_vs_not"] = relerr(packed(prompt).logits.float(), got)
     if "packed_fused" in variants:
         result["packed_fused"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes, profile)
         save()
@@ -944,7 +935,7 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
         if variant in variants and (not v.prequant or "compiled" in modes):
             with (compiled_act_quant(v.prequant), launch_overlap(v.overlap, v.inductor_pdl),
                   attention(packed, v.decode_attention), swiglu_epilogue(packed, v.swiglu), fused_gemv(v.fused_gemv),
-                  attention_block(v.attention_block), decoder_layers(packed, v.decoder_layers, v.prefetch_next)):
+                  attention_block(v.attention_block), decoder_layers(packed, v.decoder_layers)):
                 result[variant] = measure_model(packed, prompt, new_tokens, graph_tokens,
                                                 ["compiled"] if v.prequant else modes, profile)
             save()
@@ -1028,28 +1019,24 @@ def markdown(data: dict) -> str:
                   "where it exceeds the flush); graph = CUDA-graph replay over rotating weight copies (GPU time); "
                   "eager = back-to-back Python calls. Floors: bytes moved / measured copy bandwidth. codes given = "
                   "the packed graph row with the int8 activations handed over by the kernel before (a decoder "
-                  "layer's RMSNorm quantizes them, bitconvert.layers.decoder), so no quantizer launch of its own; "
-                  "+ next = that, each call also bringing the next call's weights into L2 (as each product of a "
-                  "decode step does for the next one).", "",
+                  "layer's RMSNorm quantizes them, bitconvert.layers.decoder), so no quantizer launch of its own.", "",
                   "| out x in | batch | bf16 kernel | packed kernel | speedup | bf16 graph | packed graph | speedup "
-                  "| codes given | speedup | + next | speedup | packed floor | bf16 floor | packed eager | bf16 eager "
-                  "| tuned config |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| codes given | speedup | packed floor | bf16 floor | packed eager | bf16 eager | tuned config |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['out']}x{r['in']} | {r['batch']} | {r['bf16_kernel_us']:.1f} | {r['packed_kernel_us']:.1f} "
                          f"| {r['speedup_kernel']:.2f}x | {r['bf16_graph_us']:.1f} | {r['packed_graph_us']:.1f} | "
                          f"{r['speedup_graph']:.2f}x | {r.get('packed_codes_graph_us', float('nan')):.1f} | "
-                         f"{r.get('speedup_codes_graph', float('nan')):.2f}x | "
-                         f"{r.get('packed_codes_ahead_graph_us', float('nan')):.1f} | "
-                         f"{r.get('speedup_codes_ahead_graph', float('nan')):.2f}x | {r['floor_packed_us']:.1f} | {r['floor_bf16_us']:.1f} | "
+                         f"{r.get('speedup_codes_graph', float('nan')):.2f}x | {r['floor_packed_us']:.1f} | {r['floor_bf16_us']:.1f} | "
                          f"{r['packed_eager_us']:.1f} | {r['bf16_eager_us']:.1f} | "
                          f"{r.get('config_label', '')} |")
         lines.append("")
     runs = data.get("e2e")
     if runs:
         lines += ["## End-to-end greedy decode, batch 1", "",
-                  "packed = the export as loaded; packed+fused = q/k/v and gate/up stacked into one product each "
-                  "(as `bitconvert generate` runs it). graph = one decode step in a CUDA graph; compiled = "
+                  "packed = the export as loaded; packed+fused = q/k/v and gate/up stacked into one product each, "
+                  "the decoder layers' norms quantizing for them and o_proj/down_proj adding the residual "
+                  "(bitconvert.layers.decoder), as `bitconvert generate` runs it. graph = one decode step in a CUDA graph; compiled = "
                   "torch.compile, then the same graph. +prequant = packed+fused, compiled with the activation "
                   "quantizer as torch ops (inductor fuses it into the kernel before each product).", "",
                   "| model | source | mode | bf16 tok/s | packed tok/s | speedup | packed+fused tok/s | speedup "
@@ -1089,7 +1076,9 @@ def markdown(data: dict) -> str:
         if overlapped:
             lines += ["### Variants: kernels launched to overlap the one before, decode attention, SwiGLU epilogue", "",
                       "Variants of packed+fused, which runs bitconvert's defaults (decode attention, SwiGLU in the "
-                      "gate/up product, the overlap below). sdpa = transformers' attention instead of bitconvert's "
+                      "gate/up product, the decoder layers, the overlap below, inductor's kernels with PDL on Hopper). "
+                      "no_layers = the decoder layers as transformers has them (each RMSNorm and residual add an "
+                      "inductor kernel, a quantizer launch before every product). sdpa = transformers' attention instead of bitconvert's "
                       "decode attention; no_swiglu = SiLU·up as its own kernel between the two MLP products; "
                       "bf16_decode_attention = the bf16 model with bitconvert's decode attention (the attention both "
                       "models share, as fast for both); fused_gemv = every batch-1 GEMV quantizes its activations "
@@ -1098,7 +1087,7 @@ def markdown(data: dict) -> str:
                       "pdl = that, and every bitconvert kernel launched with programmatic dependent launch (it "
                       "starts while the one before finishes and waits for it only before touching activations), "
                       "and inductor's kernels launched the same way (bf16_pdl: the bf16 model compiled with that "
-                      "setting); pdl_kernels = PDL for bitconvert's kernels only (bitconvert's default on Hopper); "
+                      "setting); pdl_kernels = PDL for bitconvert's kernels only; "
                       "pdl_noprefetch = pdl without the prefetch; prequant_pdl = pdl compiled with the activation "
                       "quantizer fused as in +prequant; no_overlap = neither. packed_fused itself runs with "
                       f"bitconvert's default of this run: {env_overlap(data)}.", "",

@@ -205,9 +205,12 @@ def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, temper
 
         loaded = load_adapter(loaded, adapter).eval()
     else:  # adapters sit on the separate q/k/v layers; without them, one product per group decodes faster
+        from bitconvert.layers.decoder import fuse_decoder_layers
         from bitconvert.layers.fused import fuse_projections
 
         fuse_projections(loaded)
+        if loaded.device.type == "cuda":  # on CPU the products keep their unpacked-weight cache instead
+            fuse_decoder_layers(loaded)
     if chat and tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)

@@ -299,17 +299,16 @@ def test_overlapped_gemv_prefetches_weights_and_touches_nothing_else_before_it_w
 
     constants = dict(BM=1, BR=4, BKW=128, SPLIT=split, STAGES=3, CHAIN=True, SCALE_MODE=1, GW=1, GWT=1,
                      HAS_BIAS=True, FUSED=fused, XBLOCK=256, ON_GPU=True, PDL=True, PREFETCH=True, SWIGLU=split,
-                     RESIDUAL=not split, PREFETCH_NEXT=fused)
+                     RESIDUAL=not split)
     types = {name: "*i32" for name in ("xw_ptr", "ww_ptr", "xsum_ptr", "ws_ptr", "cnt_ptr")}
-    types.update(xinv_ptr="*fp32", winv_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16", res_ptr="*bf16", next_ptr="*u8")
+    types.update(xinv_ptr="*fp32", winv_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16", res_ptr="*bf16")
     if fused:
         types["xw_ptr"] = "*bf16"
     lines = _ptx_for_hopper(tt._gemv_kernel, constants, types).splitlines()
     wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
     memory_ops = ("ld.global", "st.global", "atom.", "red.")
     assert not [line for line in lines[:wait] if any(op in line for op in memory_ops)]
-    # one prefetch a weight row, and with PREFETCH_NEXT one for this program's share of the next weights
-    assert sum("cp.async.bulk.prefetch.L2.global" in line for line in lines[:wait]) == constants["BR"] + fused
+    assert sum("cp.async.bulk.prefetch.L2.global" in line for line in lines[:wait]) == constants["BR"]
     assert any("griddepcontrol.launch_dependents" in line for line in lines[wait:])
 
 

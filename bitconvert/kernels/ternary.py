@@ -154,7 +154,7 @@ _last_activations = _LastActivations()
 
 
 def _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, acts=None, dtype=None, swiglu=False,
-                 reuse=True, residual=None, prefetch=None):
+                 reuse=True, residual=None):
     """The Triton product of ``x`` (or of its int8 codes, when ``acts`` holds their quantization; then
     ``dtype`` is the result's), plus ``residual`` if given, or None when no kernel covers it. ``reuse``: may
     share quantized activations with the layer before (:class:`_LastActivations`)."""
@@ -183,8 +183,7 @@ def _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, acts=None,
         if res2d.stride(-1) != 1:
             res2d = res2d.contiguous()
     y = tt.ternary_matmul(x2d, packed, inv_scale, None if separate_bias else bias, tt.SCALE_MODES[granularity],
-                          group_size, acts=acts, keep_acts=keep, out_dtype=dtype, swiglu=swiglu, residual=res2d,
-                          prefetch=prefetch if prefetch is not None and prefetch.device == x.device else None)
+                          group_size, acts=acts, keep_acts=keep, out_dtype=dtype, swiglu=swiglu, residual=res2d)
     if y is None:
         return None
     y = y.reshape(*x.shape[:-1], y.shape[-1])
@@ -229,7 +228,7 @@ def _kernel_eligible(x, packed, inv_scale, bias) -> bool:
 def ternary_linear(x: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None = None,
                    *, granularity: str = "tensor", group_size: int = 128,
                    cache: TernaryCache | None = None, swiglu: bool = False, reuse: bool = True,
-                   residual: torch.Tensor | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                   residual: torch.Tensor | None = None) -> torch.Tensor:
     """``y = dequant(int8(x)) · dequant(W)ᵀ + b`` for W packed 2 bits a weight (transformers' bitnet layout).
 
     ``packed`` is uint8 ``(out / 4, in)``, ``inv_scale`` the float32 inverse scale of shape ``(1,)``,
@@ -239,12 +238,10 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tenso
     ``silu(gate) * up`` (``out / 2`` features), computed in the kernel's epilogue on CUDA. ``reuse``: on CUDA,
     a layer that gets the very tensor the layer before got reuses its quantized activations (eager mode).
     ``residual``: return ``residual + y`` (a decoder layer's residual stream; on CUDA added in the kernel).
-    ``prefetch``: on CUDA, a tensor the next kernels read (the next product's packed weights), which a GEMV
-    brings into L2 while it runs; only speed.
     """
     if x.is_cuda and _kernel_eligible(x, packed, inv_scale, bias) and triton_available():
         y = _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, swiglu=swiglu, reuse=reuse,
-                         residual=residual, prefetch=prefetch)
+                         residual=residual)
         if y is not None:
             return y
     elif (x.device.type == "cpu" and cache is not None and cache.cpu != "none" and packed.device == x.device
@@ -265,16 +262,14 @@ def _plus(residual: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
 # reuse of quantized activations between layers (unsafe with inductor's reused buffers, see _LastActivations).
 @torch.library.custom_op("bitconvert::ternary_linear", mutates_args=(),
                          schema="(Tensor x, Tensor packed, Tensor inv_scale, Tensor? bias, str granularity, "
-                                "int group_size, bool swiglu=False, Tensor? residual=None, Tensor? prefetch=None) "
-                                "-> Tensor")
-def ternary_linear_op(x, packed, inv_scale, bias, granularity, group_size, swiglu=False, residual=None, prefetch=None):
+                                "int group_size, bool swiglu=False, Tensor? residual=None) -> Tensor")
+def ternary_linear_op(x, packed, inv_scale, bias, granularity, group_size, swiglu=False, residual=None):
     return ternary_linear(x, packed, inv_scale, bias, granularity=granularity, group_size=group_size, swiglu=swiglu,
-                          reuse=False, residual=residual, prefetch=prefetch)
+                          reuse=False, residual=residual)
 
 
 @ternary_linear_op.register_fake
-def _ternary_linear_shape(x, packed, inv_scale, bias, granularity, group_size, swiglu=False, residual=None,
-                          prefetch=None):
+def _ternary_linear_shape(x, packed, inv_scale, bias, granularity, group_size, swiglu=False, residual=None):
     return x.new_empty((*x.shape[:-1], packed.shape[0] * (2 if swiglu else 4)))
 
 
@@ -293,7 +288,7 @@ def ternary_linear_quantized(codes: torch.Tensor, x_inv: torch.Tensor, x_sum: to
                              inv_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
                              granularity: str = "tensor", group_size: int = 128,
                              dtype: torch.dtype = torch.bfloat16, swiglu: bool = False,
-                             residual: torch.Tensor | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                             residual: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`ternary_linear` for activations quantized already (:func:`quantize_for_kernels`): the same
     result as ``ternary_linear(x, ...)`` on the ``x`` they came from, in ``dtype``."""
     k = codes.shape[-1]
@@ -302,7 +297,7 @@ def ternary_linear_quantized(codes: torch.Tensor, x_inv: torch.Tensor, x_sum: to
         codes = codes.contiguous()
         acts = (codes.reshape(-1, k), x_inv.reshape(-1).float().contiguous(), x_sum.reshape(-1).to(torch.int32).contiguous())
         y = _cuda_linear(codes, packed, inv_scale, bias, granularity, group_size, acts=acts, dtype=dtype, swiglu=swiglu,
-                         residual=residual, prefetch=prefetch)
+                         residual=residual)
         if y is not None:
             return y
     y = quantized_linear_reference(codes, x_inv.unsqueeze(-1).float(), unpack_ternary(packed), inv_scale, bias,
@@ -313,17 +308,16 @@ def ternary_linear_quantized(codes: torch.Tensor, x_inv: torch.Tensor, x_sum: to
 @torch.library.custom_op("bitconvert::ternary_linear_quantized", mutates_args=(),
                          schema="(Tensor codes, Tensor x_inv, Tensor x_sum, Tensor packed, Tensor inv_scale, "
                                 "Tensor? bias, str granularity, int group_size, ScalarType dtype, bool swiglu=False, "
-                                "Tensor? residual=None, Tensor? prefetch=None) -> Tensor")
+                                "Tensor? residual=None) -> Tensor")
 def ternary_linear_quantized_op(codes, x_inv, x_sum, packed, inv_scale, bias, granularity, group_size, dtype,
-                                swiglu=False, residual=None, prefetch=None):
+                                swiglu=False, residual=None):
     return ternary_linear_quantized(codes, x_inv, x_sum, packed, inv_scale, bias, granularity=granularity,
-                                    group_size=group_size, dtype=dtype, swiglu=swiglu, residual=residual,
-                                    prefetch=prefetch)
+                                    group_size=group_size, dtype=dtype, swiglu=swiglu, residual=residual)
 
 
 @ternary_linear_quantized_op.register_fake
 def _ternary_linear_quantized_shape(codes, x_inv, x_sum, packed, inv_scale, bias, granularity, group_size, dtype,
-                                    swiglu=False, residual=None, prefetch=None):
+                                    swiglu=False, residual=None):
     return codes.new_empty((*codes.shape[:-1], packed.shape[0] * (2 if swiglu else 4)), dtype=dtype)
 
 

@@ -189,18 +189,6 @@ def _prefetch_rows_l2(ww_ptr, first_row, R, KW, kw_lo, kw_hi, BR: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_share_l2(ptr, nbytes, program, programs):
-    """Start moving this program's share of ``nbytes`` bytes at ``ptr`` (a byte pointer; both multiples of
-    16) into L2: the programs of one launch together prefetch all of it, one instruction each."""
-    share = tl.cdiv(tl.cdiv(nbytes, programs), 16) * 16
-    lo = program * share
-    size = tl.minimum(share, nbytes - lo)
-    if size > 0:
-        tl.inline_asm_elementwise(_PREFETCH_L2_ASM, "=r,l,r", [ptr + lo.to(tl.int64), size.to(tl.int32)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _wait_for_previous_kernel(PDL: tl.constexpr):
     """With programmatic dependent launch: wait until the kernel before has finished and its writes are
     visible, then let the next kernel launch, which waits for this one in turn. Never the other way
@@ -434,13 +422,12 @@ def _gemv_group_part(prod, xs, kw0, offs_n, r_mask, winv_ptr, n_groups, SHIFT: t
 
 
 @triton.jit
-def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, res_ptr, next_ptr, ws_ptr, cnt_ptr,
-                 M, N, R, KW, stride_x, stride_ym, stride_rm, next_bytes, n_groups, split_k,
+def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, res_ptr, ws_ptr, cnt_ptr,
+                 M, N, R, KW, stride_x, stride_ym, stride_rm, n_groups, split_k,
                  BM: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr,
                  CHAIN: tl.constexpr, SCALE_MODE: tl.constexpr, GW: tl.constexpr, GWT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, FUSED: tl.constexpr, XBLOCK: tl.constexpr, ON_GPU: tl.constexpr,
-                 PDL: tl.constexpr, PREFETCH: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                 PREFETCH_NEXT: tl.constexpr):
+                 PDL: tl.constexpr, PREFETCH: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
     """A few tokens: ``xw`` int32 (M, K/4) activation codes, ``ww`` int32 (R, K/4) packed weights.
 
     FUSED: ``xw`` is the activations themselves (M, K), rows ``stride_x`` apart, and ``xinv``/``xsum``
@@ -455,9 +442,7 @@ def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, 
     GWT = min(GW, BKW) the part of a group that one tile holds.
 
     PREFETCH and PDL: see :class:`LaunchOverlap`. Nothing that the kernel before may write (activations,
-    the output, the split-K workspace) is touched before ``_wait_for_previous_kernel``. PREFETCH_NEXT: the
-    programs also start moving the ``next_bytes`` bytes at ``next_ptr`` (the next product's weights) into L2,
-    so that those are on chip when that product runs.
+    the output, the split-K workspace) is touched before ``_wait_for_previous_kernel``. RESIDUAL: see ``_write``.
     """
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -468,9 +453,6 @@ def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, 
     kw_hi = tl.minimum(kw_lo + per_split * BKW, KW)
     if PREFETCH:
         _prefetch_rows_l2(ww_ptr, pid_r * BR, R, KW, kw_lo, kw_hi, BR)
-    if PREFETCH_NEXT:
-        _prefetch_share_l2(next_ptr, next_bytes, (pid_m * split_k + pid_k) * tl.num_programs(0) + pid_r,
-                           tl.num_programs(0) * split_k * tl.num_programs(2))
     _wait_for_previous_kernel(PDL)
 
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -865,12 +847,10 @@ def _pdl_meta(pdl: bool) -> dict:
 
 @functools.lru_cache(maxsize=4096)
 def _launch_params(cfg: GemvConfig | GemmConfig, p: Problem, has_bias: bool,
-                   aligned: bool = True, has_residual: bool = False,
-                   prefetch_next: bool = False) -> tuple[tuple, int, dict]:
+                   aligned: bool = True, has_residual: bool = False) -> tuple[tuple, int, dict]:
     """Grid, number of scale groups and compile-time arguments of one configuration on one problem
     (``aligned``: the packed weight starts on 16 bytes, as the L2 prefetch needs; ``has_residual``: the
-    result is added to a residual in the epilogue; ``prefetch_next``: the caller names the next product's
-    weights, aligned as the prefetch needs)."""
+    result is added to a residual in the epilogue)."""
     overlap = _overlap_on(p.device)
     n_groups = p.k // p.group_size if p.mode == 2 else 1
     if cfg.kind == "gemv":
@@ -882,8 +862,8 @@ def _launch_params(cfg: GemvConfig | GemmConfig, p: Problem, has_bias: bool,
                     GWT=min(gw, cfg.bkw), HAS_BIAS=has_bias, FUSED=cfg.fused,
                     XBLOCK=_absmax_block(p.k, bm, cfg.num_warps) if cfg.fused else 1, ON_GPU=not INTERPRET,
                     PREFETCH=overlap.prefetch and aligned and p.k % 16 == 0 and _prefetch_fits(p),
-                    SWIGLU=p.swiglu, RESIDUAL=has_residual, PREFETCH_NEXT=prefetch_next and overlap.prefetch,
-                    num_warps=cfg.num_warps, **_pdl_meta(overlap.pdl))
+                    SWIGLU=p.swiglu, RESIDUAL=has_residual, num_warps=cfg.num_warps,
+                    **_pdl_meta(overlap.pdl))
     else:
         grid = (triton.cdiv(p.m, cfg.bm) * triton.cdiv(p.rows, cfg.br), cfg.split_k)
         meta = dict(BM=cfg.bm, BR=cfg.br, BK=min(cfg.bk, p.group_size) if p.mode == 2 else cfg.bk,
@@ -958,32 +938,26 @@ def rms_norm_quantize(x2d: torch.Tensor, weight: torch.Tensor,
 def launch(cfg: GemvConfig | GemmConfig, p: Problem, x2d: torch.Tensor,
            acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, packed: torch.Tensor,
            inv_scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
-           residual: torch.Tensor | None = None, prefetch: torch.Tensor | None = None) -> None:
+           residual: torch.Tensor | None = None) -> None:
     """Run one configuration: ``y`` (M, N) receives the result, plus ``residual`` (M, N) when given. The fused
-    GEMV reads ``x2d`` itself; the others read ``acts = quantize_activations(x2d)`` (codes, inverse scales, sums).
-    ``prefetch``: a tensor that the next kernels will read (the next product's packed weights), which a GEMV
-    brings into L2 while it runs."""
+    GEMV reads ``x2d`` itself; the others read ``acts = quantize_activations(x2d)`` (codes, inverse scales, sums)."""
     scratch = _workspace(y.device) if cfg.split_k > 1 else None
     if cfg.split_k > 1 and scratch is None:  # first split-K call inside a graph capture: split 1 is always right
         cfg = dataclasses.replace(cfg, split_k=1)
-    ahead = (prefetch is not None and cfg.kind == "gemv" and prefetch.is_contiguous() and prefetch.data_ptr() % 16 == 0
-             and (prefetch.numel() * prefetch.element_size()) % 16 == 0)
-    grid, n_groups, meta = _launch_params(cfg, p, bias is not None, packed.data_ptr() % 16 == 0, residual is not None,
-                                          ahead)
+    grid, n_groups, meta = _launch_params(cfg, p, bias is not None, packed.data_ptr() % 16 == 0, residual is not None)
     ws, counters = scratch or (y, y)  # y: a pointer never touched
     bias_arg = y if bias is None else bias
     res_arg, res_stride = (y, 0) if residual is None else (residual, residual.stride(0))
-    next_arg, next_bytes = (prefetch.view(torch.uint8), prefetch.numel() * prefetch.element_size()) if ahead else (packed, 0)
     if cfg.fused:
-        _gemv_kernel[grid](x2d, y, y, packed.view(torch.int32), inv_scale, bias_arg, y, res_arg, next_arg, ws, counters,
-                           p.m, p.n, p.rows, p.k // 4, x2d.stride(0), y.stride(0), res_stride, next_bytes, n_groups,
-                           cfg.split_k, **meta)
+        _gemv_kernel[grid](x2d, y, y, packed.view(torch.int32), inv_scale, bias_arg, y, res_arg, ws, counters,
+                           p.m, p.n, p.rows, p.k // 4, x2d.stride(0), y.stride(0), res_stride, n_groups, cfg.split_k,
+                           **meta)
         return
     codes, x_inv, x_sum = acts
     if cfg.kind == "gemv":
         _gemv_kernel[grid](codes.view(torch.int32), x_inv, x_sum, packed.view(torch.int32), inv_scale, bias_arg, y,
-                           res_arg, next_arg, ws, counters, p.m, p.n, p.rows, p.k // 4, p.k // 4, y.stride(0),
-                           res_stride, next_bytes, n_groups, cfg.split_k, **meta)
+                           res_arg, ws, counters, p.m, p.n, p.rows, p.k // 4, p.k // 4, y.stride(0), res_stride,
+                           n_groups, cfg.split_k, **meta)
     else:
         _gemm_kernel[grid](codes, x_inv, x_sum, packed, inv_scale, bias_arg, y, res_arg, ws, counters,
                            p.m, p.n, p.rows, p.k, y.stride(0), res_stride, n_groups, **meta)
@@ -1071,11 +1045,10 @@ def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Ten
                    mode: int, group_size: int, config: GemvConfig | GemmConfig | None = None,
                    acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                    keep_acts=None, out_dtype: torch.dtype | None = None, swiglu: bool = False,
-                   residual: torch.Tensor | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor | None:
+                   residual: torch.Tensor | None = None) -> torch.Tensor | None:
     """``(M, K) -> (M, N)`` on the GPU; ``None`` when no kernel covers this case (the caller falls back).
     ``swiglu``: the rows are gate and up stacked, and the result ``silu(gate) * up`` is ``(M, N / 2)``.
     ``residual`` (M, N) of the result's dtype, rows contiguous: the result is ``residual + x · Wᵀ``.
-    ``prefetch``: see :func:`launch` (only speed: not used while tuning, which rotates weight copies).
 
     ``acts`` are ``quantize_activations(x2d)`` when the caller already has them (then ``x2d`` may be the
     codes themselves and ``out_dtype`` says the result's dtype). Without them the fused GEMV (one
@@ -1109,5 +1082,5 @@ def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Ten
         acts = quantize_activations(x2d)
         if keep_acts is not None:
             keep_acts(acts)
-    launch(cfg, p, x2d, acts, packed, inv_scale, bias, y, residual, prefetch)
+    launch(cfg, p, x2d, acts, packed, inv_scale, bias, y, residual)
     return y

@@ -83,8 +83,6 @@ class PackedBitLinear(nn.Module):
         # quantized by the norm that made it, and a residual to add to its output.
         self._given: tuple | None = None
         self._residual: torch.Tensor | None = None
-        # The next product's packed weights, which this one's GEMV brings into L2 on CUDA (only speed).
-        self.prefetch_next: torch.Tensor | None = None
 
     def give_activations(self, x: torch.Tensor, acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         """The next call, if its input is ``x`` itself, multiplies ``acts`` (:func:`quantize_for_kernels` of ``x``)
@@ -102,10 +100,9 @@ class PackedBitLinear(nn.Module):
             if acts is not None:
                 return ternary_linear_quantized(*acts, self.weight, self.weight_scale, self.bias,
                                                 granularity=granularity, group_size=group, dtype=x.dtype,
-                                                swiglu=swiglu, residual=residual, prefetch=self.prefetch_next)
+                                                swiglu=swiglu, residual=residual)
             return ternary_linear(x, self.weight, self.weight_scale, self.bias, granularity=granularity,
-                                  group_size=group, cache=self.kernel_cache, swiglu=swiglu, residual=residual,
-                                  prefetch=self.prefetch_next)
+                                  group_size=group, cache=self.kernel_cache, swiglu=swiglu, residual=residual)
         if variant == "onebit":
             y = onebit_linear(x, self.weight, self.input_scale, self.output_scale, self.bias)
         else:
@@ -132,9 +129,9 @@ class PackedBitLinear(nn.Module):
             if acts is not None:
                 return ternary_linear_quantized_op(*acts, self.weight, self.weight_scale, self.bias,
                                                    self.spec.weight_scale, self.spec.group_size, x.dtype, swiglu,
-                                                   residual, self.prefetch_next)
+                                                   residual)
             return ternary_linear_op(x, self.weight, self.weight_scale, self.bias, self.spec.weight_scale,
-                                     self.spec.group_size, swiglu, residual, self.prefetch_next)
+                                     self.spec.group_size, swiglu, residual)
         return self._packed_forward(x, swiglu, acts, residual)
 
     @torch.no_grad()
