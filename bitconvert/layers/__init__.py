@@ -3,6 +3,8 @@
 from bitconvert.layers.bitlinear import BitExperts, BitLinear, QuantStrength, RMSNorm
 from bitconvert.layers.fused import FusedProjections, ProjectionView, fuse_projections
 from bitconvert.layers.packed import PackedBitLinear, PackedExperts
+from bitconvert.layers.decoder import QuantizingRMSNorm, fuse_decoder_layers, unfuse_decoder_layers  # noqa: I001 (after packed)
 
 __all__ = ["BitExperts", "BitLinear", "FusedProjections", "PackedBitLinear", "PackedExperts", "ProjectionView",
-           "QuantStrength", "RMSNorm", "fuse_projections"]
+           "QuantStrength", "QuantizingRMSNorm", "RMSNorm", "fuse_decoder_layers", "fuse_projections",
+           "unfuse_decoder_layers"]
