@@ -400,3 +400,20 @@ def test_reference_kernels_context_takes_the_reference_inside_only():
         assert cache.nbytes == 0  # the CPU cache was not filled: the reference ran
     assert cache.nbytes == 0
     assert torch.equal(ternary_linear(x, packed, inv, granularity="channel", cache=cache), y) and cache.nbytes > 0
+
+
+def test_compile_with_pdl_sets_inductors_switch_only_where_the_kernels_use_pdl(monkeypatch):
+    pytest.importorskip("triton")
+    import torch._inductor.config as inductor_config
+
+    from bitconvert.kernels import triton_ternary as tt
+
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        pytest.skip("this torch's inductor has no PDL switch")
+    monkeypatch.setattr(inductor_config.triton, "enable_pdl", False)
+    assert tt.compile_with_pdl(torch.device("cpu")) is False  # no PDL off Hopper: left alone
+    monkeypatch.setattr(tt, "_overlap_on", lambda device: tt.LaunchOverlap(pdl=True))
+    monkeypatch.setenv("BITCONVERT_INDUCTOR_PDL", "0")
+    assert tt.compile_with_pdl(torch.device("cuda")) is False  # the opt-out
+    monkeypatch.delenv("BITCONVERT_INDUCTOR_PDL")
+    assert tt.compile_with_pdl(torch.device("cuda")) is True and inductor_config.triton.enable_pdl is True
