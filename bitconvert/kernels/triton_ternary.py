@@ -81,7 +81,8 @@ class LaunchOverlap:
 
     Both are on by default: in two calls on an H200 they took the compiled 2.4B decode from 1.60-1.62x
     to 1.66-1.69x bf16, and to 1.82-1.90x with inductor's kernels launched the same way
-    (``TORCHINDUCTOR_ENABLE_PDL=1``), see docs/kernels.md. ``BITCONVERT_PDL=0`` and ``BITCONVERT_L2_PREFETCH=0`` turn them off.
+    (``TORCHINDUCTOR_ENABLE_PDL=1``, which :func:`compile_with_pdl` sets when a packed model loads on
+    Hopper), see docs/kernels.md. ``BITCONVERT_PDL=0`` and ``BITCONVERT_L2_PREFETCH=0`` turn them off.
     """
 
     pdl: bool = True
@@ -822,7 +823,7 @@ def compile_with_pdl(device: torch.device) -> bool:
 
     A chain of PDL launches overlaps only where both neighbours take part: with inductor's norms, rotary
     embedding and residual adds launched plainly, each of them waits for the whole kernel before it to
-    drain. On an H200 this took the compiled 2.4B decode from 2.03x to 2.25-2.29x bf16 (docs/kernels.md).
+    drain. On an H200 this took the compiled 2.4B decode from 2.01-2.04x to 2.25-2.31x bf16 (docs/kernels.md).
     The setting is process-wide and only speed (the same kernels, the same results); bf16 models compiled
     with it were as fast as without. ``BITCONVERT_INDUCTOR_PDL=0`` leaves it as it is.
     """

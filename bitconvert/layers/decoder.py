@@ -14,7 +14,8 @@ gate/up product, a quantizer and down_proj. :func:`fuse_decoder_layers` changes 
 The results are the modelling code's own (the same torch operations where no kernel runs, checked on
 the model when the layers are changed). Only for frozen inference, like fused projections, and for CUDA:
 on CPU the products that take given activations skip their cache of unpacked weights. Measured on an
-H200 (compiled 2.4B decode, docs/kernels.md): 774-780 → 808-811 tokens/s, 2.28-2.31x → 2.39x bf16.
+H200 (compiled 2.4B decode, three calls, docs/kernels.md): 768-780 → 793-811 tokens/s, 2.26-2.31x →
+2.33-2.39x bf16.
 """
 
 from __future__ import annotations
