@@ -11,7 +11,8 @@ what it measured):
            sizes, scale kinds (tensor, channel, group), dtypes and every tuning candidate.
   kernels  y = x · Wᵀ for W of shape (out, in) = 4096x4096, 11008x4096, 4096x11008, 8192x8192,
            28672x8192 at batch 1, 8, 64: bf16 cuBLAS (F.linear) against the packed kernels (per-output-
-           channel scales, activation quantization included), with the bandwidth floor of each.
+           channel scales, activation quantization included; also the product alone with its int8 codes
+           given, as a decoder layer's RMSNorm hands them over), with the bandwidth floor of each.
   e2e      greedy decode tokens/s and peak memory of a packed model against its bf16 original, in
            the same loop: plain eager `generate()`, and one decode step captured in a CUDA graph
            (static KV cache). Models: SmolLM2-135M (real weights with --smollm2-gguf, else a random-
@@ -21,10 +22,11 @@ what it measured):
 --overlap (default, off, prefetch, pdl, pdl_noprefetch) chooses how the kernels of the check and
 kernels sections overlap the kernel before them (bitconvert.kernels.triton_ternary.LaunchOverlap;
 the default is bitconvert's, PDL and prefetch on Hopper). The e2e variants packed, packed_fused and
-packed_fused_prequant use bitconvert's default; the variants in OVERLAP_VARIANTS set their own, some
+packed_fused_prequant use bitconvert's default (packed_fused: fused projections and decoder layers,
+as `bitconvert generate` runs the model); the variants in OVERLAP_VARIANTS set their own, some
 with inductor's kernels launched with PDL too (torch._inductor.config.triton.enable_pdl), some with
 transformers' sdpa instead of bitconvert's decode attention, without the SwiGLU epilogue, with other
-fused-GEMV policies or attention block sizes. bf16 variants: bf16_pdl (compiled with inductor's PDL)
+fused-GEMV policies or attention block sizes, or without the decoder layers. bf16 variants: bf16_pdl (compiled with inductor's PDL)
 and bf16_decode_attention (the bf16 model with bitconvert's decode attention, the fair baseline for
 the part of a step both models share).
 
