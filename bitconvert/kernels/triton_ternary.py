@@ -201,6 +201,24 @@ def _wait_for_previous_kernel(PDL: tl.constexpr):
 
 
 @triton.jit
+def _quantize_row(v, q_ptrs, mask, ON_GPU: tl.constexpr):
+    """BitNet's codes of one whole row ``v`` (float32, zeros where masked) stored at ``q_ptrs``; returns
+    ``inv = 127 / max|v|`` (computed as torch does, reciprocal then product) and Σ codes."""
+    inv = _inv_scale(tl.zeros_like(v) + tl.max(tl.abs(v), axis=0), ON_GPU)
+    q = _quantize(v, inv, ON_GPU)
+    tl.store(q_ptrs, q.to(tl.int8), mask=mask)
+    return inv, tl.sum(q.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _store_row_stats(inv_ptr, sum_ptr, row, offs, inv, total):
+    """One token's inverse scale and Σ codes (``inv`` is the row-wide value in every lane)."""
+    first = offs < 1
+    tl.store(inv_ptr + row + offs, inv, mask=first)
+    tl.store(sum_ptr + row + offs, tl.zeros_like(offs) + total, mask=first)
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, inv_ptr, sum_ptr, K, stride_x, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
                       ON_GPU: tl.constexpr, PDL: tl.constexpr):
     """One token: ``inv = 127 / max|x|`` (computed as torch does, reciprocal then product), codes
@@ -212,18 +230,13 @@ def _act_quant_kernel(x_ptr, q_ptr, inv_ptr, sum_ptr, K, stride_x, BLOCK: tl.con
     offs = tl.arange(0, BLOCK)
     if ONE_PASS:
         v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-        amax = tl.abs(v)
+        inv, total = _quantize_row(v, q_row + offs, offs < K, ON_GPU)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(v))
-    inv = _inv_scale(tl.zeros([BLOCK], tl.float32) + tl.max(amax, axis=0), ON_GPU)
-    if ONE_PASS:
-        q = _quantize(v, inv, ON_GPU)
-        tl.store(q_row + offs, q.to(tl.int8), mask=offs < K)
-        total = tl.sum(q.to(tl.int32), axis=0)
-    else:
+        inv = _inv_scale(tl.zeros([BLOCK], tl.float32) + tl.max(amax, axis=0), ON_GPU)
         acc = tl.zeros([BLOCK], dtype=tl.int32)
         for k0 in range(0, K, BLOCK):
             v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
@@ -231,9 +244,7 @@ def _act_quant_kernel(x_ptr, q_ptr, inv_ptr, sum_ptr, K, stride_x, BLOCK: tl.con
             tl.store(q_row + k0 + offs, q.to(tl.int8), mask=k0 + offs < K)
             acc += q.to(tl.int32)
         total = tl.sum(acc, axis=0)
-    first = offs < 1
-    tl.store(inv_ptr + row + offs, inv, mask=first)
-    tl.store(sum_ptr + row + offs, tl.zeros([BLOCK], tl.int32) + total, mask=first)
+    _store_row_stats(inv_ptr, sum_ptr, row, offs, inv, total)
 
 
 @triton.jit
@@ -258,13 +269,8 @@ def _rms_norm_quant_kernel(x_ptr, w_ptr, n_ptr, q_ptr, inv_ptr, sum_ptr, K, stri
     out_ty: tl.constexpr = n_ptr.dtype.element_ty
     n = (w.to(tl.float32) * h.to(tl.float32)).to(out_ty)
     tl.store(n_ptr + row * K + offs, n, mask=mask)
-    nf = n.to(tl.float32)
-    inv = _inv_scale(tl.zeros([BLOCK], tl.float32) + tl.max(tl.abs(nf), axis=0), ON_GPU)
-    q = _quantize(nf, inv, ON_GPU)
-    tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=mask)
-    first = offs < 1
-    tl.store(inv_ptr + row + offs, inv, mask=first)
-    tl.store(sum_ptr + row + offs, tl.zeros([BLOCK], tl.int32) + tl.sum(q.to(tl.int32), axis=0), mask=first)
+    inv, total = _quantize_row(n.to(tl.float32), q_ptr + row * K + offs, mask, ON_GPU)
+    _store_row_stats(inv_ptr, sum_ptr, row, offs, inv, total)
 
 
 @triton.jit
@@ -897,13 +903,17 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None
     return _workspaces[device]
 
 
+def _activation_buffers(m: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty int8 codes (m, k), inverse scales (m,) float32 and Σ codes (m,) int32."""
+    return (torch.empty((m, k), dtype=torch.int8, device=device), torch.empty((m,), dtype=torch.float32, device=device),
+            torch.empty((m,), dtype=torch.int32, device=device))
+
+
 def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token int8 codes (M, K), ``127 / absmax`` (M,) float32 and Σ codes (M,) int32 of a 2-D
     tensor whose rows are contiguous."""
     m, k = x2d.shape
-    codes = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
-    inv = torch.empty((m,), dtype=torch.float32, device=x2d.device)
-    total = torch.empty((m,), dtype=torch.int32, device=x2d.device)
+    codes, inv, total = _activation_buffers(m, k, x2d.device)
     if m:
         whole = max(128, _next_pow2(k))
         one_pass = whole <= 16384  # the whole row fits in registers: read it once
@@ -925,9 +935,7 @@ def rms_norm_quantize(x2d: torch.Tensor, weight: torch.Tensor,
     if k > RMS_NORM_MAX_K or weight.shape != (k,) or not weight.is_contiguous():
         return None
     normed = torch.empty((m, k), dtype=torch.promote_types(weight.dtype, x2d.dtype), device=x2d.device)
-    codes = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
-    inv = torch.empty((m,), dtype=torch.float32, device=x2d.device)
-    total = torch.empty((m,), dtype=torch.int32, device=x2d.device)
+    codes, inv, total = _activation_buffers(m, k, x2d.device)
     if m:
         block = max(128, _next_pow2(k))
         _rms_norm_quant_kernel[(m,)](x2d, weight, normed, codes, inv, total, k, x2d.stride(0), float(eps),
