@@ -466,10 +466,9 @@ def kernels_section(bandwidth: float, batches=BATCHES, shapes=SHAPES, deadline: 
                 [lambda c=c: ternary_linear(x[:], c[0], c[1], granularity="channel") for c in p_copies])
             # the product alone, its activations quantized by the kernel before it (as the RMSNorm of a decoder
             # layer hands them over, bitconvert.layers.decoder): the codes in, no quantizer launch of its own
-            given = (acts[0], acts[1], acts[2])
-            ternary_linear_quantized(*given, packed, inv, granularity="channel", dtype=torch.bfloat16)  # tunes once
+            ternary_linear_quantized(*acts, packed, inv, granularity="channel", dtype=torch.bfloat16)  # tunes once
             row["packed_codes_graph_us"] = time_graph_us(
-                [lambda c=c: ternary_linear_quantized(*given, c[0], c[1], granularity="channel", dtype=torch.bfloat16)
+                [lambda c=c: ternary_linear_quantized(*acts, c[0], c[1], granularity="channel", dtype=torch.bfloat16)
                  for c in p_copies])
             row["speedup_codes_graph"] = row["bf16_graph_us"] / row["packed_codes_graph_us"]
             row["bf16_eager_us"] = time_eager_us([lambda w=w: F.linear(x, w) for w in b_copies])

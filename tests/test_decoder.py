@@ -1,25 +1,20 @@
 """Decoder layers whose norms quantize for the next product and whose products add the residual."""
 
-import pytest
 import torch
 
-from bitconvert.kernels import rms_norm_quantize, rms_norm_quantize_reference, ternary_linear, ternary_linear_quantized
-from bitconvert.kernels import quantize_for_kernels
+from bitconvert.kernels import quantize_for_kernels, rms_norm_quantize, ternary_linear, ternary_linear_quantized
+from bitconvert.layers import decoder
 from bitconvert.layers.decoder import QuantizingRMSNorm, fuse_decoder_layers, unfuse_decoder_layers
 from bitconvert.layers.fused import fuse_projections
 from bitconvert.quant import QuantSpec, pack_ternary
-from test_fused import packed_model
+from test_fused import PACKED_CASES, logits_and_tokens, packed_model
 
 
-@pytest.mark.parametrize("arch,spec", [("llama", QuantSpec()), ("qwen2", QuantSpec(weight_scale="channel")),
-                                       ("mistral", QuantSpec(weight_scale="group", group_size=32))],
-                         ids=["llama-tensor", "qwen2-bias-channel", "mistral-group"])
+@PACKED_CASES
 def test_fused_layers_give_the_same_logits_and_generation(tmp_path, tiny_tokenizer, arch, spec):
     model = packed_model(tmp_path, tiny_tokenizer, arch, spec)
     ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = model(ids).logits
-        want_tokens = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    want, want_tokens = logits_and_tokens(model, ids)
     keys = set(model.state_dict())
     fuse_projections(model)
     names = fuse_decoder_layers(model)
@@ -27,9 +22,7 @@ def test_fused_layers_give_the_same_logits_and_generation(tmp_path, tiny_tokeniz
     layer = model.model.layers[0]
     assert isinstance(layer.input_layernorm, QuantizingRMSNorm) and type(layer).__name__.startswith("Residual")
     assert fuse_decoder_layers(model) == []  # already done
-    with torch.no_grad():
-        got = model(ids).logits
-        got_tokens = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    got, got_tokens = logits_and_tokens(model, ids)
     assert torch.equal(got, want)  # the same torch operations in the same order on CPU
     assert torch.equal(got_tokens, want_tokens)
     assert layer.self_attn.o_proj._residual is None and layer.self_attn.o_proj._given is None  # nothing kept
@@ -50,7 +43,6 @@ def test_layers_stay_without_fused_projections(tmp_path, tiny_tokenizer):
 def test_a_layer_that_does_not_compute_the_same_is_put_back(tmp_path, tiny_tokenizer, monkeypatch):
     model = packed_model(tmp_path, tiny_tokenizer)
     fuse_projections(model)
-    import bitconvert.layers.decoder as decoder
 
     def wrong(self, hidden_states, **kwargs):  # forgets the attention's residual
         hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)

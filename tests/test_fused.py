@@ -18,15 +18,24 @@ def packed_model(tmp_path, tokenizer, arch="llama", spec=QuantSpec()):
     return load_ternary(tmp_path)[0]
 
 
-@pytest.mark.parametrize("arch,spec", [("llama", QuantSpec()), ("qwen2", QuantSpec(weight_scale="channel")),
-                                       ("mistral", QuantSpec(weight_scale="group", group_size=32))],
-                         ids=["llama-tensor", "qwen2-bias-channel", "mistral-group"])
+# Architectures and scale kinds a fused packed model must decode exactly as the unfused one does.
+PACKED_CASES = pytest.mark.parametrize(
+    "arch,spec", [("llama", QuantSpec()), ("qwen2", QuantSpec(weight_scale="channel")),
+                  ("mistral", QuantSpec(weight_scale="group", group_size=32))],
+    ids=["llama-tensor", "qwen2-bias-channel", "mistral-group"])
+
+
+@torch.no_grad()
+def logits_and_tokens(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of ``ids`` and six greedy tokens after its first row."""
+    return model(ids).logits, model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+
+
+@PACKED_CASES
 def test_fused_model_gives_the_same_logits_and_generation(tmp_path, tiny_tokenizer, arch, spec):
     model = packed_model(tmp_path, tiny_tokenizer, arch, spec)
     ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = model(ids).logits
-        want_tokens = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    want, want_tokens = logits_and_tokens(model, ids)
     fused = fuse_projections(model)
     assert len(fused) == 2 * model.config.num_hidden_layers
     assert sum(name.endswith("+swiglu") for name in fused) == model.config.num_hidden_layers
@@ -35,9 +44,7 @@ def test_fused_model_gives_the_same_logits_and_generation(tmp_path, tiny_tokeniz
     assert isinstance(attn.q_proj, ProjectionView) and isinstance(attn.q_k_v_fused.fused, PackedBitLinear)
     assert attn.q_k_v_fused.fused.out_features == sum(attn.get_submodule(n).out_features for n in ("q_proj", "k_proj", "v_proj"))
     assert fuse_projections(model) == []  # already fused
-    with torch.no_grad():
-        got = model(ids).logits
-        got_tokens = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    got, got_tokens = logits_and_tokens(model, ids)
     assert torch.equal(got, want)  # integer sums per row, the same scale per row: identical
     assert torch.equal(got_tokens, want_tokens)
     assert attn.q_k_v_fused._last is None  # nothing kept between forward passes
