@@ -1,13 +1,22 @@
 """Decoder layers whose norms quantize for the next product and whose products add the residual."""
 
 import torch
+from test_fused import PACKED_CASES, logits_and_tokens, packed_model
 
-from bitconvert.kernels import quantize_for_kernels, rms_norm_quantize, ternary_linear, ternary_linear_quantized
+from bitconvert.kernels import (
+    quantize_for_kernels,
+    rms_norm_quantize,
+    ternary_linear,
+    ternary_linear_quantized,
+)
 from bitconvert.layers import decoder
-from bitconvert.layers.decoder import QuantizingRMSNorm, fuse_decoder_layers, unfuse_decoder_layers
+from bitconvert.layers.decoder import (
+    QuantizingRMSNorm,
+    fuse_decoder_layers,
+    unfuse_decoder_layers,
+)
 from bitconvert.layers.fused import fuse_projections
 from bitconvert.quant import QuantSpec, pack_ternary
-from test_fused import PACKED_CASES, logits_and_tokens, packed_model
 
 
 @PACKED_CASES
