@@ -55,6 +55,17 @@ def test_overrides_set_nested_keys_with_yaml_values():
         recipe_from_dict({"train": {"steps": 3}}, ["train.steps.x=1"])
 
 
+def test_overrides_index_lists_and_leave_the_input_alone():
+    data = {"data": {"train": [{"path": "a.txt"}, {"path": "b.txt", "weight": 1}]}}
+    recipe = recipe_from_dict(data, ["data.train.1.weight=3", "data.train.0.path=c.txt"])
+    assert [s.path for s in recipe.data.train] == ["c.txt", "b.txt"] and recipe.data.train[1].weight == 3
+    assert data["data"]["train"][1]["weight"] == 1  # the caller's recipe is not changed
+    with pytest.raises(RecipeError, match="data.train is a list of 2; expected an index 0-1, got '2'"):
+        recipe_from_dict(data, ["data.train.2.weight=3"])
+    with pytest.raises(RecipeError, match="got 'first'"):
+        recipe_from_dict(data, ["data.train.first.weight=3"])
+
+
 def test_resolved_recipe_round_trips(tmp_path):
     recipe = recipe_from_dict({"model": "m", "train": {"steps": 7}})
     path = tmp_path / "resolved.yaml"

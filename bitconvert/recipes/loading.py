@@ -3,6 +3,7 @@ which key is wrong and what was probably meant."""
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from pathlib import Path
@@ -74,22 +75,32 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``key.path=value``; a number in the path picks an item of a list
+    (``data.train.1.weight=3``: the second training source)."""
     for item in overrides:
         keys, value = parse_override(item)
-        node = data
-        for depth, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                raise RecipeError(f"--set {item!r}: {'.'.join(keys[:depth + 1])} is not a section")
-            node = child
-        node[keys[-1]] = value
+        node: Any = data
+        for depth, key in enumerate(keys):
+            where = ".".join(keys[:depth]) or "<top level>"
+            last = depth == len(keys) - 1
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise RecipeError(f"--set {item!r}: {where} is a list of {len(node)}; "
+                                      f"expected an index 0-{len(node) - 1}, got {key!r}")
+                key = int(key)
+            elif not isinstance(node, dict):
+                raise RecipeError(f"--set {item!r}: {where} is not a section")
+            if last:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and node.get(key) is None:
+                    node[key] = {}
+                node = node[key]
     return data
 
 
 def recipe_from_dict(data: dict[str, Any], overrides: list[str] = (), source: str = "recipe") -> Recipe:
-    data = apply_overrides(dict(data or {}), list(overrides))
+    data = apply_overrides(copy.deepcopy(dict(data or {})), list(overrides))
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
