@@ -10,14 +10,20 @@
 #       original and the export (perplexity, PIQA) and fit_curve.py fits the curve
 # .whl comes from benchmarks/device/wheels.sh, .models from ../shared/tools/smollm2-parts.sh .models,
 # .data is a copy of ../shared/data.
+# Knobs: SETS (space-separated recipe overrides for both calls, e.g. "train.compile=layers
+# data.train.1.weight=3"), NAME (prefix of the result files, default smollm2_distill_h200_10min), STOP_S
+# (the train call's SIGINT, default 540), FINISH_S (the finish call's, default 450).
 set -uo pipefail
 out=${OUT:?}; stage=${STAGE:?setup, train or finish}
 work=/root/m
+name=${NAME:-smollm2_distill_h200_10min}
+sets=()
+for item in ${SETS:-}; do sets+=(--set "$item"); done
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 BITCONVERT_DATA=$work/data PYTHONPATH=$work/site
 quiet() { grep --line-buffered -v 'it/s\]' ; }
 # $1: seconds after which the trainer gets a SIGINT (checkpoint, then stop); the rest goes to bitconvert run
 run() { timeout -s INT "$1" python3 -m bitconvert.cli run recipes/smollm2-gpu.yaml --set model="$work/smol-hf" \
-          --set output="$work/tern" "${@:2}" 2>&1 | quiet | tail -12 ; }
+          --set output="$work/tern" "${sets[@]}" "${@:2}" 2>&1 | quiet | tail -12 ; }
 case $stage in
   setup)
     mkdir -p $work && cp .models/part-a/smol.part-aa $work/
@@ -32,12 +38,13 @@ m, t = load_model('$work/smollm2.gguf'); m.save_pretrained('$work/smol-hf'); t.s
     run "${STOP_S:-540}"
     ls -la $work/tern/training | tail -5 ;;
   finish)
-    run 450 --resume
+    run "${FINISH_S:-450}" --resume
     python3 benchmarks/eval_smollm2.py --model "$work/smol-hf" --ternary "$work/tern" --data-dir "$BITCONVERT_DATA" \
       --out "$out" 2>&1 | quiet | tail -25
-    cp "$work/tern/training/metrics.jsonl" "$out/smollm2_distill_h200_10min_metrics.jsonl"
-    cp "$work/tern/training_curves.png" "$out/smollm2_distill_h200_10min_curves.png" 2>/dev/null
-    cp "$work/tern/README.md" "$out/model_card.md" 2>/dev/null
-    python3 benchmarks/fit_curve.py "$out/smollm2_distill_h200_10min_metrics.jsonl" --out "$out" 2>&1 | tail -12
+    cp "$work/tern/training/metrics.jsonl" "$out/${name}_metrics.jsonl"
+    cp "$work/tern/training_curves.png" "$out/${name}_curves.png" 2>/dev/null
+    cp "$work/tern/README.md" "$out/${name}_model_card.md" 2>/dev/null
+    python3 benchmarks/fit_curve.py "$out/${name}_metrics.jsonl" --out "$out" 2>&1 | tail -12
+    cp "$work/tern/recipe.yaml" "$out/${name}_recipe.yaml" 2>/dev/null
     ls -la "$out" ;;
 esac
