@@ -12,7 +12,8 @@
 # .data is a copy of ../shared/data.
 # Knobs: SETS (space-separated recipe overrides for both calls, e.g. "train.compile=layers
 # data.train.1.weight=3"), NAME (prefix of the result files, default smollm2_distill_h200_10min), STOP_S
-# (the train call's SIGINT, default 540), FINISH_S (the finish call's, default 450).
+# (the train call's SIGINT, default 500: the wheels, the GGUF's conversion and the checkpoint written after
+# the signal need the rest of the call's 600 s), FINISH_S (the finish call's, default 450).
 set -uo pipefail
 out=${OUT:?}; stage=${STAGE:?setup, train or finish}
 work=/root/m
@@ -37,7 +38,7 @@ case $stage in
     python3 -c "
 from bitconvert.sources import load_model
 m, t = load_model('$work/smollm2.gguf'); m.save_pretrained('$work/smol-hf'); t.save_pretrained('$work/smol-hf')" 2>&1 | quiet
-    run "${STOP_S:-540}"
+    run "${STOP_S:-500}"
     ls -la $work/tern/training | tail -5 ;;
   finish)
     run "${FINISH_S:-450}" --resume
