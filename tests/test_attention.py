@@ -8,6 +8,7 @@ import torch
 
 from bitconvert.kernels.attention import decode_attention, decode_attention_reference
 from bitconvert.layers.attention import DECODE_ATTENTION, decode_attention_forward, use_decode_attention
+from bitconvert.quant import QuantSpec
 from conftest import build_tiny_model, run_in_triton_interpreter
 
 
@@ -92,6 +93,27 @@ INTERPRETER_CHECK = textwrap.dedent("""
         err = ((got.float() - want).norm() / want.norm()).item()
         assert got.dtype == torch.float16 and err < 2e-3, (b, h, hkv, d, keys, valid, splits, err)
     assert int(ta._counters[torch.device("cpu")].abs().sum()) == 0  # every head reset its counter
+
+    # ROPE: rotary embedding and the cache write inside the kernel, against the torch reference
+    from bitconvert.kernels.attention import decode_attention_rope_reference
+    for b, h, hkv, d, keys, slots, splits in [(1, 20, 4, 128, 304, [40], None), (2, 9, 3, 64, 150, [149], 2),
+                                               (3, 6, 2, 80, 200, [0], 3), (2, 4, 1, 32, 2100, [1500], 5)]:
+        qkv = torch.randn(b, (h + 2 * hkv) * d).half()
+        cos, sin = torch.randn(b, d).half(), torch.randn(b, d).half()
+        caches = [torch.randn(b, hkv, keys, d).half() for _ in range(2)]
+        slot = torch.tensor(slots[0])
+        mask = torch.zeros(b, keys, dtype=torch.bool)
+        mask[:, : slots[0] + 1] = True
+        mask[0, :1] = slots[0] == 0  # a padded first key
+        want_caches = [c.float() for c in caches]
+        want = decode_attention_rope_reference(qkv.float(), cos.float(), sin.float(), *want_caches, slot.clone(), mask,
+                                               d ** -0.5, h)
+        got = ta.decode_attention_rope(qkv, cos, sin, *caches, slot, mask, d ** -0.5, h, splits=splits)
+        err = ((got.float() - want).norm() / want.norm()).item()
+        assert err < 2e-3, ("rope", b, h, hkv, d, keys, slots, splits, err)
+        for cache, want_cache in zip(caches, want_caches):  # the new key and value, and nothing else, written
+            torch.testing.assert_close(cache.float(), want_cache, rtol=2e-3, atol=2e-3)
+        assert int(slot) == slots[0]  # read, not advanced: the caller advances it
     print("interpreter ok")
 """)
 
@@ -103,18 +125,20 @@ def test_triton_decode_attention_matches_reference_in_the_interpreter():
     run_in_triton_interpreter(INTERPRETER_CHECK)
 
 
+@pytest.mark.parametrize("rope", [False, True], ids=["", "rope"])
 @pytest.mark.parametrize("split", [False, True])
-def test_decode_attention_compiles_for_hopper_and_waits_before_it_reads(split):
+def test_decode_attention_compiles_for_hopper_and_waits_before_it_reads(split, rope):
     """Compiled for sm_90 without a GPU: bf16 tensor-core products, and under programmatic dependent
-    launch no load or store before ``griddepcontrol.wait``."""
+    launch no load or store before ``griddepcontrol.wait`` (with ROPE too: the new key's store)."""
     pytest.importorskip("triton")
     from test_kernels import _ptx_for_hopper
 
     from bitconvert.kernels import triton_attention as ta
 
-    constants = dict(G=5, GP=16, D=128, DP=128, BN=64, HAS_MASK=True, SKIP=split, SP=8 if split else 1, PDL=True)
+    constants = dict(G=5, GP=16, D=128, DP=128, BN=64, HAS_MASK=True, SKIP=split, SP=8 if split else 1, ROPE=rope,
+                     PDL=True)
     types = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", mask_ptr="*u8", out_ptr="*bf16", part_ptr="*fp32",
-                 cnt_ptr="*i32", scale_log2="fp32")
+                 cnt_ptr="*i32", scale_log2="fp32", cos_ptr="*bf16", sin_ptr="*bf16", slot_ptr="*i64")
     lines = _ptx_for_hopper(ta._decode_attention_kernel, constants, types).splitlines()
     wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
     assert not [line for line in lines[:wait] if any(op in line for op in ("ld.global", "st.global", "atom."))]
@@ -134,3 +158,99 @@ def test_decode_attention_compiles_as_one_opaque_operator():
     torch._dynamo.reset()
     compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(query, key, value, mask), attend(query, key, value, mask))
+
+
+def _static_decode(model, ids, steps=4, forward=None):
+    """Greedy decode over transformers' StaticCache with bitconvert's decode attention: the logits of each step."""
+    from transformers import StaticCache
+
+    from bitconvert.layers.attention import decode_attention
+
+    forward = model if forward is None else forward
+    mask = torch.ones(ids.shape[0], ids.shape[1] + steps, dtype=torch.long)
+    mask[0, :2] = 0  # left padding: positions differ between the rows
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps)
+    logits = []
+    with torch.no_grad(), decode_attention(model):
+        out = model(input_ids=ids, attention_mask=mask[:, :ids.shape[1]], use_cache=True, cache=cache)
+        token = out.logits[:, -1:].argmax(-1)
+        for step in range(steps):
+            length = ids.shape[1] + step + 1
+            logits.append(forward(input_ids=token, attention_mask=mask[:, :length], use_cache=True, cache=cache).logits)
+            token = logits[-1][:, -1:].argmax(-1)
+    return torch.cat(logits, dim=1), cache
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rope_attention_decodes_the_same_over_a_static_cache(tmp_path, tiny_tokenizer, arch):
+    """The fused decode step (rotary embedding and cache write in the attention operator) gives the logits and
+    the cache contents of transformers' own forward; prompts and caches that are not static take that forward."""
+    from test_fused import packed_model
+
+    from bitconvert.layers.attention import fuse_rope_attention, unfuse_rope_attention
+    from bitconvert.layers.decoder import fuse_decoder_layers
+    from bitconvert.layers.fused import fuse_projections
+
+    model = packed_model(tmp_path, tiny_tokenizer, arch)
+    fuse_projections(model)
+    fuse_decoder_layers(model)
+    ids = torch.randint(0, 320, (2, 6), generator=torch.Generator().manual_seed(4))
+    want, want_cache = _static_decode(model, ids)
+    with torch.no_grad():
+        want_dynamic = model.generate(ids, max_new_tokens=4, do_sample=False)
+    names = fuse_rope_attention(model)
+    assert len(names) == model.config.num_hidden_layers and type(model.model.layers[0].self_attn).__name__.startswith("Rope")
+    assert fuse_rope_attention(model) == []  # already done
+    got, got_cache = _static_decode(model, ids)
+    assert torch.equal(got, want)
+    for theirs, ours in zip(want_cache.layers, got_cache.layers):
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+        assert int(ours.cumulative_length) == int(theirs.cumulative_length) == 10
+    with torch.no_grad():  # a dynamic cache: transformers' forward
+        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), want_dynamic)
+    assert unfuse_rope_attention(model) == model.config.num_hidden_layers
+    assert not hasattr(type(model.model.layers[0].self_attn), "_bitconvert_rope_original")
+
+
+def test_rope_attention_is_left_out_where_it_would_not_run(tmp_path, tiny_tokenizer, monkeypatch):
+    from test_fused import packed_model
+
+    from bitconvert.layers import attention
+    from bitconvert.layers.fused import fuse_projections
+
+    model = packed_model(tmp_path, tiny_tokenizer, "mistral")
+    assert attention.fuse_rope_attention(model) == []  # q/k/v not one product
+    fuse_projections(model)
+    # Mistral's sliding window gives its static cache sliding layers, which the operator does not write
+    assert attention.fuse_rope_attention(model) == []
+    llama = packed_model(tmp_path / "llama", tiny_tokenizer, "llama")
+    fuse_projections(llama)
+    original = attention.decode_attention_rope_op
+
+    def rotates_the_other_way(qkv, cos, sin, *rest):
+        return original(qkv, cos, -sin, *rest)
+
+    monkeypatch.setattr(attention, "decode_attention_rope_op", rotates_the_other_way)
+    assert attention.fuse_rope_attention(llama) == []  # its logits would change: put back
+    assert not hasattr(type(llama.model.layers[0].self_attn), "_bitconvert_rope_original")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_rope_attention_compiles_as_one_graph(tmp_path, tiny_tokenizer, backend):
+    """fullgraph: the operator mutates the caches in place (no copies); under inductor the cache position is
+    advanced outside it, where an operator that advanced it made inductor rotate later layers at the new one."""
+    from test_fused import packed_model
+
+    from bitconvert.layers.attention import fuse_rope_attention
+    from bitconvert.layers.fused import fuse_projections
+
+    model = packed_model(tmp_path, tiny_tokenizer, spec=QuantSpec(weight_scale="channel"))
+    fuse_projections(model)
+    ids = torch.randint(0, 320, (2, 6), generator=torch.Generator().manual_seed(5))
+    want, _ = _static_decode(model, ids)
+    assert fuse_rope_attention(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    got, _ = _static_decode(model, ids, forward=compiled)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -58,3 +58,63 @@ def decode_attention_op(query, key, value, mask, scale):
 @decode_attention_op.register_fake
 def _decode_attention_shape(query, key, value, mask, scale):
     return query.new_empty(query.shape)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary convention: the last dimension's halves (a, b) become (-b, a)."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def decode_attention_rope_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor,
+                                    value_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None,
+                                    scale: float, heads: int) -> torch.Tensor:
+    """What transformers' attention does for one new token over a static cache, in its order: rotate q and k,
+    write k and v at position ``slot`` of the caches, attend (advancing the position is the caller's). ``qkv``
+    (B, (H + 2 HKV) D): the stacked q/k/v product; ``cos``/``sin`` (B, D); caches (B, HKV, L, D); ``slot`` one
+    int64. -> (B, H, D)."""
+    batch, kv_heads, dim = qkv.shape[0], key_cache.shape[1], key_cache.shape[-1]
+    query, key, value = qkv.view(batch, heads + 2 * kv_heads, dim).split([heads, kv_heads, kv_heads], dim=1)
+    cos, sin = cos[:, None], sin[:, None]
+    query = query * cos + rotate_half(query) * sin
+    key = key * cos + rotate_half(key) * sin
+    position = slot.reshape(1)
+    key_cache.index_copy_(2, position, key[:, :, None].to(key_cache.dtype))
+    value_cache.index_copy_(2, position, value[:, :, None].to(value_cache.dtype))
+    return decode_attention_reference(query.to(key_cache.dtype), key_cache, value_cache, mask, scale)
+
+
+def _rope_kernel_eligible(qkv, cos, sin, key_cache, value_cache, slot, mask, heads) -> bool:
+    dim = key_cache.shape[-1]
+    return (qkv.is_cuda and qkv.dtype in _KERNEL_DTYPES and key_cache.dtype == value_cache.dtype == qkv.dtype
+            and qkv.is_contiguous() and dim % 2 == 0 and value_cache.shape[-1] == dim
+            and qkv.shape[-1] == (heads + 2 * key_cache.shape[1]) * dim and heads % key_cache.shape[1] == 0
+            and cos.shape[-1] == sin.shape[-1] == dim and cos.stride(-1) == sin.stride(-1) == 1
+            and key_cache.stride(-1) == value_cache.stride(-1) == 1 and slot.dtype == torch.int64 and slot.numel() == 1
+            and not (torch.is_grad_enabled() and qkv.requires_grad)
+            and (mask is None or mask.dtype in (torch.bool, torch.uint8))
+            and not _reference_only() and triton_available())
+
+
+def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor,
+                          value_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                          heads: int) -> torch.Tensor:
+    """:func:`decode_attention_rope_reference` as one Triton kernel on CUDA half-precision tensors (the rotary
+    embedding and the cache write inside the attention kernel); elsewhere the reference."""
+    if _rope_kernel_eligible(qkv, cos, sin, key_cache, value_cache, slot, mask, heads):
+        from bitconvert.kernels import triton_attention
+
+        return triton_attention.decode_attention_rope(qkv, cos, sin, key_cache, value_cache, slot, mask, scale, heads)
+    return decode_attention_rope_reference(qkv, cos, sin, key_cache, value_cache, slot, mask, scale, heads)
+
+
+@torch.library.custom_op("bitconvert::decode_attention_rope", mutates_args=("key_cache", "value_cache"),
+                         schema="(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+                                "Tensor slot, Tensor? mask, float scale, int heads) -> Tensor")
+def decode_attention_rope_op(qkv, cos, sin, key_cache, value_cache, slot, mask, scale, heads):
+    return decode_attention_rope(qkv, cos, sin, key_cache, value_cache, slot, mask, scale, heads)
+
+
+@decode_attention_rope_op.register_fake
+def _decode_attention_rope_shape(qkv, cos, sin, key_cache, value_cache, slot, mask, scale, heads):
+    return key_cache.new_empty((qkv.shape[0], heads, key_cache.shape[-1]))

@@ -18,6 +18,13 @@ Each block's mask, keys and values are loaded together, one memory round trip, a
 to the scores. In a long cache (more than SKIP_AFTER_KEYS slots) a block is first checked against
 the mask and not read at all when no key in it counts (a static cache's unwritten end): one round
 trip more per block, far fewer bytes.
+
+ROPE: the kernel also does the two steps before attention that transformers runs as separate kernels.
+It reads this step's raw q/k/v (one row of the stacked product per sequence) and rotates q and k
+(rotary embedding, transformers' ``rotate_half`` convention). The program whose slice holds the cache
+slot writes the new key and value there before it reads its keys. The cache's position is read, not
+advanced: the caller advances it, with an in-place add that torch.compile orders correctly (when this
+operator advanced it, inductor recomputed the rotary angles of later layers from the advanced position).
 """
 
 from __future__ import annotations
@@ -40,12 +47,16 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, c
                              n_splits, scale_log2,
                              stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
                              stride_mb, stride_ml, stride_ob, stride_oh,
+                             cos_ptr, sin_ptr, slot_ptr, stride_cb, stride_sb,
                              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                              BN: tl.constexpr, HAS_MASK: tl.constexpr, SKIP: tl.constexpr, SP: tl.constexpr,
-                             PDL: tl.constexpr):
+                             ROPE: tl.constexpr, PDL: tl.constexpr):
     """``q`` (B, H, D) with H = HKV * G, ``k``/``v`` (B, HKV, L, D), ``mask`` (B, L) uint8 (1: attend),
     ``out`` (B, H, D). ``part``: float32 scratch (B * HKV, n_splits, GP, DP + 2) when SP > 1 (SP: a power
-    of two, at least n_splits). SKIP: blocks the mask excludes are not read."""
+    of two, at least n_splits). SKIP: blocks the mask excludes are not read.
+
+    ROPE: ``q`` is this step's stacked product (B, (H + 2 HKV) D), q then k then v, not yet rotated; ``cos``,
+    ``sin`` (B, D); ``slot`` (one int64) is the cache position that the new key and value go to."""
     SPLIT: tl.constexpr = SP > 1
     _wait_for_previous_kernel(PDL)
     bh = tl.program_id(0)
@@ -56,16 +67,39 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, c
     offs_d = tl.arange(0, DP)
     g_mask = offs_g < G
     d_mask = offs_d < D
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, L)
+    if ROPE:
+        HALF: tl.constexpr = D // 2
+        row = q_ptr + b.to(tl.int64) * stride_qb
+        cos = tl.load(cos_ptr + b.to(tl.int64) * stride_cb + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + b.to(tl.int64) * stride_sb + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        # rotate_half(x) = (-x[HALF:], x[:HALF]): each element pairs with the one HALF away, the first half negated
+        partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)
+        sin = tl.where(offs_d < HALF, -sin, sin)
+        q_mask = g_mask[:, None] & d_mask[None, :]
+        q_cols = row + (h * G + offs_g)[:, None] * D
+        q_raw = tl.load(q_cols + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        q_pair = tl.load(q_cols + partner[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        q = (q_raw * cos[None, :] + q_pair * sin[None, :]).to(k_ptr.dtype.element_ty)
+        slot = tl.load(slot_ptr)
+        if (slot >= lo) & (slot < hi):  # one program per key/value head writes the new key and value
+            k_cols = row + (HKV * G + h) * D
+            k_new = tl.load(k_cols + offs_d, mask=d_mask, other=0.0).to(tl.float32) * cos + \
+                tl.load(k_cols + partner, mask=d_mask, other=0.0).to(tl.float32) * sin
+            v_new = tl.load(row + (HKV * G + HKV + h) * D + offs_d, mask=d_mask, other=0.0)
+            tl.store(k_base + slot * stride_kl + offs_d, k_new.to(k_ptr.dtype.element_ty), mask=d_mask)
+            tl.store(v_base + slot * stride_vl + offs_d, v_new.to(v_ptr.dtype.element_ty), mask=d_mask)
+        tl.debug_barrier()  # the block that holds the slot is read below, by every thread of the program
+    else:
+        q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
 
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DP], tl.float32)
-    lo = split * keys_per_split
-    hi = tl.minimum(lo + keys_per_split, L)
     for n0 in range(lo, hi, BN):
         offs_n = n0 + tl.arange(0, BN)
         valid = offs_n < hi
@@ -162,10 +196,23 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      scale: float, splits: int | None = None) -> torch.Tensor:
     """``softmax(q · kᵀ · scale) · v`` for ``query`` (B, H, D), ``key``/``value`` (B, HKV, L, D) with the
     last dimension contiguous, ``mask`` None or (B, L) uint8/bool (1: attend). Returns (B, H, D)."""
-    batch, heads, dim = query.shape
+    return _launch(query, query.shape[1], key, value, mask, scale, splits)
+
+
+def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor,
+                          value_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                          heads: int, splits: int | None = None) -> torch.Tensor | None:
+    """Rotary embedding, the cache write and decode attention in one kernel (module docstring, ROPE):
+    ``qkv`` (B, (H + 2 HKV) D) contiguous, ``cos``/``sin`` (B, D), ``key_cache``/``value_cache``
+    (B, HKV, L, D), ``slot`` a one-element int64 tensor (the position written). Returns (B, H, D)."""
+    return _launch(qkv, heads, key_cache, value_cache, mask, scale, splits, (cos, sin, slot))
+
+
+def _launch(query, heads, key, value, mask, scale, splits, rope=None):
+    batch, dim = query.shape[0], key.shape[-1]
     kv_heads, keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
-    out = torch.empty((batch, heads, dim), dtype=query.dtype, device=query.device)
+    out = torch.empty((batch, heads, dim), dtype=key.dtype, device=query.device)
     splits = min(splits or split_count(batch * kv_heads, keys, query.device), MAX_SPLITS)
     counters = _split_counters(query.device) if splits > 1 and batch * kv_heads <= COUNTERS else None
     if counters is None:
@@ -178,14 +225,17 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     mask_arg = mask if mask is not None else out
+    cos, sin, slot = rope if rope is not None else (out, out, out)
     _decode_attention_kernel[(batch * kv_heads, splits)](
         query, key, value, mask_arg, out, part, counters if splits > 1 else out, keys, kv_heads, per_split, splits,
         scale * 1.4426950408889634,  # log2(e): exp(x) = exp2(x * log2 e)
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        query.stride(0), query.stride(1) if rope is None else 0, key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
         out.stride(0), out.stride(1),
+        cos, sin, slot,
+        cos.stride(0) if rope is not None else 0, sin.stride(0) if rope is not None else 0,
         G=groups, GP=gp, D=dim, DP=dp, BN=BLOCK_KEYS, HAS_MASK=mask is not None,
-        SKIP=mask is not None and keys > SKIP_AFTER_KEYS, SP=triton.next_power_of_2(splits), num_warps=4,
-        **_pdl_meta(_overlap_on(query.device).pdl))
+        SKIP=mask is not None and keys > SKIP_AFTER_KEYS, SP=triton.next_power_of_2(splits), ROPE=rope is not None,
+        num_warps=4, **_pdl_meta(_overlap_on(query.device).pdl))
     return out

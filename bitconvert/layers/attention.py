@@ -5,16 +5,27 @@ query token per sequence goes to bitconvert's kernel (keys and values read once 
 none copied, a Triton kernel on CUDA); prompts (several query tokens) and anything the kernel does not
 cover (dropout, soft-capping, attention sinks, float masks) go to transformers' own sdpa. Masks are
 sdpa's, so padding, sliding windows and a static cache's empty slots mean what they mean there.
+
+:func:`fuse_rope_attention` goes one step further for attention modules whose q/k/v are one fused packed
+product (:func:`~bitconvert.layers.fused.fuse_projections`): at a decode step over a static cache, the
+rotary embedding and the cache writes happen inside the attention kernel
+(:func:`bitconvert.kernels.decode_attention_rope`) instead of in kernels of their own before it.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 import os
 from contextlib import contextmanager
 
 import torch
 
-from bitconvert.kernels.attention import decode_attention_op
+from bitconvert.kernels import reference_kernels
+from bitconvert.kernels.attention import decode_attention_op, decode_attention_rope_op
+
+log = logging.getLogger(__name__)
 
 DECODE_ATTENTION = "bitconvert_decode"
 _EXTRAS = ("softcap", "position_bias", "s_aux", "sinks")  # what sdpa handles and the kernel does not
@@ -84,3 +95,139 @@ def decode_attention(model):
     finally:
         for config, implementation in before:
             config._attn_implementation = implementation
+
+
+def _cache_keyword(forward) -> str:
+    """transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache``; 5.17 knows the old name."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _static_layer(cache, index: int):
+    """The cache's layer ``index`` if it is transformers' StaticLayer with its tensors made, else None."""
+    from transformers.cache_utils import StaticLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None or not 0 <= index < len(layers):
+        return None
+    layer = layers[index]
+    return layer if type(layer) is StaticLayer and layer.is_initialized else None
+
+
+_probe_fast_steps = 0  # decode steps that took the fused path, counted in eager mode (the probe reads it)
+
+
+def _rope_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                            past_key_values=None, **kwargs):
+    """A decode step over a static cache in one kernel after the q/k/v product; anything else is the
+    modelling code's own forward."""
+    global _probe_fast_steps
+    cache = cache if cache is not None else past_key_values
+    original = type(self)._bitconvert_rope_original
+    layer = _static_layer(cache, self.layer_idx) if cache is not None else None
+    mask = attention_mask
+    if (layer is None or hidden_states.shape[1] != 1 or position_embeddings is None or self.training
+            or self.config._attn_implementation != DECODE_ATTENTION
+            or not (mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1
+                                     and mask.dtype == torch.bool))
+            or any(kwargs.get(name) is not None for name in _EXTRAS)):
+        return original.forward(self, hidden_states, position_embeddings, attention_mask,
+                                **{_cache_keyword(original.forward): cache}, **kwargs)
+    batch = hidden_states.shape[0]
+    qkv = self.q_proj.group.fused(hidden_states).reshape(batch, -1)
+    cos, sin = (t.expand(batch, -1, -1)[:, -1] for t in position_embeddings)  # (1 or B, 1, D) -> (B, D)
+    keys = layer.keys.shape[2]
+    flat_mask = None if mask is None else mask[:, 0, 0, -keys:].expand(batch, keys)
+    out = decode_attention_rope_op(qkv, cos, sin, layer.keys, layer.values, layer.cumulative_length, flat_mask,
+                                   float(self.scaling), self.config.num_attention_heads)
+    layer.cumulative_length.add_(1)  # as StaticLayer.update does; outside the operator, see triton_attention
+    if not torch.compiler.is_compiling():
+        _probe_fast_steps += 1
+    return self.o_proj(out.reshape(batch, 1, -1)), None
+
+
+@functools.cache
+def _rope_class(cls: type) -> type:
+    return type(f"Rope{cls.__name__}", (cls,), {"forward": _rope_attention_forward, "_bitconvert_rope_original": cls})
+
+
+def _rope_eligible(attn) -> bool:
+    """q/k/v one fused product in that order, transformers' head counts, nothing between the product and the
+    rotary embedding (q/k norms) or inside attention (sinks) that the kernel does not do."""
+    from bitconvert.layers.fused import ProjectionView
+
+    views = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+    if not all(isinstance(v, ProjectionView) for v in views) or len({id(v.group) for v in views}) != 1:
+        return False
+    config, dim = getattr(attn, "config", None), getattr(attn, "head_dim", None)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if not (isinstance(dim, int) and isinstance(heads, int) and isinstance(kv_heads, int)) or heads % kv_heads:
+        return False
+    sizes = (heads * dim, kv_heads * dim, kv_heads * dim)
+    return ([v.index for v in views] == [0, 1, 2] and tuple(views[0].group.sizes) == sizes
+            and not any(hasattr(attn, name) for name in ("q_norm", "k_norm", "sinks"))
+            and isinstance(getattr(attn, "layer_idx", None), int)
+            and all(hasattr(attn, name) for name in ("scaling", "o_proj")))
+
+
+def _probe_decode(model) -> tuple[torch.Tensor, int]:
+    """Logits of two decode steps after a 4-token prompt over a static cache (reference kernels, two sequences,
+    the first left-padded), and how many attention calls took the fused path."""
+    global _probe_fast_steps
+    from transformers import StaticCache
+
+    device = next(model.parameters()).device
+    vocab = getattr(model.config, "vocab_size", 2)
+    ids = torch.randint(0, vocab, (2, 6), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0
+    cache = StaticCache(config=model.config, max_cache_len=8)
+    keyword = _cache_keyword(model.forward)
+    _probe_fast_steps = 0
+    logits = []
+    with reference_kernels(), decode_attention(model):
+        model(input_ids=ids[:, :4], attention_mask=mask[:, :4], use_cache=True, **{keyword: cache})
+        for step in (4, 5):
+            logits.append(model(input_ids=ids[:, step:step + 1], attention_mask=mask[:, :step + 1], use_cache=True,
+                                **{keyword: cache}).logits.float())
+    return torch.cat(logits, dim=1), _probe_fast_steps
+
+
+@torch.no_grad()
+def fuse_rope_attention(model) -> list[str]:
+    """Give every eligible attention module the fused decode step of the module docstring; returns their names.
+
+    The model's logits over two decode steps of a static cache must come out the same afterwards (reference
+    kernels on both sides, so what is compared is the operator's arithmetic against the modelling code's), or
+    every module is put back. Idempotent; :func:`unfuse_rope_attention` undoes it.
+    """
+    plans = [(name, module, type(module)) for name, module in model.named_modules()
+             if not hasattr(type(module), "_bitconvert_rope_original") and _rope_eligible(module)]
+    if not plans:
+        return []
+    try:
+        want, _ = _probe_decode(model)
+        for _, module, cls in plans:
+            module.__class__ = _rope_class(cls)
+        got, fast = _probe_decode(model)
+        same = bool((got - want).norm() <= 1e-3 * want.norm() + 1e-6) and fast > 0
+        why = "its logits changed" if fast else "no decode step took the fused path"
+    except Exception as err:  # e.g. a model whose forward passes its attention other arguments
+        same, why = False, f"{type(err).__name__}: {err}"
+    if not same:
+        for _, module, cls in plans:
+            module.__class__ = cls
+        log.info("attention left as it is (%s)", why)
+        return []
+    return [name for name, *_ in plans]
+
+
+def unfuse_rope_attention(model) -> int:
+    """Undo :func:`fuse_rope_attention`; returns how many attention modules were put back."""
+    count = 0
+    for module in model.modules():
+        original = getattr(type(module), "_bitconvert_rope_original", None)
+        if original is not None:
+            module.__class__ = original
+            count += 1
+    return count
