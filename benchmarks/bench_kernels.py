@@ -22,11 +22,11 @@ what it measured):
 --overlap (default, off, prefetch, pdl, pdl_noprefetch) chooses how the kernels of the check and
 kernels sections overlap the kernel before them (bitconvert.kernels.triton_ternary.LaunchOverlap;
 the default is bitconvert's, PDL and prefetch on Hopper). The e2e variants packed, packed_fused and
-packed_fused_prequant use bitconvert's default (packed_fused: fused projections and decoder layers,
-as `bitconvert generate` runs the model); the variants in OVERLAP_VARIANTS set their own, some
+packed_fused_prequant use bitconvert's default (packed_fused: fused projections, decoder layers and,
+over the static cache, the rotary embedding and cache write inside the attention kernel); the variants in OVERLAP_VARIANTS set their own, some
 with inductor's kernels launched with PDL too (torch._inductor.config.triton.enable_pdl), some with
 transformers' sdpa instead of bitconvert's decode attention, without the SwiGLU epilogue, with other
-fused-GEMV policies or attention block sizes, or without the decoder layers. bf16 variants: bf16_pdl (compiled with inductor's PDL)
+fused-GEMV policies or attention block sizes, without the decoder layers or the fused rotary. bf16 variants: bf16_pdl (compiled with inductor's PDL)
 and bf16_decode_attention (the bf16 model with bitconvert's decode attention, the fair baseline for
 the part of a step both models share).
 
@@ -393,6 +393,38 @@ def check_section(parts=CHECK_PARTS) -> dict:
             failures += not ok
             cases.append({"case": f"decode attention b={b} h={h}/{hkv} d={d} keys={keys} valid={valid} splits={splits} "
                                   f"{str(dtype)[6:]}", "ok": ok, "relerr": err})
+        # ROPE: the rotary embedding and the cache write inside the kernel, against the torch reference in float32;
+        # the slot at a block's and a split's edges, batches whose rotary angles are shared (stride 0) or not
+        from bitconvert.kernels.attention import decode_attention_rope_reference
+        for b, h, hkv, d, keys, slot, splits, shared in [
+                (1, 20, 4, 128, 304, 40, None, True), (1, 20, 4, 128, 304, 63, 1, True), (1, 20, 4, 128, 304, 64, 3, True),
+                (4, 32, 8, 128, 1000, 999, None, False), (2, 9, 3, 64, 4096, 1500, None, False),
+                (8, 12, 2, 96, 77, 0, None, True)]:
+            dtype = torch.bfloat16
+            qkv = torch.randn(b, (h + 2 * hkv) * d, device="cuda", dtype=dtype)
+            angles = torch.randn(1 if shared else b, d, device="cuda")
+            cos, sin = (f(angles).to(dtype).expand(b, d) for f in (torch.cos, torch.sin))
+            caches = [torch.randn(b, hkv, keys, d, device="cuda", dtype=dtype) for _ in range(2)]
+            mask = torch.zeros(b, keys, dtype=torch.bool, device="cuda")
+            mask[:, :slot + 1] = True
+            want_caches = [c.float() for c in caches]
+            position = torch.tensor(slot, device="cuda")
+            ref = decode_attention_rope_reference(qkv.float(), cos.float(), sin.float(), *want_caches, position, mask,
+                                                  d ** -0.5, h)
+            try:
+                got = ta.decode_attention_rope(qkv, cos, sin, *caches, position, mask, d ** -0.5, h, splits=splits)
+                err = relerr(got.float(), ref)
+                cache_err = max(relerr(c[:, :, slot].float(), w[:, :, slot]) for c, w in zip(caches, want_caches))
+                others = [i for i in range(keys) if i != slot]
+                untouched = all(torch.equal(c[:, :, others].float(), w[:, :, others]) for c, w in zip(caches, want_caches))
+                ok = (err <= 1e-2 and cache_err <= 1e-2 and untouched and int(position) == slot
+                      and got.dtype == dtype)
+            except Exception as exc:
+                err, cache_err, ok = f"{type(exc).__name__}: {str(exc)[:200]}", None, False
+            failures += not ok
+            cases.append({"case": f"decode attention + rope b={b} h={h}/{hkv} d={d} keys={keys} slot={slot} "
+                                  f"splits={splits} angles {'shared' if shared else 'per row'}", "ok": ok, "relerr": err,
+                          "cache_relerr": cache_err})
         counters_clean = all(int(c.abs().sum()) == 0 for c in ta._counters.values())
         failures += not counters_clean
         cases.append({"case": "decode attention counters all zero after the checks", "ok": counters_clean})
@@ -729,6 +761,7 @@ class Variant:
     fused_gemv: str = "auto"
     attention_block: int = 0  # keys per block of the decode attention kernel (0: its default)
     decoder_layers: bool = True  # bitconvert.layers.decoder: norms quantize, o_proj/down_proj add the residual
+    rope_attention: bool = True  # bitconvert.layers.attention.fuse_rope_attention: rotary and cache write inside
 
 
 OVERLAP_VARIANTS = {"packed_fused_no_overlap": Variant("off", False),
@@ -744,7 +777,10 @@ OVERLAP_VARIANTS = {"packed_fused_no_overlap": Variant("off", False),
                     "packed_fused_pdl_keys32": Variant("pdl", True, attention_block=32),
                     "packed_fused_pdl_keys128": Variant("pdl", True, attention_block=128),
                     "packed_fused_pdl_no_layers": Variant("pdl", True, decoder_layers=False),
-                    "packed_fused_pdl_kernels_no_layers": Variant("pdl", False, decoder_layers=False)}
+                    "packed_fused_pdl_kernels_no_layers": Variant("pdl", False, decoder_layers=False),
+                    "packed_fused_pdl_no_rope": Variant("pdl", True, rope_attention=False),
+                    "packed_fused_pdl_no_rope_no_layers": Variant("pdl", True, decoder_layers=False,
+                                                                  rope_attention=False)}
 # bf16 variants: the bf16 model compiled with inductor's PDL; with bitconvert's decode attention (the part of
 # a step that the two models share, made as fast for bf16 as for packed)
 BF16_VARIANTS = ("bf16_pdl", "bf16_decode_attention")
@@ -793,6 +829,23 @@ def attention_block(keys: int):
         yield
     finally:
         ta.BLOCK_KEYS = before
+
+
+@contextlib.contextmanager
+def rope_attention(model, on: bool):
+    """Off: attention as transformers has it inside the block (fuse_rope_attention undone), on: fused; as it was
+    after the block."""
+    from bitconvert.layers.attention import fuse_rope_attention, unfuse_rope_attention
+
+    was_on = unfuse_rope_attention(model) > 0
+    if on and not fuse_rope_attention(model):
+        raise RuntimeError("fuse_rope_attention changed no attention module of this model")
+    try:
+        yield
+    finally:
+        unfuse_rope_attention(model)
+        if was_on:
+            fuse_rope_attention(model)
 
 
 @contextlib.contextmanager
@@ -909,8 +962,9 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
     if "packed" in variants:
         result["packed"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes, profile)
         save()
-    # q/k/v and gate/up as one product each, and the decoder layers handing work to them, as `bitconvert
-    # generate` runs the model
+    # q/k/v and gate/up as one product each, the decoder layers handing work to them, and the rotary embedding
+    # and cache write in the attention kernel (decode steps over a static cache)
+    from bitconvert.layers.attention import fuse_rope_attention
     from bitconvert.layers.decoder import fuse_decoder_layers
     from bitconvert.layers.fused import fuse_projections
 
@@ -924,6 +978,7 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
         result["fused_logits_relerr_swiglu_vs_apart"] = relerr(packed(prompt).logits.float(), apart)
         result["decoder_layers"] = len(fuse_decoder_layers(packed))
         result["fused_logits_relerr_decoder_layers_vs_not"] = relerr(packed(prompt).logits.float(), got)
+        result["rope_attention"] = len(fuse_rope_attention(packed))  # decode steps over a static cache only
     if "packed_fused" in variants:
         result["packed_fused"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes, profile)
         save()
@@ -936,7 +991,8 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
         if variant in variants and (not v.prequant or "compiled" in modes):
             with (compiled_act_quant(v.prequant), launch_overlap(v.overlap, v.inductor_pdl),
                   attention(packed, v.decode_attention), swiglu_epilogue(packed, v.swiglu), fused_gemv(v.fused_gemv),
-                  attention_block(v.attention_block), decoder_layers(packed, v.decoder_layers)):
+                  attention_block(v.attention_block), decoder_layers(packed, v.decoder_layers),
+                  rope_attention(packed, v.rope_attention)):
                 result[variant] = measure_model(packed, prompt, new_tokens, graph_tokens,
                                                 ["compiled"] if v.prequant else modes, profile)
             save()
