@@ -1093,7 +1093,8 @@ def markdown(data: dict) -> str:
         lines += ["## End-to-end greedy decode, batch 1", "",
                   "packed = the export as loaded; packed+fused = q/k/v and gate/up stacked into one product each, "
                   "the decoder layers' norms quantizing for them and o_proj/down_proj adding the residual "
-                  "(bitconvert.layers.decoder), as `bitconvert generate` runs it. graph = one decode step in a CUDA graph; compiled = "
+                  "(bitconvert.layers.decoder), and the rotary embedding and cache write inside the attention kernel "
+                  "(bitconvert.layers.attention.fuse_rope_attention). graph = one decode step in a CUDA graph; compiled = "
                   "torch.compile, then the same graph. +prequant = packed+fused, compiled with the activation "
                   "quantizer as torch ops (inductor fuses it into the kernel before each product).", "",
                   "| model | source | mode | bf16 tok/s | packed tok/s | speedup | packed+fused tok/s | speedup "
@@ -1133,9 +1134,11 @@ def markdown(data: dict) -> str:
         if overlapped:
             lines += ["### Variants: kernels launched to overlap the one before, decode attention, SwiGLU epilogue", "",
                       "Variants of packed+fused, which runs bitconvert's defaults (decode attention, SwiGLU in the "
-                      "gate/up product, the decoder layers, the overlap below, inductor's kernels with PDL on Hopper). "
+                      "gate/up product, the decoder layers, the rotary embedding in the attention kernel, the overlap "
+                      "below, inductor's kernels with PDL on Hopper). "
                       "no_layers = the decoder layers as transformers has them (each RMSNorm and residual add an "
-                      "inductor kernel, a quantizer launch before every product). sdpa = transformers' attention instead of bitconvert's "
+                      "inductor kernel, a quantizer launch before every product); no_rope = the rotary embedding and the "
+                      "cache writes as transformers runs them, before the attention kernel. sdpa = transformers' attention instead of bitconvert's "
                       "decode attention; no_swiglu = SiLU·up as its own kernel between the two MLP products; "
                       "bf16_decode_attention = the bf16 model with bitconvert's decode attention (the attention both "
                       "models share, as fast for both); fused_gemv = every batch-1 GEMV quantizes its activations "

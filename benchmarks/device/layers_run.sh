@@ -1,6 +1,8 @@
 # The decoder layers that hand their work to the products (bitconvert.layers.decoder) and inductor's kernels
 # launched with PDL (both bitconvert's defaults now): the checks of what changed, the compiled 2.4B decode with
 # and without the layers, then the batch-1 kernel rows (with the "codes given" column) in the time left.
+# The rotary embedding inside attention (kernels-h200-rope*): CHECKS=attention NO_ROWS=1 LIMIT=420
+# VARIANTS=packed_fused,packed_fused_pdl_no_rope (PROFILE= SECTIONS=e2e for a repeat without the profile).
 set -e
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
