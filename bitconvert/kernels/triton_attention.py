@@ -201,7 +201,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor,
                           value_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                          heads: int, splits: int | None = None) -> torch.Tensor | None:
+                          heads: int, splits: int | None = None) -> torch.Tensor:
     """Rotary embedding, the cache write and decode attention in one kernel (module docstring, ROPE):
     ``qkv`` (B, (H + 2 HKV) D) contiguous, ``cos``/``sin`` (B, D), ``key_cache``/``value_cache``
     (B, HKV, L, D), ``slot`` a one-element int64 tensor (the position written). Returns (B, H, D)."""

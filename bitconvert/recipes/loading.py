@@ -85,8 +85,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             last = depth == len(keys) - 1
             if isinstance(node, list):
                 if not key.isdigit() or int(key) >= len(node):
-                    raise RecipeError(f"--set {item!r}: {where} is a list of {len(node)}; "
-                                      f"expected an index 0-{len(node) - 1}, got {key!r}")
+                    expected = f"expected an index 0-{len(node) - 1}" if node else "nothing to index"
+                    raise RecipeError(f"--set {item!r}: {where} is a list of {len(node)}; {expected}, got {key!r}")
                 key = int(key)
             elif not isinstance(node, dict):
                 raise RecipeError(f"--set {item!r}: {where} is not a section")
