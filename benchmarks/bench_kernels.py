@@ -394,7 +394,7 @@ def check_section(parts=CHECK_PARTS) -> dict:
             cases.append({"case": f"decode attention b={b} h={h}/{hkv} d={d} keys={keys} valid={valid} splits={splits} "
                                   f"{str(dtype)[6:]}", "ok": ok, "relerr": err})
         # ROPE: the rotary embedding and the cache write inside the kernel, against the torch reference in float32;
-        # the slot at a block's and a split's edges, batches whose rotary angles are shared (stride 0) or not
+        # the slot on both sides of a block's edge and in a later split, rotary angles shared (stride 0) or not
         from bitconvert.kernels.attention import decode_attention_rope_reference
         for b, h, hkv, d, keys, slot, splits, shared in [
                 (1, 20, 4, 128, 304, 40, None, True), (1, 20, 4, 128, 304, 63, 1, True), (1, 20, 4, 128, 304, 64, 3, True),
