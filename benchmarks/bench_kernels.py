@@ -832,37 +832,33 @@ def attention_block(keys: int):
 
 
 @contextlib.contextmanager
+def toggled(model, on: bool, fuse, unfuse, what: str):
+    """Inside the block ``model`` is as ``fuse`` makes it if ``on`` (which must change something: ``what``), else
+    as ``unfuse`` leaves it; after the block it is as it was."""
+    was_on = unfuse(model) > 0
+    if on and not fuse(model):
+        raise RuntimeError(f"{fuse.__name__} changed no {what} of this model")
+    try:
+        yield
+    finally:
+        unfuse(model)
+        if was_on:
+            fuse(model)
+
+
 def rope_attention(model, on: bool):
-    """Off: attention as transformers has it inside the block (fuse_rope_attention undone), on: fused; as it was
-    after the block."""
+    """Off: attention as transformers has it inside the block (fuse_rope_attention undone), on: fused."""
     from bitconvert.layers.attention import fuse_rope_attention, unfuse_rope_attention
 
-    was_on = unfuse_rope_attention(model) > 0
-    if on and not fuse_rope_attention(model):
-        raise RuntimeError("fuse_rope_attention changed no attention module of this model")
-    try:
-        yield
-    finally:
-        unfuse_rope_attention(model)
-        if was_on:
-            fuse_rope_attention(model)
+    return toggled(model, on, fuse_rope_attention, unfuse_rope_attention, "attention module")
 
 
-@contextlib.contextmanager
 def decoder_layers(model, on: bool):
     """Off: the decoder layers as transformers has them inside the block (bitconvert.layers.decoder undone),
-    on: as fuse_decoder_layers makes them; as they were after the block."""
+    on: as fuse_decoder_layers makes them."""
     from bitconvert.layers.decoder import fuse_decoder_layers, unfuse_decoder_layers
 
-    was_on = unfuse_decoder_layers(model) > 0
-    if on and not fuse_decoder_layers(model):
-        raise RuntimeError("fuse_decoder_layers changed no layer of this model")
-    try:
-        yield
-    finally:
-        unfuse_decoder_layers(model)
-        if was_on:
-            fuse_decoder_layers(model)
+    return toggled(model, on, fuse_decoder_layers, unfuse_decoder_layers, "layer")
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Decoder layers whose norms quantize for the next product and whose products add the residual."""
 
 import torch
-from test_fused import PACKED_CASES, logits_and_tokens, packed_model
+from test_fused import PACKED_CASES, assert_compiles_as_one_graph, logits_and_tokens, packed_model
 
 from bitconvert.kernels import (
     quantize_for_kernels,
@@ -72,12 +72,7 @@ def test_fused_layers_compile_as_one_graph(tmp_path, tiny_tokenizer):
     model = packed_model(tmp_path, tiny_tokenizer, spec=QuantSpec(weight_scale="channel"))
     fuse_projections(model)
     assert fuse_decoder_layers(model)
-    ids = torch.randint(0, 320, (1, 8), generator=torch.Generator().manual_seed(2))
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
-                                   rtol=1e-5, atol=1e-5)
+    assert_compiles_as_one_graph(model)
     assert model.model.layers[0].self_attn.o_proj._residual is None
 
 

@@ -50,15 +50,20 @@ def test_fused_model_gives_the_same_logits_and_generation(tmp_path, tiny_tokeniz
     assert attn.q_k_v_fused._last is None  # nothing kept between forward passes
 
 
-def test_fused_model_compiles_as_one_graph(tmp_path, tiny_tokenizer):
-    model = packed_model(tmp_path, tiny_tokenizer, spec=QuantSpec(weight_scale="channel"))
-    fuse_projections(model)
+def assert_compiles_as_one_graph(model):
+    """``model`` compiles with fullgraph (aot_eager) and gives its eager logits."""
     ids = torch.randint(0, 320, (1, 8), generator=torch.Generator().manual_seed(2))
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_fused_model_compiles_as_one_graph(tmp_path, tiny_tokenizer):
+    model = packed_model(tmp_path, tiny_tokenizer, spec=QuantSpec(weight_scale="channel"))
+    fuse_projections(model)
+    assert_compiles_as_one_graph(model)
 
 
 def test_a_different_input_is_multiplied_afresh(tmp_path, tiny_tokenizer):

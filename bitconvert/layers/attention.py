@@ -97,8 +97,9 @@ def decode_attention(model):
             config._attn_implementation = implementation
 
 
-def _cache_keyword(forward) -> str:
-    """transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache``; 5.17 knows the old name."""
+def cache_keyword(forward) -> str:
+    """The name ``forward`` takes the cache under: transformers 5.24 renamed ``past_key_values`` to ``cache`` (the
+    old name still works there, with a deprecation warning on every call); 5.17 knows only the old one."""
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
@@ -131,7 +132,7 @@ def _rope_attention_forward(self, hidden_states, position_embeddings=None, atten
                                      and mask.dtype == torch.bool))
             or any(kwargs.get(name) is not None for name in _EXTRAS)):
         return original.forward(self, hidden_states, position_embeddings, attention_mask,
-                                **{_cache_keyword(original.forward): cache}, **kwargs)
+                                **{cache_keyword(original.forward): cache}, **kwargs)
     batch = hidden_states.shape[0]
     qkv = self.q_proj.group.fused(hidden_states).reshape(batch, -1)
     cos, sin = (t.expand(batch, -1, -1)[:, -1] for t in position_embeddings)  # (1 or B, 1, D) -> (B, D)
@@ -182,7 +183,7 @@ def _probe_decode(model) -> tuple[torch.Tensor, int]:
     mask = torch.ones_like(ids)
     mask[0, 0] = 0
     cache = StaticCache(config=model.config, max_cache_len=8)
-    keyword = _cache_keyword(model.forward)
+    keyword = cache_keyword(model.forward)
     _probe_fast_steps = 0
     logits = []
     with reference_kernels(), decode_attention(model):

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from bitconvert.layers.attention import decode_attention
+from bitconvert.layers.attention import cache_keyword, decode_attention
 from bitconvert.recipes.schema import GenerateSource
 
 log = logging.getLogger(__name__)
@@ -197,12 +197,6 @@ def generation_top_k(model) -> int:
     return GENERATE_DEFAULT_TOP_K if configured is None else int(configured)
 
 
-def _cache_keyword(model) -> str:
-    """transformers 5.24 renamed forward's ``past_key_values`` to ``cache`` (the old name still works,
-    with a deprecation warning on every call); 5.17 knows only the old one."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 # Eager decode steps before capture: cuBLAS handles, workspaces and any lazy initialisation happen
 # outside the graph, as PyTorch's CUDA-graph notes require.
 GRAPH_WARMUP_STEPS = 2
@@ -268,7 +262,7 @@ def _decode(model, prompt_ids: torch.Tensor, new_tokens: int, rule: SamplingRule
     batch, prompt_length = prompt_ids.shape
     device = prompt_ids.device
     cache = StaticCache(config=model.config, max_cache_len=prompt_length + new_tokens)
-    keyword = _cache_keyword(model)
+    keyword = cache_keyword(model.forward)
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
     def step(ids: torch.Tensor) -> torch.Tensor:
