@@ -31,6 +31,16 @@ DECODE_ATTENTION = "bitconvert_decode"
 _EXTRAS = ("softcap", "position_bias", "s_aux", "sinks")  # what sdpa handles and the kernel does not
 
 
+def _kernel_mask(mask) -> bool:
+    """A mask the kernel takes: none, or sdpa's boolean (B, 1, 1, L) of one query token."""
+    return mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.dtype == torch.bool)
+
+
+def _flat_mask(mask, batch: int, keys: int):
+    """sdpa's (B or 1, 1, 1, L) mask as the kernel's (B, keys): the last ``keys`` slots."""
+    return None if mask is None else mask[:, 0, 0, -keys:].expand(batch, keys)
+
+
 def decode_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                              **kwargs):
     """transformers' attention function signature: ``query`` (B, H, Q, D), ``key``/``value`` (B, HKV, L, D);
@@ -38,17 +48,12 @@ def decode_attention_forward(module, query, key, value, attention_mask, dropout:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     batch, heads, q_length, dim = query.shape
-    mask = attention_mask
-    shared_mask = mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1
-                                   and mask.dtype == torch.bool)
-    if (q_length != 1 or not shared_mask or dropout or heads % key.shape[1]
+    if (q_length != 1 or not _kernel_mask(attention_mask) or dropout or heads % key.shape[1]
             or any(kwargs.get(name) is not None for name in _EXTRAS)):
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
                                                scaling=scaling, **kwargs)
     scale = dim ** -0.5 if scaling is None else float(scaling)
-    keys = key.shape[2]
-    flat_mask = None if mask is None else mask[:, 0, 0, -keys:].expand(batch, keys)
-    out = decode_attention_op(query[:, :, 0], key, value, flat_mask, scale)
+    out = decode_attention_op(query[:, :, 0], key, value, _flat_mask(attention_mask, batch, key.shape[2]), scale)
     return out.reshape(batch, 1, heads, value.shape[-1]), None
 
 
@@ -125,21 +130,17 @@ def _rope_attention_forward(self, hidden_states, position_embeddings=None, atten
     cache = cache if cache is not None else past_key_values
     original = type(self)._bitconvert_rope_original
     layer = _static_layer(cache, self.layer_idx) if cache is not None else None
-    mask = attention_mask
     if (layer is None or hidden_states.shape[1] != 1 or position_embeddings is None or self.training
-            or self.config._attn_implementation != DECODE_ATTENTION
-            or not (mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1
-                                     and mask.dtype == torch.bool))
+            or self.config._attn_implementation != DECODE_ATTENTION or not _kernel_mask(attention_mask)
             or any(kwargs.get(name) is not None for name in _EXTRAS)):
         return original.forward(self, hidden_states, position_embeddings, attention_mask,
                                 **{cache_keyword(original.forward): cache}, **kwargs)
     batch = hidden_states.shape[0]
     qkv = self.q_proj.group.fused(hidden_states).reshape(batch, -1)
     cos, sin = (t.expand(batch, -1, -1)[:, -1] for t in position_embeddings)  # (1 or B, 1, D) -> (B, D)
-    keys = layer.keys.shape[2]
-    flat_mask = None if mask is None else mask[:, 0, 0, -keys:].expand(batch, keys)
-    out = decode_attention_rope_op(qkv, cos, sin, layer.keys, layer.values, layer.cumulative_length, flat_mask,
-                                   float(self.scaling), self.config.num_attention_heads)
+    out = decode_attention_rope_op(qkv, cos, sin, layer.keys, layer.values, layer.cumulative_length,
+                                   _flat_mask(attention_mask, batch, layer.keys.shape[2]), float(self.scaling),
+                                   self.config.num_attention_heads)
     layer.cumulative_length.add_(1)  # as StaticLayer.update does; outside the operator, see triton_attention
     if not torch.compiler.is_compiling():
         _probe_fast_steps += 1
