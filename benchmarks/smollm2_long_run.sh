@@ -10,7 +10,7 @@
 #       original and the export (perplexity, PIQA) and fit_curve.py fits the curve
 # .whl comes from benchmarks/device/wheels.sh, .models from ../shared/tools/smollm2-parts.sh .models,
 # .data is a copy of ../shared/data.
-# Knobs: SETS (space-separated recipe overrides for both calls, e.g. "train.compile=layers
+# Knobs: RECIPE (default recipes/smollm2-gpu.yaml), SETS (space-separated recipe overrides for both calls, e.g. "train.compile=layers
 # data.train.1.weight=3"), NAME (prefix of the result files, default smollm2_distill_h200_10min), STOP_S
 # (the train call's SIGINT, default 500: the wheels, the GGUF's conversion and the checkpoint written after
 # the signal need the rest of the call's 600 s), FINISH_S (the finish call's, default 450).
@@ -23,7 +23,8 @@ for item in ${SETS:-}; do sets+=(--set "$item"); done
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 BITCONVERT_DATA=$work/data PYTHONPATH=$work/site
 quiet() { grep --line-buffered -v 'it/s\]' ; }
 # $1: seconds after which the trainer gets a SIGINT (checkpoint, then stop); the rest goes to bitconvert run
-run() { timeout -s INT "$1" python3 -m bitconvert.cli run recipes/smollm2-gpu.yaml --set model="$work/smol-hf" \
+recipe=${RECIPE:-recipes/smollm2-gpu.yaml}
+run() { timeout -s INT "$1" python3 -m bitconvert.cli run "$recipe" --set model="$work/smol-hf" \
           --set output="$work/tern" "${sets[@]}" "${@:2}" 2>&1 | quiet | tail -12 ; }
 case $stage in
   setup)

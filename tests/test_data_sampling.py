@@ -17,6 +17,7 @@ from bitconvert.train.sampling import (
     next_tokens,
     nucleus_filter,
     sample_continuations,
+    random_first_tokens,
     truncate_at_eos,
 )
 
@@ -207,6 +208,25 @@ def test_generate_texts_is_deterministic_and_falls_back_to_generate(teacher, tin
     monkeypatch.setattr(sampling_module, "sample_continuations", unsupported)
     texts = generate_texts(teacher, tiny_tokenizer, config, seed=5, device="cpu")
     assert len(texts) == 4 and "sampling with transformers' generate() instead" in caplog.text
+
+
+def test_random_start_draws_first_tokens_across_the_vocabulary(teacher, tiny_tokenizer):
+    """LLM-QAT's data-free text: each sample starts from a seeded random ordinary token, through the decode
+    loop and through generate() alike."""
+    firsts = random_first_tokens(tiny_tokenizer, 2000, seed=3)
+    assert firsts.shape == (2000, 1) and torch.equal(firsts, random_first_tokens(tiny_tokenizer, 2000, seed=3))
+    drawn = set(firsts.flatten().tolist())
+    assert not drawn & set(tiny_tokenizer.all_special_ids)
+    assert len(drawn) > 0.8 * (len(tiny_tokenizer) - len(tiny_tokenizer.all_special_ids))
+
+    config = GenerateSource(tokens=2 * 4 * 16, sequence_length=16, batch_size=4, random_start=True)
+    texts = generate_texts(teacher, tiny_tokenizer, config, seed=1, device="cpu")
+    assert len(texts) == 8 and texts == generate_texts(teacher, tiny_tokenizer, config, seed=1, device="cpu")
+    starts = [tiny_tokenizer.decode(ids) for ids in random_first_tokens(tiny_tokenizer, 8, seed=1).tolist()]
+    assert all(text.startswith(start) for text, start in zip(texts, starts))
+    assert len(generate_texts(teacher, tiny_tokenizer, config, seed=1, device="cpu", sampler="generate")) == 8
+    with pytest.raises(ValueError, match="at most one of prompts, prompts_from and random_start"):
+        GenerateSource(random_start=True, prompts=["a"])
 
 
 def test_cached_teacher_text_is_reused_on_resume(tmp_path, tiny_tokenizer, tiny_llama_dir, corpus_file, monkeypatch):

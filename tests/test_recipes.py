@@ -48,6 +48,7 @@ def test_overrides_set_nested_keys_with_yaml_values():
     assert recipe.train.lr == 3e-4 and recipe.train.loss.kl == 0
     assert recipe.convert.skip == ["lm_head", "mlp"]
     assert recipe.data.train[0].path == "a.txt"
+    assert recipe_from_dict({"train": {"steps": 5}}, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     assert "train.lr: Input should be greater than 0" in error_of({}, ["train.lr=-1"])
     with pytest.raises(RecipeError, match="expected key=value"):
         recipe_from_dict({}, ["train.lr"])

@@ -192,7 +192,7 @@ def test_teacher_continues_prompts_from_a_file(tmp_path, tiny_tokenizer, corpus_
     assert len(texts) == 4 and all(any(text.startswith(start) for start in starts) for text in texts)
     with pytest.raises(DataError, match="no line"):
         generate_texts(None, tiny_tokenizer, config.model_copy(update={"prompt_tokens": 10_000}), seed=0, device="cpu")
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="at most one of prompts, prompts_from"):
         GenerateSource(prompts=["a"], prompts_from=str(corpus_file))
 
 

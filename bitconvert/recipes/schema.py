@@ -45,11 +45,15 @@ class GenerateSource(Strict):
     prompts_from: str | None = Field(default=None, description="text file whose lines start the samples (their first "
                                      "prompt_tokens tokens): the teacher continues in-domain text instead of starting cold")
     prompt_tokens: int = Field(default=32, gt=0, description="tokens of each prompts_from line given as the prompt")
+    random_start: bool = Field(default=False, description="start every sample from one token drawn at random from the "
+                               "vocabulary (special tokens aside), as LLM-QAT's data-free text does: broad text, "
+                               "in no one domain")
 
     @model_validator(mode="after")
     def _one_prompt_kind(self) -> "GenerateSource":
-        if self.prompts and self.prompts_from:
-            raise ValueError("give prompts or prompts_from, not both")
+        given = [name for name in ("prompts", "prompts_from", "random_start") if getattr(self, name)]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of prompts, prompts_from and random_start (got {', '.join(given)})")
         return self
 
 
@@ -134,6 +138,11 @@ class TrainConfig(Strict):
     save_every: int = Field(default=200, ge=0, description="steps between checkpoints; 0 = only at the end")
     save_every_minutes: float = Field(default=15.0, ge=0, description="also checkpoint this often; 0 = off")
     keep_checkpoints: int = Field(default=2, gt=0, description="newest checkpoints kept")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
 
     @field_validator("compile", mode="before")
     @classmethod

@@ -29,29 +29,34 @@ def generate_texts(teacher, tokenizer, config: GenerateSource, *, seed: int, dev
                    cuda_graph: bool = True) -> list[str]:
     """Sample text from the teacher (data-free distillation).
 
-    Equal-length prompts (``prompts_from`` lines or the start token alone) go through
+    Equal-length prompts (``prompts_from`` lines, random first tokens or the start token alone) go through
     :func:`sample_continuations`, a static-cache decode loop that is several times faster than
     transformers' ``generate()`` at large batches; padded ``prompts`` lists, ``sampler="generate"``
     and teachers the loop cannot drive use ``generate()``.
     """
     from bitconvert.train.data import prompts_from_file  # reading the file is data's business
 
-    file_prompts = prompts_from_file(config, tokenizer, seed) if config.prompts_from else None
+    if config.prompts_from:
+        prompt_ids = prompts_from_file(config, tokenizer, seed)
+    elif config.random_start:
+        prompt_ids = random_first_tokens(tokenizer, config.batch_size * batch_count(config), seed)
+    else:
+        prompt_ids = None
     if config.prompts or sampler == "generate":
-        return _generate_with_transformers(teacher, tokenizer, config, seed=seed, device=device, file_prompts=file_prompts)
+        return _generate_with_transformers(teacher, tokenizer, config, seed=seed, device=device, prompt_ids=prompt_ids)
     from bitconvert.utils.progress import Progress
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     eos_ids = eos_token_ids(teacher, tokenizer)
     top_k = generation_top_k(teacher)
-    batches = -(-config.tokens // (config.batch_size * config.sequence_length))
+    batches = batch_count(config)
     progress = Progress(total_steps=batches, desc="sampling teacher text")
     texts: list[str] = []
     try:
         for batch in range(batches):
-            if file_prompts is not None:
-                rows = torch.arange(batch * config.batch_size, (batch + 1) * config.batch_size) % len(file_prompts)
-                prompts = file_prompts[rows]
+            if prompt_ids is not None:
+                rows = torch.arange(batch * config.batch_size, (batch + 1) * config.batch_size) % len(prompt_ids)
+                prompts = prompt_ids[rows]
             else:
                 prompts = torch.full((config.batch_size, 1), start, dtype=torch.long)
             try:
@@ -68,7 +73,7 @@ def generate_texts(teacher, tokenizer, config: GenerateSource, *, seed: int, dev
                             "generate() instead, which is several times slower", type(err).__name__, err)
                 progress.close()
                 return _generate_with_transformers(teacher, tokenizer, config, seed=seed, device=device,
-                                                   file_prompts=file_prompts)
+                                                   prompt_ids=prompt_ids)
             cuda_graph = sampled.used_cuda_graph  # after a fallback, the later batches go straight to eager
             # Special tokens go (the start token): tokenize_blocks closes each document with one EOS of its own.
             sequences = [p + n for p, n in zip(prompts.tolist(), truncate_at_eos(sampled.tokens.cpu(), eos_ids))]
@@ -77,6 +82,20 @@ def generate_texts(teacher, tokenizer, config: GenerateSource, *, seed: int, dev
     finally:
         progress.close()
     return texts
+
+
+def batch_count(config: GenerateSource) -> int:
+    return -(-config.tokens // (config.batch_size * config.sequence_length))
+
+
+def random_first_tokens(tokenizer, count: int, seed: int) -> torch.Tensor:
+    """``(count, 1)`` prompts of one token each, drawn uniformly (seeded) from the vocabulary less its special
+    tokens: the teacher then writes about whatever that token starts (LLM-QAT's data-free generation)."""
+    vocabulary = torch.ones(len(tokenizer), dtype=torch.bool)
+    vocabulary[[i for i in tokenizer.all_special_ids if i < len(vocabulary)]] = False
+    ids = vocabulary.nonzero().squeeze(1)
+    picks = torch.randint(len(ids), (count,), generator=torch.Generator().manual_seed(seed))
+    return ids[picks][:, None]
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -102,7 +121,7 @@ def truncate_at_eos(tokens: torch.Tensor, eos_ids: list[int]) -> list[list[int]]
 
 
 def _generate_with_transformers(teacher, tokenizer, config: GenerateSource, *, seed: int, device,
-                                file_prompts: torch.Tensor | None) -> list[str]:
+                                prompt_ids: torch.Tensor | None) -> list[str]:
     """transformers' generate(): the path for padded prompt lists, and the reference for the decode loop."""
     from bitconvert.utils.progress import Progress
 
@@ -110,15 +129,15 @@ def _generate_with_transformers(teacher, tokenizer, config: GenerateSource, *, s
     torch.manual_seed(seed)
     texts: list[str] = []
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    batches = -(-config.tokens // (config.batch_size * config.sequence_length))
+    batches = batch_count(config)
     progress = Progress(total_steps=batches, desc="sampling teacher text")
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         for batch in range(batches):
-            if file_prompts is not None:
-                rows = torch.arange(batch * config.batch_size, (batch + 1) * config.batch_size) % len(file_prompts)
-                ids = file_prompts[rows].to(device)
+            if prompt_ids is not None:
+                rows = torch.arange(batch * config.batch_size, (batch + 1) * config.batch_size) % len(prompt_ids)
+                ids = prompt_ids[rows].to(device)
                 inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             elif config.prompts:
                 prompts = [config.prompts[(batch * config.batch_size + i) % len(config.prompts)]
