@@ -22,9 +22,7 @@ trip more per block, far fewer bytes.
 ROPE: the kernel also does the two steps before attention that transformers runs as separate kernels.
 It reads this step's raw q/k/v (one row of the stacked product per sequence) and rotates q and k
 (rotary embedding, transformers' ``rotate_half`` convention). The program whose slice holds the cache
-slot writes the new key and value there, and adds that key to its softmax from registers after its loop,
-which leaves the slot out: no load waits for the store, so the key/value loads of the loop go out at once
-beside q's (reading the slot back after a barrier cost ~3 µs a call on an H200). The cache's position is read, not
+slot writes the new key and value there before it reads its keys. The cache's position is read, not
 advanced: the caller advances it, with an in-place add that torch.compile orders correctly (when this
 operator advanced it, inductor recomputed the rotary angles of later layers from the advanced position).
 """
@@ -86,19 +84,15 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, c
         q_raw = tl.load(q_cols + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
         q_pair = tl.load(q_cols + partner[None, :], mask=q_mask, other=0.0).to(tl.float32)
         q = (q_raw * cos[None, :] + q_pair * sin[None, :]).to(k_ptr.dtype.element_ty)
-        # The new key and value are loaded beside q, whether or not this program writes them: every program
-        # adds that one key from registers after its loop (below), which therefore never reads the slot, so
-        # its loads do not wait for the store.
         slot = tl.load(slot_ptr)
-        k_cols = row + (HKV * G + h) * D
-        k_new = (tl.load(k_cols + offs_d, mask=d_mask, other=0.0).to(tl.float32) * cos +
-                 tl.load(k_cols + partner, mask=d_mask, other=0.0).to(tl.float32) * sin).to(k_ptr.dtype.element_ty)
-        v_new = tl.load(row + (HKV * G + HKV + h) * D + offs_d, mask=d_mask, other=0.0).to(v_ptr.dtype.element_ty)
-        holds_slot = (slot >= lo) & (slot < hi)  # one program per key/value head writes them
-        tl.store(k_base + slot * stride_kl + offs_d, k_new, mask=d_mask & holds_slot)
-        tl.store(v_base + slot * stride_vl + offs_d, v_new, mask=d_mask & holds_slot)
-        if HAS_MASK:
-            holds_slot = holds_slot & (tl.load(mask_ptr + b.to(tl.int64) * stride_mb + slot * stride_ml) != 0)
+        if (slot >= lo) & (slot < hi):  # one program per key/value head writes the new key and value
+            k_cols = row + (HKV * G + h) * D
+            k_new = tl.load(k_cols + offs_d, mask=d_mask, other=0.0).to(tl.float32) * cos + \
+                tl.load(k_cols + partner, mask=d_mask, other=0.0).to(tl.float32) * sin
+            v_new = tl.load(row + (HKV * G + HKV + h) * D + offs_d, mask=d_mask, other=0.0)
+            tl.store(k_base + slot * stride_kl + offs_d, k_new.to(k_ptr.dtype.element_ty), mask=d_mask)
+            tl.store(v_base + slot * stride_vl + offs_d, v_new.to(v_ptr.dtype.element_ty), mask=d_mask)
+        tl.debug_barrier()  # the block that holds the slot is read below, by every thread of the program
     else:
         q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
                     mask=g_mask[:, None] & d_mask[None, :], other=0.0)
@@ -112,8 +106,6 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, c
         if HAS_MASK:
             attend = tl.load(mask_ptr + b.to(tl.int64) * stride_mb + offs_n * stride_ml, mask=valid, other=0)
             valid = valid & (attend != 0)
-        if ROPE:
-            valid = valid & (offs_n != slot)  # the new key: added from registers after the loop
         if SKIP:
             if tl.max(valid.to(tl.int32), axis=0) > 0:
                 m_i, l_i, acc = _attend_block(q, k_base, v_base, offs_n, valid, valid, d_mask, offs_d, stride_kl,
@@ -121,17 +113,6 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, c
         else:  # keys and values load beside the mask: the load masks do not wait for it
             m_i, l_i, acc = _attend_block(q, k_base, v_base, offs_n, offs_n < hi, valid, d_mask, offs_d, stride_kl,
                                           stride_vl, scale_log2, m_i, l_i, acc)
-
-    if ROPE:  # the new key, as one more block of one key, for the program whose slice holds the slot
-        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale_log2
-        s_new = tl.where(holds_slot, s_new, float("-inf"))
-        m_new = tl.maximum(m_i, s_new)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p_new = tl.exp2(s_new - m_safe)
-        l_i = l_i * alpha + p_new
-        acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
-        m_i = m_new
 
     out_rows = out_ptr + b.to(tl.int64) * stride_ob + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :]
     out_mask = g_mask[:, None] & d_mask[None, :]

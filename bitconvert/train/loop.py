@@ -221,17 +221,21 @@ def prepare_teacher(teacher, accelerator):
 
 
 @torch.no_grad()
-def held_out_loss(model, blocks: torch.Tensor, batch_size: int, accelerator) -> float:
+def held_out_loss(model, blocks: torch.Tensor, batch_size: int, accelerator, desc: str | None = None) -> float:
     """Mean next-token loss over ``blocks``, split across processes.
 
     Every process runs the same number of forward passes (sharded models need all of them in
-    each collective); padding batches repeat block 0 and count for nothing.
+    each collective); padding batches repeat block 0 and count for nothing. ``desc``: show a bar that
+    goes away when done (on a CPU the whole of WikiText-2's test set takes minutes).
     """
     model.eval()
     world, rank = accelerator.num_processes, accelerator.process_index
     per_rank = -(-len(blocks) // world)
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    for start in range(0, per_rank, batch_size):
+    starts = range(0, per_rank, batch_size)
+    progress = Progress(total_steps=len(starts), desc=desc or "", leave=False,
+                        enabled=desc is not None and accelerator.is_main_process)
+    for batch, start in enumerate(starts):
         index = torch.arange(start, min(start + batch_size, per_rank)) * world + rank
         real = index < len(blocks)
         ids = blocks[torch.where(real, index, torch.zeros_like(index))].to(accelerator.device)
@@ -240,6 +244,8 @@ def held_out_loss(model, blocks: torch.Tensor, batch_size: int, accelerator) -> 
                                                     reduction="none").sum(dim=1)
         total[0] += per_row[real.to(per_row.device)].double().sum()
         total[1] += real.sum().item() * (ids.shape[1] - 1)
+        progress.update(batch + 1, (batch + 1) * ids.numel() * world, 0.0)
+    progress.close()
     total = accelerator.reduce(total, "sum") if accelerator.num_processes > 1 else total
     model.train()
     return (total[0] / total[1].clamp(min=1)).item()
@@ -324,7 +330,8 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
         return save_checkpoint(accelerator, run_dir, step, state, cfg.keep_checkpoints)
 
     if data.eval_blocks is not None and teacher is not None and step == 0 and not any("teacher_ppl" in r for r in metrics):
-        log_row({"step": 0, "tokens": 0, "teacher_ppl": math.exp(held_out_loss(teacher, data.eval_blocks, eval_batch_size, accelerator))})
+        log_row({"step": 0, "tokens": 0, "teacher_ppl": math.exp(held_out_loss(teacher, data.eval_blocks, eval_batch_size, accelerator,
+                                                                           desc="held-out loss, teacher"))})
 
     progress = Progress(total_steps=total_steps, total_seconds=budget_seconds, initial_step=step,
                         initial_seconds=elapsed, enabled=main)
@@ -403,7 +410,7 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
             else:
                 progress.update(step, tokens, elapsed, lr=lr)
             if eval_due:
-                loss = held_out_loss(student, data.eval_blocks, eval_batch_size, accelerator)
+                loss = held_out_loss(student, data.eval_blocks, eval_batch_size, accelerator, desc="held-out loss")
                 log_row({"step": step, "tokens": tokens, "eval_loss": loss, "eval_ppl": math.exp(loss)})
             due_by_time = cfg.save_every_minutes and time.monotonic() - last_save_time > cfg.save_every_minutes * 60
             due = (cfg.save_every and step % cfg.save_every == 0) or due_by_time
@@ -418,7 +425,7 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
     if interrupted:
         log.warning("stopped at step %d; checkpoint %s. Continue with --resume.", step, last_checkpoint)
     elif data.eval_blocks is not None and not (metrics and metrics[-1].get("step") == step and "eval_ppl" in metrics[-1]):
-        loss = held_out_loss(student, data.eval_blocks, eval_batch_size, accelerator)
+        loss = held_out_loss(student, data.eval_blocks, eval_batch_size, accelerator, desc="held-out loss")
         log_row({"step": step, "tokens": tokens, "eval_loss": loss, "eval_ppl": math.exp(loss)})
     return TrainResult(steps=step, tokens=tokens, seconds=elapsed, interrupted=interrupted,
                        checkpoint=last_checkpoint, metrics=metrics, model=student)

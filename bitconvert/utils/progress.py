@@ -16,7 +16,7 @@ class Progress:
     """
 
     def __init__(self, *, total_steps: int | None = None, total_seconds: float | None = None, desc: str = "train",
-                 initial_step: int = 0, initial_seconds: float = 0.0, enabled: bool = True):
+                 initial_step: int = 0, initial_seconds: float = 0.0, enabled: bool = True, leave: bool = True):
         self.by_time = total_steps is None
         self.total_seconds = total_seconds
         self._start_seconds = initial_seconds
@@ -25,7 +25,7 @@ class Progress:
         self._stats: dict[str, float] = {}
         self.bar = tqdm(total=(round(total_seconds) if self.by_time else total_steps), desc=desc,
                         initial=(round(initial_seconds) if self.by_time else initial_step),
-                        unit=("s" if self.by_time else "step"), disable=not enabled, dynamic_ncols=True,
+                        unit=("s" if self.by_time else "step"), disable=not enabled, leave=leave, dynamic_ncols=True,
                         file=sys.stderr, bar_format=None if not self.by_time else
                         "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}s [{elapsed}<{remaining}{postfix}]")
 
