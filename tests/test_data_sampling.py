@@ -16,8 +16,8 @@ from bitconvert.train.sampling import (
     generate_texts,
     next_tokens,
     nucleus_filter,
-    sample_continuations,
     random_first_tokens,
+    sample_continuations,
     truncate_at_eos,
 )
 

@@ -330,8 +330,8 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
         return save_checkpoint(accelerator, run_dir, step, state, cfg.keep_checkpoints)
 
     if data.eval_blocks is not None and teacher is not None and step == 0 and not any("teacher_ppl" in r for r in metrics):
-        log_row({"step": 0, "tokens": 0, "teacher_ppl": math.exp(held_out_loss(teacher, data.eval_blocks, eval_batch_size, accelerator,
-                                                                           desc="held-out loss, teacher"))})
+        teacher_loss = held_out_loss(teacher, data.eval_blocks, eval_batch_size, accelerator, desc="held-out loss, teacher")
+        log_row({"step": 0, "tokens": 0, "teacher_ppl": math.exp(teacher_loss)})
 
     progress = Progress(total_steps=total_steps, total_seconds=budget_seconds, initial_step=step,
                         initial_seconds=elapsed, enabled=main)

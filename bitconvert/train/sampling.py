@@ -85,6 +85,7 @@ def generate_texts(teacher, tokenizer, config: GenerateSource, *, seed: int, dev
 
 
 def batch_count(config: GenerateSource) -> int:
+    """Sampling batches that cover ``config.tokens``."""
     return -(-config.tokens // (config.batch_size * config.sequence_length))
 
 
