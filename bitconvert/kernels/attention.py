@@ -29,12 +29,18 @@ def decode_attention_reference(query: torch.Tensor, key: torch.Tensor, value: to
     return out.reshape(batch, heads, value.shape[-1])
 
 
+def _kernel_runs(x, mask) -> bool:
+    """What both kernels need of their input ``x`` and mask: CUDA half precision, no gradient wanted, a
+    boolean or uint8 mask, and Triton allowed and present."""
+    return (x.is_cuda and x.dtype in _KERNEL_DTYPES and not (torch.is_grad_enabled() and x.requires_grad)
+            and (mask is None or mask.dtype in (torch.bool, torch.uint8)) and not _reference_only()
+            and triton_available())
+
+
 def _kernel_eligible(query, key, value, mask) -> bool:
-    return (query.is_cuda and query.dtype in _KERNEL_DTYPES and key.dtype == value.dtype == query.dtype
+    return (_kernel_runs(query, mask) and key.dtype == value.dtype == query.dtype
             and key.shape[-1] == value.shape[-1] == query.shape[-1] and query.shape[1] % key.shape[1] == 0
-            and key.stride(-1) == 1 and value.stride(-1) == 1 and not (torch.is_grad_enabled() and query.requires_grad)
-            and (mask is None or mask.dtype in (torch.bool, torch.uint8))
-            and not _reference_only() and triton_available())
+            and key.stride(-1) == 1 and value.stride(-1) == 1)
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
@@ -86,14 +92,11 @@ def decode_attention_rope_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: t
 
 def _rope_kernel_eligible(qkv, cos, sin, key_cache, value_cache, slot, mask, heads) -> bool:
     dim = key_cache.shape[-1]
-    return (qkv.is_cuda and qkv.dtype in _KERNEL_DTYPES and key_cache.dtype == value_cache.dtype == qkv.dtype
+    return (_kernel_runs(qkv, mask) and key_cache.dtype == value_cache.dtype == qkv.dtype
             and qkv.is_contiguous() and dim % 2 == 0 and value_cache.shape[-1] == dim
             and qkv.shape[-1] == (heads + 2 * key_cache.shape[1]) * dim and heads % key_cache.shape[1] == 0
             and cos.shape[-1] == sin.shape[-1] == dim and cos.stride(-1) == sin.stride(-1) == 1
-            and key_cache.stride(-1) == value_cache.stride(-1) == 1 and slot.dtype == torch.int64 and slot.numel() == 1
-            and not (torch.is_grad_enabled() and qkv.requires_grad)
-            and (mask is None or mask.dtype in (torch.bool, torch.uint8))
-            and not _reference_only() and triton_available())
+            and key_cache.stride(-1) == value_cache.stride(-1) == 1 and slot.dtype == torch.int64 and slot.numel() == 1)
 
 
 def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor,

@@ -24,6 +24,7 @@ import torch
 
 from bitconvert.kernels import reference_kernels
 from bitconvert.kernels.attention import decode_attention_op, decode_attention_rope_op
+from bitconvert.layers.fused import outputs_match, projection_group
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +156,8 @@ def _rope_class(cls: type) -> type:
 def _rope_eligible(attn) -> bool:
     """q/k/v one fused product in that order, transformers' head counts, nothing between the product and the
     rotary embedding (q/k norms) or inside attention (sinks) that the kernel does not do."""
-    from bitconvert.layers.fused import ProjectionView
-
-    views = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
-    if not all(isinstance(v, ProjectionView) for v in views) or len({id(v.group) for v in views}) != 1:
+    views = projection_group(attn, ("q_proj", "k_proj", "v_proj"))
+    if views is None:
         return False
     config, dim = getattr(attn, "config", None), getattr(attn, "head_dim", None)
     heads = getattr(config, "num_attention_heads", None)
@@ -212,7 +211,7 @@ def fuse_rope_attention(model) -> list[str]:
         for _, module, cls in plans:
             module.__class__ = _rope_class(cls)
         got, fast = _probe_decode(model)
-        same = bool((got - want).norm() <= 1e-3 * want.norm() + 1e-6) and fast > 0
+        same = outputs_match(got, want) and fast > 0
         why = "its logits changed" if fast else "no decode step took the fused path"
     except Exception as err:  # e.g. a model whose forward passes its attention other arguments
         same, why = False, f"{type(err).__name__}: {err}"

@@ -66,6 +66,20 @@ class ProjectionView(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, part {self.index} of a fused product"
 
 
+def projection_group(module: nn.Module, names: tuple[str, ...]) -> list[ProjectionView] | None:
+    """``module``'s projections ``names`` if :func:`fuse_projections` made them views of one group, else None."""
+    views = [getattr(module, name, None) for name in names]
+    if all(isinstance(v, ProjectionView) for v in views) and len({id(v.group) for v in views}) == 1:
+        return views
+    return None
+
+
+def outputs_match(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """The check every fusion makes before it keeps a change: the same shape, and within float rounding
+    (relative error 1e-3) of what the model computed before."""
+    return want.shape == got.shape and bool((got - want).float().norm() <= 1e-3 * want.float().norm() + 1e-6)
+
+
 def _fusable(layers: list) -> bool:
     first = layers[0]
     return (all(isinstance(layer, PackedBitLinear) for layer in layers)
@@ -127,8 +141,7 @@ def _swiglu_mlp(mlp: nn.Module, gate_up: PackedBitLinear) -> FusedSwiGLU | None:
             want, got = mlp(x), fused(x)
     except Exception:  # a forward that is not down(act(gate(x)) * up(x)) may want other arguments
         return None
-    close = want.shape == got.shape and bool((got - want).float().norm() <= 1e-3 * want.float().norm() + 1e-6)
-    return fused if close else None
+    return fused if outputs_match(got, want) else None
 
 
 def fuse_projections(model: nn.Module, swiglu: bool = True) -> list[str]:
