@@ -762,6 +762,7 @@ class Variant:
     attention_block: int = 0  # keys per block of the decode attention kernel (0: its default)
     decoder_layers: bool = True  # bitconvert.layers.decoder: norms quantize, o_proj/down_proj add the residual
     rope_attention: bool = True  # bitconvert.layers.attention.fuse_rope_attention: rotary and cache write inside
+    deferred_positions: bool = True  # the fused layers' cache positions advanced in one kernel after the last layer
 
 
 OVERLAP_VARIANTS = {"packed_fused_no_overlap": Variant("off", False),
@@ -780,7 +781,8 @@ OVERLAP_VARIANTS = {"packed_fused_no_overlap": Variant("off", False),
                     "packed_fused_pdl_kernels_no_layers": Variant("pdl", False, decoder_layers=False),
                     "packed_fused_pdl_no_rope": Variant("pdl", True, rope_attention=False),
                     "packed_fused_pdl_no_rope_no_layers": Variant("pdl", True, decoder_layers=False,
-                                                                  rope_attention=False)}
+                                                                  rope_attention=False),
+                    "packed_fused_pdl_positions_per_layer": Variant("pdl", True, deferred_positions=False)}
 # bf16 variants: the bf16 model compiled with inductor's PDL; with bitconvert's decode attention (the part of
 # a step that the two models share, made as fast for bf16 as for packed)
 BF16_VARIANTS = ("bf16_pdl", "bf16_decode_attention")
@@ -851,6 +853,23 @@ def rope_attention(model, on: bool):
     from bitconvert.layers.attention import fuse_rope_attention, unfuse_rope_attention
 
     return toggled(model, on, fuse_rope_attention, unfuse_rope_attention, "attention module")
+
+
+@contextlib.contextmanager
+def deferred_positions(model, on: bool):
+    """Off: each fused attention module advances its own cache position (one small kernel per layer) inside the
+    block, as before bitconvert.layers.attention deferred them to one advance after the last layer."""
+    taken = []
+    if not on:
+        for module in model.modules():
+            deferred = module.__dict__.pop("_bitconvert_positions", None)
+            if deferred is not None:
+                taken.append((module, deferred))
+    try:
+        yield
+    finally:
+        for module, deferred in taken:
+            module._bitconvert_positions = deferred
 
 
 def decoder_layers(model, on: bool):
@@ -988,7 +1007,7 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
             with (compiled_act_quant(v.prequant), launch_overlap(v.overlap, v.inductor_pdl),
                   attention(packed, v.decode_attention), swiglu_epilogue(packed, v.swiglu), fused_gemv(v.fused_gemv),
                   attention_block(v.attention_block), decoder_layers(packed, v.decoder_layers),
-                  rope_attention(packed, v.rope_attention)):
+                  rope_attention(packed, v.rope_attention), deferred_positions(packed, v.deferred_positions)):
                 result[variant] = measure_model(packed, prompt, new_tokens, graph_tokens,
                                                 ["compiled"] if v.prequant else modes, profile)
             save()
@@ -1134,7 +1153,9 @@ def markdown(data: dict) -> str:
                       "below, inductor's kernels with PDL on Hopper). "
                       "no_layers = the decoder layers as transformers has them (each RMSNorm and residual add an "
                       "inductor kernel, a quantizer launch before every product); no_rope = the rotary embedding and the "
-                      "cache writes as transformers runs them, before the attention kernel. sdpa = transformers' attention instead of bitconvert's "
+                      "cache writes as transformers runs them, before the attention kernel; positions_per_layer = each layer's "
+                      "cache position advanced by a kernel of its own after its attention, instead of all of them in one "
+                      "kernel after the last layer. sdpa = transformers' attention instead of bitconvert's "
                       "decode attention; no_swiglu = SiLU·up as its own kernel between the two MLP products; "
                       "bf16_decode_attention = the bf16 model with bitconvert's decode attention (the attention both "
                       "models share, as fast for both); fused_gemv = every batch-1 GEMV quantizes its activations "

@@ -235,6 +235,38 @@ def test_rope_attention_is_left_out_where_it_would_not_run(tmp_path, tiny_tokeni
     assert not hasattr(type(llama.model.layers[0].self_attn), "_bitconvert_rope_original")
 
 
+def test_rope_attention_advances_every_position_in_one_operation(tmp_path, tiny_tokenizer):
+    """The fused layers leave their positions to the decoder stack, which advances them together when it returns:
+    one foreach add in the traced step, no add per layer; unfusing takes the hooks away again."""
+    from test_fused import packed_model
+
+    from bitconvert.layers.attention import fuse_rope_attention, unfuse_rope_attention
+    from bitconvert.layers.fused import fuse_projections
+
+    model = packed_model(tmp_path, tiny_tokenizer)
+    fuse_projections(model)
+    ids = torch.randint(0, 320, (2, 6), generator=torch.Generator().manual_seed(6))
+    want, _ = _static_decode(model, ids)
+    assert fuse_rope_attention(model)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    got, cache = _static_decode(model, ids, forward=torch.compile(model, backend=record, fullgraph=True))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert all(int(layer.cumulative_length) == 10 for layer in cache.layers)
+    calls = [str(node.target) for node in graphs[-1].graph.nodes if node.op in ("call_function", "call_method")]
+    assert sum("_foreach_add_" in c for c in calls) == 1
+    assert not any(c in ("add_", "<built-in method add_ of type object>") for c in calls)
+    assert model.model._forward_hooks and model.model._forward_pre_hooks
+    unfuse_rope_attention(model)
+    assert not model.model._forward_hooks and not model.model._forward_pre_hooks
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_rope_attention_compiles_as_one_graph(tmp_path, tiny_tokenizer, backend):

@@ -10,6 +10,8 @@ sdpa's, so padding, sliding windows and a static cache's empty slots mean what t
 product (:func:`~bitconvert.layers.fused.fuse_projections`): at a decode step over a static cache, the
 rotary embedding and the cache writes happen inside the attention kernel
 (:func:`bitconvert.kernels.decode_attention_rope`) instead of in kernels of their own before it.
+The cache positions of those layers then advance together, in one kernel after the last layer
+(:class:`_DeferredPositions`), instead of one small kernel per layer.
 """
 
 from __future__ import annotations
@@ -123,6 +125,34 @@ def _static_layer(cache, index: int):
 _probe_fast_steps = 0  # decode steps that took the fused path, counted in eager mode (the probe reads it)
 
 
+class _DeferredPositions:
+    """The cache positions that fused decode steps read and leave to be advanced, for one stack of layers.
+
+    Each fused step reads its layer's position (the slot it writes) and nothing else in that forward pass reads
+    it again, so the advance can wait: the module that runs the layers advances all of them in one
+    ``_foreach_add_`` when it returns, one kernel per step instead of one per layer (a decode step of a 2.4B
+    model is launch-bound: every kernel in the chain costs about a microsecond). A layer skipped, or one that
+    took the modelling code's forward (which advances its own), is never listed. Cleared before every forward
+    pass, so a pass that failed half-way leaves nothing behind.
+    """
+
+    def __init__(self, owner: torch.nn.Module):
+        self.pending: list[torch.Tensor] = []
+        self.hooks = (owner.register_forward_pre_hook(self.clear), owner.register_forward_hook(self.advance))
+
+    def clear(self, *_):
+        self.pending.clear()
+
+    def advance(self, *_):
+        if self.pending:
+            torch._foreach_add_(self.pending, 1)
+            self.pending.clear()
+
+    def remove(self):
+        for hook in self.hooks:
+            hook.remove()
+
+
 def _rope_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                             past_key_values=None, **kwargs):
     """A decode step over a static cache in one kernel after the q/k/v product; anything else is the
@@ -142,7 +172,11 @@ def _rope_attention_forward(self, hidden_states, position_embeddings=None, atten
     out = decode_attention_rope_op(qkv, cos, sin, layer.keys, layer.values, layer.cumulative_length,
                                    _flat_mask(attention_mask, batch, layer.keys.shape[2]), float(self.scaling),
                                    self.config.num_attention_heads)
-    layer.cumulative_length.add_(1)  # as StaticLayer.update does; outside the operator, see triton_attention
+    deferred = getattr(self, "_bitconvert_positions", None)
+    if deferred is None:
+        layer.cumulative_length.add_(1)  # as StaticLayer.update does; outside the operator, see triton_attention
+    else:
+        deferred.pending.append(layer.cumulative_length)
     if not torch.compiler.is_compiling():
         _probe_fast_steps += 1
     return self.o_proj(out.reshape(batch, 1, -1)), None
@@ -194,6 +228,41 @@ def _probe_decode(model) -> tuple[torch.Tensor, int]:
     return torch.cat(logits, dim=1), _probe_fast_steps
 
 
+def _layer_stack(model, names: list[str]):
+    """The module whose forward runs every named attention module: the nearest common ancestor that is not a
+    container (a Llama's ``model``, which holds ``layers``), or None when the model itself is that container."""
+    parts = [name.split(".") for name in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    while common:
+        owner = model.get_submodule(".".join(common))
+        if not isinstance(owner, (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential)):
+            return owner
+        common.pop()
+    return None if isinstance(model, (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential)) else model
+
+
+def _defer_positions(model, plans) -> None:
+    """Attach one :class:`_DeferredPositions` to the fused modules of each stack of layers."""
+    names = [name for name, *_ in plans]
+    owner = _layer_stack(model, names)
+    if owner is None:
+        return
+    deferred = _DeferredPositions(owner)
+    for _, module, _ in plans:
+        module._bitconvert_positions = deferred
+
+
+def _undefer_positions(modules) -> None:
+    for module in modules:
+        deferred = module.__dict__.pop("_bitconvert_positions", None)
+        if deferred is not None:
+            deferred.remove()
+
+
 @torch.no_grad()
 def fuse_rope_attention(model) -> list[str]:
     """Give every eligible attention module the fused decode step of the module docstring; returns their names.
@@ -210,6 +279,7 @@ def fuse_rope_attention(model) -> list[str]:
         want, _ = _probe_decode(model)
         for _, module, cls in plans:
             module.__class__ = _rope_class(cls)
+        _defer_positions(model, plans)
         got, fast = _probe_decode(model)
         same = outputs_match(got, want) and fast > 0
         why = "its logits changed" if fast else "no decode step took the fused path"
@@ -218,6 +288,7 @@ def fuse_rope_attention(model) -> list[str]:
     if not same:
         for _, module, cls in plans:
             module.__class__ = cls
+        _undefer_positions(module for _, module, _ in plans)
         log.info("attention left as it is (%s)", why)
         return []
     return [name for name, *_ in plans]
@@ -230,5 +301,6 @@ def unfuse_rope_attention(model) -> int:
         original = getattr(type(module), "_bitconvert_rope_original", None)
         if original is not None:
             module.__class__ = original
+            _undefer_positions([module])
             count += 1
     return count
