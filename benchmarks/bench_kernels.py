@@ -934,6 +934,14 @@ def launch_overlap(name: str, inductor: bool | None = None):
             inductor_config.triton.enable_pdl = inductor_pdl
 
 
+def tuned_gemvs() -> dict[str, str]:
+    """The tile the tuner keeps for each batch-1..8 problem it has met (fused or not): variants re-tune, and a
+    choice that flips between calls explains a change in decode speed."""
+    from bitconvert.kernels import triton_ternary as tt
+
+    return {str(key): str(cfg) for key, cfg in tt._tuned.items() if isinstance(cfg, tt.GemvConfig)}
+
+
 def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, graph_tokens: int,
               modes=DECODE_MODES, profile: bool = False, variants=VARIANTS, save=lambda: None) -> dict:
     """Fills ``result`` (which names the model) one variant at a time, calling ``save`` after each."""
@@ -996,6 +1004,7 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
         result["rope_attention"] = len(fuse_rope_attention(packed))  # decode steps over a static cache only
     if "packed_fused" in variants:
         result["packed_fused"] = measure_model(packed, prompt, new_tokens, graph_tokens, modes, profile)
+        result.setdefault("tuned_gemvs", {})["packed_fused"] = tuned_gemvs()
         save()
     if "packed_fused_prequant" in variants and "compiled" in modes:
         with compiled_act_quant(True):
@@ -1010,6 +1019,7 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
                   rope_attention(packed, v.rope_attention), deferred_positions(packed, v.deferred_positions)):
                 result[variant] = measure_model(packed, prompt, new_tokens, graph_tokens,
                                                 ["compiled"] if v.prequant else modes, profile)
+                result.setdefault("tuned_gemvs", {})[variant] = tuned_gemvs()
             save()
     del packed
     torch.cuda.empty_cache()
