@@ -278,6 +278,15 @@ def check_section(parts=CHECK_PARTS) -> dict:
                     same = torch.equal(y, two)
                     failures += not same
                     cases.append({"case": f"fused = two-launch m={m} n={n} k={k} {gran} {cfg}", "ok": same})
+                    # the row maxima handed over by the kernel before (attention: one per key/value head)
+                    cuts = torch.linspace(0, k, 5).long().tolist()
+                    parts = torch.stack([x[:, a:b].abs().amax(-1) for a, b in zip(cuts, cuts[1:])], 1).float()
+                    given = tt.ternary_matmul(x, packed, inv, bias, tt.SCALE_MODES[gran], gs, config=cfg,
+                                              parts=parts.contiguous())
+                    same = torch.equal(given, two)
+                    failures += not same
+                    cases.append({"case": f"fused with row maxima = two-launch m={m} n={n} k={k} {gran} {cfg}",
+                                  "ok": same})
 
         # activation quantizer bit for bit
         from bitconvert.quant import int8_absmax_quantize
@@ -395,7 +404,7 @@ def check_section(parts=CHECK_PARTS) -> dict:
                                   f"{str(dtype)[6:]}", "ok": ok, "relerr": err})
         # ROPE: the rotary embedding and the cache write inside the kernel, against the torch reference in float32;
         # the slot on both sides of a block's edge and in a later split, rotary angles shared (stride 0) or not
-        from bitconvert.kernels.attention import decode_attention_rope_reference
+        from bitconvert.kernels.attention import decode_attention_rope_reference, group_absmax
         for b, h, hkv, d, keys, slot, splits, shared in [
                 (1, 20, 4, 128, 304, 40, None, True), (1, 20, 4, 128, 304, 63, 1, True), (1, 20, 4, 128, 304, 64, 3, True),
                 (4, 32, 8, 128, 1000, 999, None, False), (2, 9, 3, 64, 4096, 1500, None, False),
@@ -412,13 +421,14 @@ def check_section(parts=CHECK_PARTS) -> dict:
             ref = decode_attention_rope_reference(qkv.float(), cos.float(), sin.float(), *want_caches, position, mask,
                                                   d ** -0.5, h)
             try:
-                got = ta.decode_attention_rope(qkv, cos, sin, *caches, position, mask, d ** -0.5, h, splits=splits)
+                got, absmax = ta.decode_attention_rope(qkv, cos, sin, *caches, position, mask, d ** -0.5, h,
+                                                       splits=splits)
                 err = relerr(got.float(), ref)
                 cache_err = max(relerr(c[:, :, slot].float(), w[:, :, slot]) for c, w in zip(caches, want_caches))
                 others = [i for i in range(keys) if i != slot]
                 untouched = all(torch.equal(c[:, :, others].float(), w[:, :, others]) for c, w in zip(caches, want_caches))
                 ok = (err <= 1e-2 and cache_err <= 1e-2 and untouched and int(position) == slot
-                      and got.dtype == dtype)
+                      and got.dtype == dtype and torch.equal(absmax, group_absmax(got, hkv)))
             except Exception as exc:
                 err, cache_err, ok = f"{type(exc).__name__}: {str(exc)[:200]}", None, False
             failures += not ok
@@ -763,6 +773,7 @@ class Variant:
     decoder_layers: bool = True  # bitconvert.layers.decoder: norms quantize, o_proj/down_proj add the residual
     rope_attention: bool = True  # bitconvert.layers.attention.fuse_rope_attention: rotary and cache write inside
     deferred_positions: bool = True  # the fused layers' cache positions advanced in one kernel after the last layer
+    absmax_handover: bool = True  # the attention kernel's row maxima let o_proj's GEMV quantize its input itself
 
 
 OVERLAP_VARIANTS = {"packed_fused_no_overlap": Variant("off", False),
@@ -782,7 +793,8 @@ OVERLAP_VARIANTS = {"packed_fused_no_overlap": Variant("off", False),
                     "packed_fused_pdl_no_rope": Variant("pdl", True, rope_attention=False),
                     "packed_fused_pdl_no_rope_no_layers": Variant("pdl", True, decoder_layers=False,
                                                                   rope_attention=False),
-                    "packed_fused_pdl_positions_per_layer": Variant("pdl", True, deferred_positions=False)}
+                    "packed_fused_pdl_positions_per_layer": Variant("pdl", True, deferred_positions=False),
+                    "packed_fused_pdl_no_absmax": Variant("pdl", True, absmax_handover=False)}
 # bf16 variants: the bf16 model compiled with inductor's PDL; with bitconvert's decode attention (the part of
 # a step that the two models share, made as fast for bf16 as for packed)
 BF16_VARIANTS = ("bf16_pdl", "bf16_decode_attention")
@@ -853,6 +865,20 @@ def rope_attention(model, on: bool):
     from bitconvert.layers.attention import fuse_rope_attention, unfuse_rope_attention
 
     return toggled(model, on, fuse_rope_attention, unfuse_rope_attention, "attention module")
+
+
+@contextlib.contextmanager
+def absmax_handover(on: bool):
+    """Off: the fused decode step does not hand o_proj the attention output's row maxima inside the block, so
+    o_proj quantizes its input as every other product does (bitconvert.layers.attention.HAND_OVER_ABSMAX)."""
+    from bitconvert.layers import attention as attention_layers
+
+    before = attention_layers.HAND_OVER_ABSMAX
+    attention_layers.HAND_OVER_ABSMAX = on
+    try:
+        yield
+    finally:
+        attention_layers.HAND_OVER_ABSMAX = before
 
 
 @contextlib.contextmanager
@@ -1016,7 +1042,8 @@ def e2e_model(result: dict, make_bf16, spec, prompt_len: int, new_tokens: int, g
             with (compiled_act_quant(v.prequant), launch_overlap(v.overlap, v.inductor_pdl),
                   attention(packed, v.decode_attention), swiglu_epilogue(packed, v.swiglu), fused_gemv(v.fused_gemv),
                   attention_block(v.attention_block), decoder_layers(packed, v.decoder_layers),
-                  rope_attention(packed, v.rope_attention), deferred_positions(packed, v.deferred_positions)):
+                  rope_attention(packed, v.rope_attention), deferred_positions(packed, v.deferred_positions),
+                  absmax_handover(v.absmax_handover)):
                 result[variant] = measure_model(packed, prompt, new_tokens, graph_tokens,
                                                 ["compiled"] if v.prequant else modes, profile)
                 result.setdefault("tuned_gemvs", {})[variant] = tuned_gemvs()
@@ -1165,7 +1192,8 @@ def markdown(data: dict) -> str:
                       "inductor kernel, a quantizer launch before every product); no_rope = the rotary embedding and the "
                       "cache writes as transformers runs them, before the attention kernel; positions_per_layer = each layer's "
                       "cache position advanced by a kernel of its own after its attention, instead of all of them in one "
-                      "kernel after the last layer. sdpa = transformers' attention instead of bitconvert's "
+                      "kernel after the last layer; no_absmax = o_proj quantizes its input with a kernel of its own instead of "
+                      "taking the attention kernel's row maxima into its GEMV. sdpa = transformers' attention instead of bitconvert's "
                       "decode attention; no_swiglu = SiLU·up as its own kernel between the two MLP products; "
                       "bf16_decode_attention = the bf16 model with bitconvert's decode attention (the attention both "
                       "models share, as fast for both); fused_gemv = every batch-1 GEMV quantizes its activations "

@@ -95,7 +95,7 @@ INTERPRETER_CHECK = textwrap.dedent("""
     assert int(ta._counters[torch.device("cpu")].abs().sum()) == 0  # every head reset its counter
 
     # ROPE: rotary embedding and the cache write inside the kernel, against the torch reference
-    from bitconvert.kernels.attention import decode_attention_rope_reference
+    from bitconvert.kernels.attention import decode_attention_rope_reference, group_absmax
     for b, h, hkv, d, keys, slots, splits in [(1, 20, 4, 128, 304, [40], None), (2, 9, 3, 64, 150, [149], 2),
                                                (3, 6, 2, 80, 200, [0], 3), (2, 4, 1, 32, 2100, [1500], 5)]:
         qkv = torch.randn(b, (h + 2 * hkv) * d).half()
@@ -108,9 +108,11 @@ INTERPRETER_CHECK = textwrap.dedent("""
         want_caches = [c.float() for c in caches]
         want = decode_attention_rope_reference(qkv.float(), cos.float(), sin.float(), *want_caches, slot.clone(), mask,
                                                d ** -0.5, h)
-        got = ta.decode_attention_rope(qkv, cos, sin, *caches, slot, mask, d ** -0.5, h, splits=splits)
+        got, absmax = ta.decode_attention_rope(qkv, cos, sin, *caches, slot, mask, d ** -0.5, h, splits=splits)
         err = ((got.float() - want).norm() / want.norm()).item()
         assert err < 2e-3, ("rope", b, h, hkv, d, keys, slots, splits, err)
+        # each head group's largest |output| as stored: what the o_proj GEMV quantizes by
+        assert torch.equal(absmax, group_absmax(got, hkv)), ("rope absmax", b, h, hkv, splits)
         for cache, want_cache in zip(caches, want_caches):  # the new key and value, and nothing else, written
             torch.testing.assert_close(cache.float(), want_cache, rtol=2e-3, atol=2e-3)
         assert int(slot) == slots[0]  # read, not advanced: the caller advances it
@@ -129,16 +131,18 @@ def test_triton_decode_attention_matches_reference_in_the_interpreter():
 @pytest.mark.parametrize("split", [False, True])
 def test_decode_attention_compiles_for_hopper_and_waits_before_it_reads(split, rope):
     """Compiled for sm_90 without a GPU: bf16 tensor-core products, and under programmatic dependent
-    launch no load or store before ``griddepcontrol.wait`` (with ROPE too: the new key's store)."""
+    launch no load or store before ``griddepcontrol.wait`` (with ROPE too: the new key's store, and the
+    output's absmax, which the rotary kernel writes)."""
     pytest.importorskip("triton")
     from test_kernels import _ptx_for_hopper
 
     from bitconvert.kernels import triton_attention as ta
 
     constants = dict(G=5, GP=16, D=128, DP=128, BN=64, HAS_MASK=True, SKIP=split, SP=8 if split else 1, ROPE=rope,
-                     PDL=True)
+                     AMAX=rope, PDL=True)
     types = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", mask_ptr="*u8", out_ptr="*bf16", part_ptr="*fp32",
-                 cnt_ptr="*i32", scale_log2="fp32", cos_ptr="*bf16", sin_ptr="*bf16", slot_ptr="*i64")
+                 cnt_ptr="*i32", amax_ptr="*fp32", scale_log2="fp32", cos_ptr="*bf16", sin_ptr="*bf16",
+                 slot_ptr="*i64")
     lines = _ptx_for_hopper(ta._decode_attention_kernel, constants, types).splitlines()
     wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
     assert not [line for line in lines[:wait] if any(op in line for op in ("ld.global", "st.global", "atom."))]
@@ -265,6 +269,37 @@ def test_rope_attention_advances_every_position_in_one_operation(tmp_path, tiny_
     unfuse_rope_attention(model)
     assert not model.model._forward_hooks and not model.model._forward_pre_hooks
     torch._dynamo.reset()
+
+
+def test_rope_attention_hands_o_proj_the_absmax_of_its_input(tmp_path, tiny_tokenizer, monkeypatch):
+    """Every fused decode step gives its o_proj the attention output's maxima per head group, whose maximum per
+    token is that token's absmax (what the GPU's GEMV quantizes by); the switch turns it off."""
+    from test_fused import packed_model
+
+    import bitconvert.layers.packed as packed_layers
+    from bitconvert.layers import attention
+    from bitconvert.layers.fused import fuse_projections
+
+    model = packed_model(tmp_path, tiny_tokenizer)
+    fuse_projections(model)
+    assert attention.fuse_rope_attention(model)
+    seen = []
+    original = packed_layers.ternary_linear
+
+    def recording(x, *args, absmax_parts=None, **kwargs):
+        if absmax_parts is not None:
+            seen.append((x.abs().amax(-1).float().reshape(-1), absmax_parts.amax(-1).reshape(-1)))
+        return original(x, *args, absmax_parts=absmax_parts, **kwargs)
+
+    monkeypatch.setattr(packed_layers, "ternary_linear", recording)
+    ids = torch.randint(0, 320, (2, 6), generator=torch.Generator().manual_seed(7))
+    _static_decode(model, ids, steps=2)
+    assert len(seen) == 2 * model.config.num_hidden_layers  # two decode steps, one o_proj a layer
+    assert all(torch.equal(want, got) for want, got in seen)
+    seen.clear()
+    monkeypatch.setattr(attention, "HAND_OVER_ABSMAX", False)
+    _static_decode(model, ids, steps=2)
+    assert not seen
 
 
 @pytest.mark.slow

@@ -159,6 +159,11 @@ INTERPRETER_CHECK = textwrap.dedent("""
         assert torch.equal(got, two_launch), (m, n, k, gran, cfg)
         err = ((got - want).norm() / want.norm()).item()
         assert err < 1e-6, (m, n, k, gran, cfg, err)
+        # the row maxima from the kernel before, in 3 uneven slices (one of them a single input): the same bits
+        cuts = [0, 1, k // 3, k]
+        parts = torch.stack([x[:, a:b].abs().amax(-1) for a, b in zip(cuts, cuts[1:])], dim=1).float().contiguous()
+        given = tt.ternary_matmul(x, packed, inv, bias, tt.SCALE_MODES[gran], gs, config=cfg, parts=parts)
+        assert torch.equal(given, two_launch), ("parts", m, n, k, gran, cfg)
     # SwiGLU in the epilogue: rows are gate then up, the result silu(gate) * up, half as wide
     swiglu_cases = [(1, 64, 128, "channel", 128, tt.GemvConfig(br=2, bkw=16)),
                     (3, 96, 256, "tensor", 128, tt.GemvConfig(br=4, bkw=16, split_k=2, fused=True, stages=3)),
@@ -288,9 +293,9 @@ def _ptx_for_hopper(kernel, constants: dict, pointer_types: dict) -> str:
     return compiled.asm["ptx"]
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize(("fused", "parts"), [(True, 0), (True, 4), (False, 0)])
 @pytest.mark.parametrize("split", [False, True])
-def test_overlapped_gemv_prefetches_weights_and_touches_nothing_else_before_it_waits(fused, split):
+def test_overlapped_gemv_prefetches_weights_and_touches_nothing_else_before_it_waits(fused, parts, split):
     """With programmatic dependent launch the GEMV may start while the kernel before it still writes the
     activations (and reads buffers this one writes): before ``griddepcontrol.wait`` it may only start the
     L2 prefetch of its weights; every load, store and atomic comes after."""
@@ -299,7 +304,7 @@ def test_overlapped_gemv_prefetches_weights_and_touches_nothing_else_before_it_w
 
     constants = dict(BM=1, BR=4, BKW=128, SPLIT=split, STAGES=3, CHAIN=True, SCALE_MODE=1, GW=1, GWT=1,
                      HAS_BIAS=True, FUSED=fused, XBLOCK=256, ON_GPU=True, PDL=True, PREFETCH=True, SWIGLU=split,
-                     RESIDUAL=not split)
+                     RESIDUAL=not split, PARTS=parts, PARTS_P2=max(1, parts))
     types = {name: "*i32" for name in ("xw_ptr", "ww_ptr", "xsum_ptr", "ws_ptr", "cnt_ptr")}
     types.update(xinv_ptr="*fp32", winv_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16", res_ptr="*bf16")
     if fused:

@@ -99,25 +99,35 @@ def _rope_kernel_eligible(qkv, cos, sin, key_cache, value_cache, slot, mask, hea
             and key_cache.stride(-1) == value_cache.stride(-1) == 1 and slot.dtype == torch.int64 and slot.numel() == 1)
 
 
+def group_absmax(out: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The largest |value| of each key/value head's group of query heads in ``out`` (B, H, D): (B, HKV) float32.
+    Their maximum per sequence is that sequence's absmax, which the packed product reading ``out`` quantizes by."""
+    return out.reshape(out.shape[0], kv_heads, -1).abs().amax(-1).float()
+
+
 def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor,
                           value_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                          heads: int) -> torch.Tensor:
+                          heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`decode_attention_rope_reference` as one Triton kernel on CUDA half-precision tensors (the rotary
-    embedding and the cache write inside the attention kernel); elsewhere the reference."""
+    embedding and the cache write inside the attention kernel); elsewhere the reference. Returns the output and
+    its :func:`group_absmax`, which the kernel writes as it stores the output."""
     if _rope_kernel_eligible(qkv, cos, sin, key_cache, value_cache, slot, mask, heads):
         from bitconvert.kernels import triton_attention
 
         return triton_attention.decode_attention_rope(qkv, cos, sin, key_cache, value_cache, slot, mask, scale, heads)
-    return decode_attention_rope_reference(qkv, cos, sin, key_cache, value_cache, slot, mask, scale, heads)
+    out = decode_attention_rope_reference(qkv, cos, sin, key_cache, value_cache, slot, mask, scale, heads)
+    return out, group_absmax(out, key_cache.shape[1])
 
 
 @torch.library.custom_op("bitconvert::decode_attention_rope", mutates_args=("key_cache", "value_cache"),
                          schema="(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) key_cache, Tensor(b!) value_cache, "
-                                "Tensor slot, Tensor? mask, float scale, int heads) -> Tensor")
+                                "Tensor slot, Tensor? mask, float scale, int heads) -> (Tensor, Tensor)")
 def decode_attention_rope_op(qkv, cos, sin, key_cache, value_cache, slot, mask, scale, heads):
     return decode_attention_rope(qkv, cos, sin, key_cache, value_cache, slot, mask, scale, heads)
 
 
 @decode_attention_rope_op.register_fake
 def _decode_attention_rope_shape(qkv, cos, sin, key_cache, value_cache, slot, mask, scale, heads):
-    return key_cache.new_empty((qkv.shape[0], heads, key_cache.shape[-1]))
+    batch, kv_heads = qkv.shape[0], key_cache.shape[1]
+    return (key_cache.new_empty((batch, heads, key_cache.shape[-1])),
+            qkv.new_empty((batch, kv_heads), dtype=torch.float32))

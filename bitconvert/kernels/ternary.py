@@ -154,10 +154,11 @@ _last_activations = _LastActivations()
 
 
 def _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, acts=None, dtype=None, swiglu=False,
-                 reuse=True, residual=None):
+                 reuse=True, residual=None, absmax_parts=None):
     """The Triton product of ``x`` (or of its int8 codes, when ``acts`` holds their quantization; then
     ``dtype`` is the result's), plus ``residual`` if given, or None when no kernel covers it. ``reuse``: may
-    share quantized activations with the layer before (:class:`_LastActivations`)."""
+    share quantized activations with the layer before (:class:`_LastActivations`). ``absmax_parts``: see
+    :func:`ternary_linear`."""
     from bitconvert.kernels import triton_ternary as tt
 
     k = x.shape[-1]
@@ -182,8 +183,14 @@ def _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, acts=None,
         res2d = residual.reshape(-1, residual.shape[-1])
         if res2d.stride(-1) != 1:
             res2d = res2d.contiguous()
+    parts = None
+    if absmax_parts is not None and acts is None:
+        parts = absmax_parts.reshape(x2d.shape[0], -1)
+        if not (parts.dtype == torch.float32 and parts.device == x2d.device and parts.is_contiguous()):
+            parts = None
     y = tt.ternary_matmul(x2d, packed, inv_scale, None if separate_bias else bias, tt.SCALE_MODES[granularity],
-                          group_size, acts=acts, keep_acts=keep, out_dtype=dtype, swiglu=swiglu, residual=res2d)
+                          group_size, acts=acts, keep_acts=keep, out_dtype=dtype, swiglu=swiglu, residual=res2d,
+                          parts=parts)
     if y is None:
         return None
     y = y.reshape(*x.shape[:-1], y.shape[-1])
@@ -228,7 +235,7 @@ def _kernel_eligible(x, packed, inv_scale, bias) -> bool:
 def ternary_linear(x: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None = None,
                    *, granularity: str = "tensor", group_size: int = 128,
                    cache: TernaryCache | None = None, swiglu: bool = False, reuse: bool = True,
-                   residual: torch.Tensor | None = None) -> torch.Tensor:
+                   residual: torch.Tensor | None = None, absmax_parts: torch.Tensor | None = None) -> torch.Tensor:
     """``y = dequant(int8(x)) · dequant(W)ᵀ + b`` for W packed 2 bits a weight (transformers' bitnet layout).
 
     ``packed`` is uint8 ``(out / 4, in)``, ``inv_scale`` the float32 inverse scale of shape ``(1,)``,
@@ -238,10 +245,13 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Tenso
     ``silu(gate) * up`` (``out / 2`` features), computed in the kernel's epilogue on CUDA. ``reuse``: on CUDA,
     a layer that gets the very tensor the layer before got reuses its quantized activations (eager mode).
     ``residual``: return ``residual + y`` (a decoder layer's residual stream; on CUDA added in the kernel).
+    ``absmax_parts``: float32, one row per token of ``x``, whose maximum is that token's ``max |x|`` (written by
+    the kernel that made ``x``, such as the decode attention); a batch-1 GEMV that quantizes ``x`` itself then
+    reads them instead of a pass over ``x``. A hint only: every path computes the same result without it.
     """
     if x.is_cuda and _kernel_eligible(x, packed, inv_scale, bias) and triton_available():
         y = _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, swiglu=swiglu, reuse=reuse,
-                         residual=residual)
+                         residual=residual, absmax_parts=absmax_parts)
         if y is not None:
             return y
     elif (x.device.type == "cpu" and cache is not None and cache.cpu != "none" and packed.device == x.device
@@ -262,14 +272,17 @@ def _plus(residual: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
 # reuse of quantized activations between layers (unsafe with inductor's reused buffers, see _LastActivations).
 @torch.library.custom_op("bitconvert::ternary_linear", mutates_args=(),
                          schema="(Tensor x, Tensor packed, Tensor inv_scale, Tensor? bias, str granularity, "
-                                "int group_size, bool swiglu=False, Tensor? residual=None) -> Tensor")
-def ternary_linear_op(x, packed, inv_scale, bias, granularity, group_size, swiglu=False, residual=None):
+                                "int group_size, bool swiglu=False, Tensor? residual=None, "
+                                "Tensor? absmax_parts=None) -> Tensor")
+def ternary_linear_op(x, packed, inv_scale, bias, granularity, group_size, swiglu=False, residual=None,
+                      absmax_parts=None):
     return ternary_linear(x, packed, inv_scale, bias, granularity=granularity, group_size=group_size, swiglu=swiglu,
-                          reuse=False, residual=residual)
+                          reuse=False, residual=residual, absmax_parts=absmax_parts)
 
 
 @ternary_linear_op.register_fake
-def _ternary_linear_shape(x, packed, inv_scale, bias, granularity, group_size, swiglu=False, residual=None):
+def _ternary_linear_shape(x, packed, inv_scale, bias, granularity, group_size, swiglu=False, residual=None,
+                          absmax_parts=None):
     return x.new_empty((*x.shape[:-1], packed.shape[0] * (2 if swiglu else 4)))
 
 

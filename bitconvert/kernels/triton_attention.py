@@ -25,6 +25,10 @@ It reads this step's raw q/k/v (one row of the stacked product per sequence) and
 slot writes the new key and value there before it reads its keys. The cache's position is read, not
 advanced: the caller advances it, with an in-place add that torch.compile orders correctly (when this
 operator advanced it, inductor recomputed the rotary angles of later layers from the advanced position).
+
+AMAX: the program that writes a key/value head's output also stores the largest |value| of it (as stored,
+rounded), one float per head and sequence. The packed o_proj that reads the output then quantizes it inside its
+GEMV from those few maxima, without a quantizer launch of its own or a pass over the whole row.
 """
 
 from __future__ import annotations
@@ -43,20 +47,22 @@ COUNTERS = 1 << 14  # key/value heads x sequences that one split call may cover
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, cnt_ptr, L, HKV, keys_per_split,
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, cnt_ptr, amax_ptr, L, HKV, keys_per_split,
                              n_splits, scale_log2,
                              stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
                              stride_mb, stride_ml, stride_ob, stride_oh,
                              cos_ptr, sin_ptr, slot_ptr, stride_cb, stride_sb,
                              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                              BN: tl.constexpr, HAS_MASK: tl.constexpr, SKIP: tl.constexpr, SP: tl.constexpr,
-                             ROPE: tl.constexpr, PDL: tl.constexpr):
+                             ROPE: tl.constexpr, AMAX: tl.constexpr, PDL: tl.constexpr):
     """``q`` (B, H, D) with H = HKV * G, ``k``/``v`` (B, HKV, L, D), ``mask`` (B, L) uint8 (1: attend),
     ``out`` (B, H, D). ``part``: float32 scratch (B * HKV, n_splits, GP, DP + 2) when SP > 1 (SP: a power
     of two, at least n_splits). SKIP: blocks the mask excludes are not read.
 
     ROPE: ``q`` is this step's stacked product (B, (H + 2 HKV) D), q then k then v, not yet rotated; ``cos``,
-    ``sin`` (B, D); ``slot`` (one int64) is the cache position that the new key and value go to."""
+    ``sin`` (B, D); ``slot`` (one int64) is the cache position that the new key and value go to.
+
+    AMAX: ``amax`` float32 (B * HKV,) receives each head group's largest |output| (module docstring)."""
     SPLIT: tl.constexpr = SP > 1
     _wait_for_previous_kernel(PDL)
     bh = tl.program_id(0)
@@ -117,8 +123,10 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, c
     out_rows = out_ptr + b.to(tl.int64) * stride_ob + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :]
     out_mask = g_mask[:, None] & d_mask[None, :]
     if not SPLIT:
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+        out = (acc / tl.where(l_i > 0, l_i, 1.0)[:, None]).to(out_ptr.dtype.element_ty)
+        tl.store(out_rows, out, mask=out_mask)
+        if AMAX:
+            _store_absmax(amax_ptr + bh, out, out_mask)
     else:
         W: tl.constexpr = DP + 2
         part = part_ptr + (bh.to(tl.int64) * n_splits + split) * GP * W
@@ -149,9 +157,17 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, c
                 total = total * old + l_s * new
                 out = out * old[:, None] + acc_s * new[:, None]
                 m_all = m_new
-            out = out / tl.where(total > 0, total, 1.0)[:, None]
-            tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+            out = (out / tl.where(total > 0, total, 1.0)[:, None]).to(out_ptr.dtype.element_ty)
+            tl.store(out_rows, out, mask=out_mask)
+            if AMAX:
+                _store_absmax(amax_ptr + bh, out, out_mask)
             tl.atomic_xchg(cnt_ptr + bh, 0, sem="relaxed")
+
+
+@triton.jit
+def _store_absmax(ptr, out, mask):
+    """The largest |value| of one program's output as stored (``out`` already rounded), as float32."""
+    tl.store(ptr, tl.max(tl.max(tl.where(mask, tl.abs(out.to(tl.float32)), 0.0), axis=1), axis=0))
 
 
 @triton.jit
@@ -201,14 +217,15 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor,
                           value_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                          heads: int, splits: int | None = None) -> torch.Tensor:
+                          heads: int, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding, the cache write and decode attention in one kernel (module docstring, ROPE):
     ``qkv`` (B, (H + 2 HKV) D) contiguous, ``cos``/``sin`` (B, D), ``key_cache``/``value_cache``
-    (B, HKV, L, D), ``slot`` a one-element int64 tensor (the position written). Returns (B, H, D)."""
-    return _launch(qkv, heads, key_cache, value_cache, mask, scale, splits, (cos, sin, slot))
+    (B, HKV, L, D), ``slot`` a one-element int64 tensor (the position written). Returns the output (B, H, D)
+    and each head group's largest |output| (B, HKV) float32 (AMAX)."""
+    return _launch(qkv, heads, key_cache, value_cache, mask, scale, splits, (cos, sin, slot), absmax=True)
 
 
-def _launch(query, heads, key, value, mask, scale, splits, rope=None):
+def _launch(query, heads, key, value, mask, scale, splits, rope=None, absmax=False):
     batch, dim = query.shape[0], key.shape[-1]
     kv_heads, keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
@@ -226,8 +243,10 @@ def _launch(query, heads, key, value, mask, scale, splits, rope=None):
         mask = mask.view(torch.uint8)
     mask_arg = mask if mask is not None else out
     cos, sin, slot = rope if rope is not None else (out, out, out)
+    amax = torch.empty((batch, kv_heads), dtype=torch.float32, device=query.device) if absmax else out
     _decode_attention_kernel[(batch * kv_heads, splits)](
-        query, key, value, mask_arg, out, part, counters if splits > 1 else out, keys, kv_heads, per_split, splits,
+        query, key, value, mask_arg, out, part, counters if splits > 1 else out, amax, keys, kv_heads, per_split,
+        splits,
         scale * 1.4426950408889634,  # log2(e): exp(x) = exp2(x * log2 e)
         query.stride(0), query.stride(1) if rope is None else 0, key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
@@ -237,5 +256,5 @@ def _launch(query, heads, key, value, mask, scale, splits, rope=None):
         cos.stride(0) if rope is not None else 0, sin.stride(0) if rope is not None else 0,
         G=groups, GP=gp, D=dim, DP=dp, BN=BLOCK_KEYS, HAS_MASK=mask is not None,
         SKIP=mask is not None and keys > SKIP_AFTER_KEYS, SP=triton.next_power_of_2(splits), ROPE=rope is not None,
-        num_warps=4, **_pdl_meta(_overlap_on(query.device).pdl))
-    return out
+        AMAX=absmax, num_warps=4, **_pdl_meta(_overlap_on(query.device).pdl))
+    return (out, amax) if absmax else out

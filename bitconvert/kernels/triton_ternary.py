@@ -439,13 +439,16 @@ def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, 
                  BM: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr,
                  CHAIN: tl.constexpr, SCALE_MODE: tl.constexpr, GW: tl.constexpr, GWT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, FUSED: tl.constexpr, XBLOCK: tl.constexpr, ON_GPU: tl.constexpr,
-                 PDL: tl.constexpr, PREFETCH: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
+                 PDL: tl.constexpr, PREFETCH: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                 PARTS: tl.constexpr, PARTS_P2: tl.constexpr):
     """A few tokens: ``xw`` int32 (M, K/4) activation codes, ``ww`` int32 (R, K/4) packed weights.
 
     FUSED: ``xw`` is the activations themselves (M, K), rows ``stride_x`` apart, and ``xinv``/``xsum``
     are unused: this program quantizes them (absmax over whole rows, XBLOCK inputs a step, then the
     codes of each tile as it goes) exactly as ``_act_quant_kernel`` does. It subtracts the Σ codes of
-    its own K slice before ``_finish``, so split-K partial sums still add up to the whole.
+    its own K slice before ``_finish``, so split-K partial sums still add up to the whole. With PARTS > 0 the
+    kernel that wrote ``x`` also wrote PARTS maxima of |x| per row (float32 (M, PARTS), at ``xinv``), and their
+    maximum is the row's absmax: no pass over the rows (PARTS_P2: PARTS rounded up to a power of two).
 
     Row block b is masked in place (``word & (0x03030303 << 2b)``, no shift): its dp4a sums come out
     multiplied by 4^b and are shifted back once at the end, exactly. CHAIN keeps one running sum
@@ -474,7 +477,13 @@ def _gemv_kernel(xw_ptr, xinv_ptr, xsum_ptr, ww_ptr, winv_ptr, bias_ptr, y_ptr, 
     zero3 = tl.zeros([BM, BR, BKW], tl.int32)
     ones = tl.full([BM, BKW], 0x01010101, tl.int32)  # dp4a with these sums four codes
     if FUSED:
-        xinv = _inv_scale(_rows_absmax(xw_ptr, offs_m, m_mask, KW * 4, stride_x, BM, XBLOCK), ON_GPU)
+        if PARTS > 0:
+            offs_p = tl.arange(0, PARTS_P2)
+            parts = tl.load(xinv_ptr + offs_m[:, None] * PARTS + offs_p[None, :],
+                            mask=m_mask[:, None] & (offs_p < PARTS)[None, :], other=0.0)
+            xinv = _inv_scale(tl.max(parts, axis=1), ON_GPU)
+        else:
+            xinv = _inv_scale(_rows_absmax(xw_ptr, offs_m, m_mask, KW * 4, stride_x, BM, XBLOCK), ON_GPU)
         xsum = tl.zeros([BM], tl.int32)
     else:
         xinv = tl.load(xinv_ptr + offs_m, mask=m_mask, other=1.0)
@@ -691,6 +700,7 @@ class Problem:
     device: torch.device
     acts_ready: bool = False
     swiglu: bool = False
+    parts: int = 0  # maxima of |x| per row that the kernel before wrote (the fused GEMV then needs no absmax pass)
 
     @property
     def rows(self) -> int:
@@ -714,7 +724,7 @@ class Problem:
     def tuning_key(self) -> tuple:
         """Problems that share this share one measured choice (``fused_ok``: they have the same candidates)."""
         return (self.device.index or 0, _bucket(self.m), self.n, self.k, self.mode, self.group_size, self.fused_ok,
-                self.swiglu)
+                self.swiglu, self.parts)
 
     def split_ok(self, split_k: int) -> bool:
         """Split-K sums in int32 through the workspace: not for group scales, and only if it fits."""
@@ -872,7 +882,9 @@ def _launch_params(cfg: GemvConfig | GemmConfig, p: Problem, has_bias: bool,
         meta = dict(BM=bm, BR=cfg.br, BKW=cfg.bkw, SPLIT=cfg.split_k > 1, STAGES=cfg.stages,
                     CHAIN=bm * cfg.br * cfg.bkw * 4 <= 64 * 32 * cfg.num_warps, SCALE_MODE=p.mode, GW=gw,
                     GWT=min(gw, cfg.bkw), HAS_BIAS=has_bias, FUSED=cfg.fused,
-                    XBLOCK=_absmax_block(p.k, bm, cfg.num_warps) if cfg.fused else 1, ON_GPU=not INTERPRET,
+                    XBLOCK=_absmax_block(p.k, bm, cfg.num_warps) if cfg.fused and not p.parts else 1,
+                    PARTS=p.parts if cfg.fused else 0, PARTS_P2=_next_pow2(max(1, p.parts)) if cfg.fused else 1,
+                    ON_GPU=not INTERPRET,
                     PREFETCH=overlap.prefetch and aligned and p.k % 16 == 0 and _prefetch_fits(p),
                     SWIGLU=p.swiglu, RESIDUAL=has_residual, num_warps=cfg.num_warps,
                     **_pdl_meta(overlap.pdl))
@@ -952,9 +964,10 @@ def rms_norm_quantize(x2d: torch.Tensor, weight: torch.Tensor,
 def launch(cfg: GemvConfig | GemmConfig, p: Problem, x2d: torch.Tensor,
            acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, packed: torch.Tensor,
            inv_scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
-           residual: torch.Tensor | None = None) -> None:
+           residual: torch.Tensor | None = None, parts: torch.Tensor | None = None) -> None:
     """Run one configuration: ``y`` (M, N) receives the result, plus ``residual`` (M, N) when given. The fused
-    GEMV reads ``x2d`` itself; the others read ``acts = quantize_activations(x2d)`` (codes, inverse scales, sums)."""
+    GEMV reads ``x2d`` itself (and ``parts``, (M, p.parts) maxima of |x2d|, when the problem has them); the
+    others read ``acts = quantize_activations(x2d)`` (codes, inverse scales, sums)."""
     scratch = _workspace(y.device) if cfg.split_k > 1 else None
     if cfg.split_k > 1 and scratch is None:  # first split-K call inside a graph capture: split 1 is always right
         cfg = dataclasses.replace(cfg, split_k=1)
@@ -963,7 +976,8 @@ def launch(cfg: GemvConfig | GemmConfig, p: Problem, x2d: torch.Tensor,
     bias_arg = y if bias is None else bias
     res_arg, res_stride = (y, 0) if residual is None else (residual, residual.stride(0))
     if cfg.fused:
-        _gemv_kernel[grid](x2d, y, y, packed.view(torch.int32), inv_scale, bias_arg, y, res_arg, ws, counters,
+        _gemv_kernel[grid](x2d, parts if p.parts else y, y, packed.view(torch.int32), inv_scale, bias_arg, y, res_arg,
+                           ws, counters,
                            p.m, p.n, p.rows, p.k // 4, x2d.stride(0), y.stride(0), res_stride, n_groups, cfg.split_k,
                            **meta)
         return
@@ -1066,7 +1080,7 @@ def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Ten
                    mode: int, group_size: int, config: GemvConfig | GemmConfig | None = None,
                    acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                    keep_acts=None, out_dtype: torch.dtype | None = None, swiglu: bool = False,
-                   residual: torch.Tensor | None = None) -> torch.Tensor | None:
+                   residual: torch.Tensor | None = None, parts: torch.Tensor | None = None) -> torch.Tensor | None:
     """``(M, K) -> (M, N)`` on the GPU; ``None`` when no kernel covers this case (the caller falls back).
     ``swiglu``: the rows are gate and up stacked, and the result ``silu(gate) * up`` is ``(M, N / 2)``.
     ``residual`` (M, N) of the result's dtype, rows contiguous: the result is ``residual + x · Wᵀ``.
@@ -1074,14 +1088,17 @@ def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Ten
     ``acts`` are ``quantize_activations(x2d)`` when the caller already has them (then ``x2d`` may be the
     codes themselves and ``out_dtype`` says the result's dtype). Without them the fused GEMV (one
     launch) competes with quantize-then-multiply (two), each measured as a whole; when the choice
-    quantizes separately, ``keep_acts(acts)`` receives the activations for reuse.
+    quantizes separately, ``keep_acts(acts)`` receives the activations for reuse. ``parts`` (M, P) float32,
+    contiguous: maxima of |x2d| per row whose maximum is the row's absmax, written by the kernel that made
+    ``x2d``; the fused GEMV then reads them instead of making a pass over the rows (other tiles ignore them).
     """
     m, k = x2d.shape
     n = packed.shape[0] * 4
     y = torch.empty((m, n // 2 if swiglu else n), dtype=out_dtype or x2d.dtype, device=x2d.device)
     if m == 0:
         return y
-    p = _problem(m, n, k, mode, group_size, x2d.device, acts is not None, swiglu)
+    with_parts = parts is not None and acts is None and m <= FUSED_MAX_M and FUSED_GEMV != "never"
+    p = _problem(m, n, k, mode, group_size, x2d.device, acts is not None, swiglu, parts.shape[1] if with_parts else 0)
 
     rotation: list = []
 
@@ -1091,7 +1108,7 @@ def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Ten
 
         def call(w, w_inv):  # quantize-then-multiply pays for its quantizer on every call, as in use
             launch(cfg, p, x2d, acts if acts is not None or cfg.fused else quantize_activations(x2d), w, w_inv,
-                   bias, y, residual)
+                   bias, y, residual, parts)
 
         return graph_time_us([functools.partial(call, w, w_inv) for w, w_inv in rotation])
 
@@ -1103,5 +1120,5 @@ def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Ten
         acts = quantize_activations(x2d)
         if keep_acts is not None:
             keep_acts(acts)
-    launch(cfg, p, x2d, acts, packed, inv_scale, bias, y, residual)
+    launch(cfg, p, x2d, acts, packed, inv_scale, bias, y, residual, parts)
     return y

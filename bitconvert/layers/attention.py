@@ -11,7 +11,10 @@ product (:func:`~bitconvert.layers.fused.fuse_projections`): at a decode step ov
 rotary embedding and the cache writes happen inside the attention kernel
 (:func:`bitconvert.kernels.decode_attention_rope`) instead of in kernels of their own before it.
 The cache positions of those layers then advance together, in one kernel after the last layer
-(:class:`_DeferredPositions`), instead of one small kernel per layer.
+(:class:`_DeferredPositions`), instead of one small kernel per layer. The attention kernel also writes the
+largest |output| of each key/value head's query heads, which it hands to a packed o_proj
+(:meth:`~bitconvert.layers.packed.PackedBitLinear.give_absmax`): its GEMV can quantize the output from those
+few numbers instead of a quantizer launch of its own.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from bitconvert.layers.fused import outputs_match, projection_group
 log = logging.getLogger(__name__)
 
 DECODE_ATTENTION = "bitconvert_decode"
+# The fused decode step hands the attention output's absmax to a packed o_proj (module docstring); off: o_proj
+# quantizes its input as any product does. Read while dynamo traces: set it before compiling.
+HAND_OVER_ABSMAX = True
 _EXTRAS = ("softcap", "position_bias", "s_aux", "sinks")  # what sdpa handles and the kernel does not
 
 
@@ -169,9 +175,9 @@ def _rope_attention_forward(self, hidden_states, position_embeddings=None, atten
     batch = hidden_states.shape[0]
     qkv = self.q_proj.group.fused(hidden_states).reshape(batch, -1)
     cos, sin = (t.expand(batch, -1, -1)[:, -1] for t in position_embeddings)  # (1 or B, 1, D) -> (B, D)
-    out = decode_attention_rope_op(qkv, cos, sin, layer.keys, layer.values, layer.cumulative_length,
-                                   _flat_mask(attention_mask, batch, layer.keys.shape[2]), float(self.scaling),
-                                   self.config.num_attention_heads)
+    out, absmax = decode_attention_rope_op(qkv, cos, sin, layer.keys, layer.values, layer.cumulative_length,
+                                           _flat_mask(attention_mask, batch, layer.keys.shape[2]),
+                                           float(self.scaling), self.config.num_attention_heads)
     deferred = getattr(self, "_bitconvert_positions", None)
     if deferred is None:
         layer.cumulative_length.add_(1)  # as StaticLayer.update does; outside the operator, see triton_attention
@@ -179,7 +185,10 @@ def _rope_attention_forward(self, hidden_states, position_embeddings=None, atten
         deferred.pending.append(layer.cumulative_length)
     if not torch.compiler.is_compiling():
         _probe_fast_steps += 1
-    return self.o_proj(out.reshape(batch, 1, -1)), None
+    out = out.reshape(batch, 1, -1)
+    if HAND_OVER_ABSMAX and hasattr(self.o_proj, "give_absmax"):
+        self.o_proj.give_absmax(out, absmax)
+    return self.o_proj(out), None
 
 
 @functools.cache

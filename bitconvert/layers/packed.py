@@ -83,18 +83,24 @@ class PackedBitLinear(nn.Module):
         # quantized by the norm that made it, and a residual to add to its output.
         self._given: tuple | None = None
         self._residual: torch.Tensor | None = None
+        self._absmax: tuple | None = None
 
     def give_activations(self, x: torch.Tensor, acts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         """The next call, if its input is ``x`` itself, multiplies ``acts`` (:func:`quantize_for_kernels` of ``x``)
         instead of quantizing ``x`` again."""
         self._given = (x, acts)
 
+    def give_absmax(self, x: torch.Tensor, parts: torch.Tensor) -> None:
+        """The next call, if its input is ``x`` itself, may quantize it from ``parts`` (row maxima of ``|x|`` that
+        the kernel which wrote ``x`` computed: ``ternary_linear``'s ``absmax_parts``)."""
+        self._absmax = (x, parts)
+
     def add_residual(self, residual: torch.Tensor) -> None:
         """The next call returns ``residual + output`` (added in the kernel's epilogue where it can be)."""
         self._residual = residual
 
     def _packed_forward(self, x: torch.Tensor, swiglu: bool = False, acts=None,
-                        residual: torch.Tensor | None = None) -> torch.Tensor:
+                        residual: torch.Tensor | None = None, absmax: torch.Tensor | None = None) -> torch.Tensor:
         variant, granularity, group = self.spec.variant, self.spec.weight_scale, self.spec.group_size
         if variant == "b1.58":
             if acts is not None:
@@ -102,7 +108,8 @@ class PackedBitLinear(nn.Module):
                                                 granularity=granularity, group_size=group, dtype=x.dtype,
                                                 swiglu=swiglu, residual=residual)
             return ternary_linear(x, self.weight, self.weight_scale, self.bias, granularity=granularity,
-                                  group_size=group, cache=self.kernel_cache, swiglu=swiglu, residual=residual)
+                                  group_size=group, cache=self.kernel_cache, swiglu=swiglu, residual=residual,
+                                  absmax_parts=absmax)
         if variant == "onebit":
             y = onebit_linear(x, self.weight, self.input_scale, self.output_scale, self.bias)
         else:
@@ -113,10 +120,11 @@ class PackedBitLinear(nn.Module):
     def forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
         """``x · Wᵀ + b``; with ``swiglu`` (W's rows a SwiGLU MLP's gate and up projections, stacked)
         ``silu(gate) * up`` of it, out_features / 2 of them, computed by the product's own kernel."""
-        given, residual = self._given, self._residual
-        if given is not None or residual is not None:
-            self._given = self._residual = None
+        given, residual, given_absmax = self._given, self._residual, self._absmax
+        if given is not None or residual is not None or given_absmax is not None:
+            self._given = self._residual = self._absmax = None
         acts = given[1] if given is not None and given[0] is x and self.rms_norm is None else None
+        absmax = given_absmax[1] if given_absmax is not None and given_absmax[0] is x and self.rms_norm is None else None
         if self.rms_norm is not None:
             x = self.rms_norm(x)
         if torch.is_grad_enabled() and x.requires_grad:
@@ -131,8 +139,8 @@ class PackedBitLinear(nn.Module):
                                                    self.spec.weight_scale, self.spec.group_size, x.dtype, swiglu,
                                                    residual)
             return ternary_linear_op(x, self.weight, self.weight_scale, self.bias, self.spec.weight_scale,
-                                     self.spec.group_size, swiglu, residual)
-        return self._packed_forward(x, swiglu, acts, residual)
+                                     self.spec.group_size, swiglu, residual, absmax)
+        return self._packed_forward(x, swiglu, acts, residual, absmax)
 
     @torch.no_grad()
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
