@@ -241,7 +241,8 @@ def test_rope_attention_is_left_out_where_it_would_not_run(tmp_path, tiny_tokeni
 
 def test_rope_attention_advances_every_position_in_one_operation(tmp_path, tiny_tokenizer):
     """The fused layers leave their positions to the decoder stack, which advances them together when it returns:
-    one foreach add in the traced step, no add per layer; unfusing takes the hooks away again."""
+    one foreach add in the traced step, no add per layer; unfusing takes the hooks away again. In the same graph
+    every o_proj gets the attention kernel's maxima."""
     from test_fused import packed_model
 
     from bitconvert.layers.attention import fuse_rope_attention, unfuse_rope_attention
@@ -264,6 +265,10 @@ def test_rope_attention_advances_every_position_in_one_operation(tmp_path, tiny_
     assert all(int(layer.cumulative_length) == 10 for layer in cache.layers)
     calls = [str(node.target) for node in graphs[-1].graph.nodes if node.op in ("call_function", "call_method")]
     assert sum("_foreach_add_" in c for c in calls) == 1
+    products = [node for node in graphs[-1].graph.nodes if "ternary_linear" in str(node.target)]
+    given = [node for node in products if node.kwargs.get("absmax_parts", node.args[8] if len(node.args) > 8 else None)
+             is not None]
+    assert len(given) == model.config.num_hidden_layers  # each o_proj takes the attention kernel's maxima
     assert not any(c in ("add_", "<built-in method add_ of type object>") for c in calls)
     assert model.model._forward_hooks and model.model._forward_pre_hooks
     unfuse_rope_attention(model)

@@ -183,11 +183,11 @@ def _cuda_linear(x, packed, inv_scale, bias, granularity, group_size, acts=None,
         res2d = residual.reshape(-1, residual.shape[-1])
         if res2d.stride(-1) != 1:
             res2d = res2d.contiguous()
-    parts = None
-    if absmax_parts is not None and acts is None:
+    parts = None  # the row maxima, if they are what the kernel takes: (M, P) float32 on this device, contiguous
+    if (absmax_parts is not None and acts is None and x2d.shape[0] and absmax_parts.dtype == torch.float32
+            and absmax_parts.device == x2d.device and absmax_parts.numel() % x2d.shape[0] == 0):
         parts = absmax_parts.reshape(x2d.shape[0], -1)
-        if not (parts.dtype == torch.float32 and parts.device == x2d.device and parts.is_contiguous()):
-            parts = None
+        parts = parts if parts.is_contiguous() else None
     y = tt.ternary_matmul(x2d, packed, inv_scale, None if separate_bias else bias, tt.SCALE_MODES[granularity],
                           group_size, acts=acts, keep_acts=keep, out_dtype=dtype, swiglu=swiglu, residual=res2d,
                           parts=parts)

@@ -80,7 +80,8 @@ class PackedBitLinear(nn.Module):
         # Not state: what the kernels may keep between calls (the unpacked weight on CPU).
         self.kernel_cache = TernaryCache()
         # Handed over for the next call only (bitconvert.layers.decoder): the int8 activations of its input,
-        # quantized by the norm that made it, and a residual to add to its output.
+        # quantized by the norm that made it, a residual to add to its output, and the maxima of |input| that the
+        # attention kernel wrote (bitconvert.layers.attention).
         self._given: tuple | None = None
         self._residual: torch.Tensor | None = None
         self._absmax: tuple | None = None
