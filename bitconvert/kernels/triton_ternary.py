@@ -59,8 +59,8 @@ FUSED_MAX_M = 8  # every program of the fused GEMV quantizes all its tokens: wor
 _fused_choice = os.environ.get("BITCONVERT_FUSED_GEMV", "auto")
 FUSED_GEMV = {"1": "auto", "0": "never"}.get(_fused_choice, _fused_choice)
 # Under "auto" the fused GEMV must beat the best quantize-then-GEMV by this factor, not just by the noise of
-# the tuner's timing. On an H200 the two came within 4-6% of each other for the 2.4B model's o_proj and
-# down_proj, and one tuning picked the fused one. The compiled decode of that call ran at 831 tok/s; a later
+# the tuner's timing. On an H200 the two came within 4-6% of each other for the 2.4B model's o_proj, and one
+# tuning picked the fused one. The compiled decode of that call ran at 831 tok/s; a later
 # call, whose tuning kept both products unfused, ran at 860 (docs/kernels.md).
 FUSED_GEMV_MARGIN = 0.9
 WORKSPACE_ROWS = 64  # split-K is used only for at most this many tokens...
