@@ -1097,8 +1097,9 @@ def ternary_matmul(x2d: torch.Tensor, packed: torch.Tensor, inv_scale: torch.Ten
     y = torch.empty((m, n // 2 if swiglu else n), dtype=out_dtype or x2d.dtype, device=x2d.device)
     if m == 0:
         return y
-    with_parts = parts is not None and acts is None and m <= FUSED_MAX_M and FUSED_GEMV != "never"
-    p = _problem(m, n, k, mode, group_size, x2d.device, acts is not None, swiglu, parts.shape[1] if with_parts else 0)
+    p = _problem(m, n, k, mode, group_size, x2d.device, acts is not None, swiglu)
+    if parts is not None and p.fused_ok:  # only a fused GEMV reads the maxima: its own problem, tuned apart
+        p = _problem(m, n, k, mode, group_size, x2d.device, False, swiglu, parts.shape[1])
 
     rotation: list = []
 

@@ -55,8 +55,7 @@ def generate_texts(teacher, tokenizer, config: GenerateSource, *, seed: int, dev
     try:
         for batch in range(batches):
             if prompt_ids is not None:
-                rows = torch.arange(batch * config.batch_size, (batch + 1) * config.batch_size) % len(prompt_ids)
-                prompts = prompt_ids[rows]
+                prompts = _batch_prompts(prompt_ids, batch, config.batch_size)
             else:
                 prompts = torch.full((config.batch_size, 1), start, dtype=torch.long)
             try:
@@ -87,6 +86,11 @@ def generate_texts(teacher, tokenizer, config: GenerateSource, *, seed: int, dev
 def batch_count(config: GenerateSource) -> int:
     """Sampling batches that cover ``config.tokens``."""
     return -(-config.tokens // (config.batch_size * config.sequence_length))
+
+
+def _batch_prompts(prompt_ids: torch.Tensor, batch: int, batch_size: int) -> torch.Tensor:
+    """Batch ``batch``'s rows of ``prompt_ids``, cycling through them when there are fewer than the batches need."""
+    return prompt_ids[torch.arange(batch * batch_size, (batch + 1) * batch_size) % len(prompt_ids)]
 
 
 def random_first_tokens(tokenizer, count: int, seed: int) -> torch.Tensor:
@@ -137,8 +141,7 @@ def _generate_with_transformers(teacher, tokenizer, config: GenerateSource, *, s
     try:
         for batch in range(batches):
             if prompt_ids is not None:
-                rows = torch.arange(batch * config.batch_size, (batch + 1) * config.batch_size) % len(prompt_ids)
-                ids = prompt_ids[rows].to(device)
+                ids = _batch_prompts(prompt_ids, batch, config.batch_size).to(device)
                 inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             elif config.prompts:
                 prompts = [config.prompts[(batch * config.batch_size + i) % len(config.prompts)]
