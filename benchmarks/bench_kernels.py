@@ -280,9 +280,9 @@ def check_section(parts=CHECK_PARTS) -> dict:
                     cases.append({"case": f"fused = two-launch m={m} n={n} k={k} {gran} {cfg}", "ok": same})
                     # the row maxima handed over by the kernel before (attention: one per key/value head)
                     cuts = torch.linspace(0, k, 5).long().tolist()
-                    parts = torch.stack([x[:, a:b].abs().amax(-1) for a, b in zip(cuts, cuts[1:])], 1).float()
+                    maxima = torch.stack([x[:, a:b].abs().amax(-1) for a, b in zip(cuts, cuts[1:])], 1).float()
                     given = tt.ternary_matmul(x, packed, inv, bias, tt.SCALE_MODES[gran], gs, config=cfg,
-                                              parts=parts.contiguous())
+                                              parts=maxima.contiguous())
                     same = torch.equal(given, two)
                     failures += not same
                     cases.append({"case": f"fused with row maxima = two-launch m={m} n={n} k={k} {gran} {cfg}",
