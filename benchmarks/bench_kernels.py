@@ -1226,7 +1226,9 @@ def markdown(data: dict) -> str:
             lines += ["### Where a decode step's GPU time goes", "",
                       "µs per step (kernels per step) by kind of kernel, from CUPTI during graph replays; the step is "
                       "1e6 / tok/s, and what the kernels do not cover is the gaps between them. rest = the step less "
-                      "its ternary product kernels; bound = bf16 step / rest, the speedup if those took no time.", "",
+                      "its ternary product kernels; bound = bf16 step / rest, the speedup if those took no time. Kernels "
+                      "launched with PDL overlap their neighbours, so their times can sum to more than the step "
+                      "(rest: overlapped).", "",
                       "| model | mode | variant | step µs | kernels | " + " | ".join(KERNEL_KINDS) + " | rest µs | bound |",
                       "|---|---|---|---|---|" + "---|" * (len(KERNEL_KINDS) + 2)]
             for r, v, m in profiled:
@@ -1237,7 +1239,10 @@ def markdown(data: dict) -> str:
                 rest, bound = "", ""
                 if not v.startswith("bf16") and "tokens_per_s" in r["bf16"].get(m, {}):
                     rest_us = step_us - kinds.get("ternary product", {}).get("us_per_step", 0.0)
-                    rest, bound = f"{rest_us:.0f}", f"{1e6 / r['bf16'][m]['tokens_per_s'] / rest_us:.2f}x"
+                    if rest_us > 0:
+                        rest, bound = f"{rest_us:.0f}", f"{1e6 / r['bf16'][m]['tokens_per_s'] / rest_us:.2f}x"
+                    else:  # PDL-launched kernels overlap: their times sum to more than the step
+                        rest = "overlapped"
                 lines.append(f"| {r['model']} | {m} | {v} | {step_us:.0f} | {run['profile']['kernels_per_step']:.0f} | "
                              + " | ".join(cells) + f" | {rest} | {bound} |")
             lines.append("")
