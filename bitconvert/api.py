@@ -76,6 +76,12 @@ def quantize(recipe: Recipe, *, resume: bool = False, accelerator=None) -> Quant
 
     student, tokenizer = load_model(recipe.model, dtype=torch.float32, device="cpu")
     mode = recipe.train.mode
+    tracker = None
+    if recipe.eval.track_every:  # loads the tasks now: a bad name or a missing file fails before training
+        from bitconvert.eval import TaskTracker
+
+        tracker = TaskTracker(recipe.eval.tasks, tokenizer, limit=recipe.eval.track_limit or recipe.eval.limit,
+                              batch_size=recipe.eval.batch_size, data_dir=recipe.eval.data_dir)
     teacher = None
     if mode == "distill":
         # A second load rather than a copy: the teacher needs no float32 master weights, and an 8B
@@ -93,7 +99,8 @@ def quantize(recipe: Recipe, *, resume: bool = False, accelerator=None) -> Quant
         data = build_training_data(recipe.data, tokenizer, seed=recipe.train.seed, cache_dir=run_dir / "data",
                                    teacher=teacher, device=device, is_main=main, wait=accelerator.wait_for_everyone)
         result.train = train(student, teacher, data, recipe.train, run_dir, accelerator=accelerator, resume=resume,
-                             eval_batch_size=recipe.eval.batch_size)
+                             eval_batch_size=recipe.eval.batch_size, tracker=tracker,
+                             track_every=recipe.eval.track_every)
         teacher = None  # FSDP wraps the blocks in place: neither original may outlive the process group
         if result.train.interrupted:
             student = None

@@ -47,6 +47,12 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny_llama_dir):
     assert result.exit_code == 2 and "train.lerning_rate: unknown key" in result.output
     result = invoke("quantize", tiny_llama_dir, "--out", tmp_path / "x", "--steps", 1, "--data", tmp_path / "none.txt")
     assert result.exit_code == 2 and "none.txt does not exist" in result.output
+    # a task tracked during training without its data fails before anything trains
+    (tmp_path / "empty").mkdir()
+    result = invoke("quantize", tiny_llama_dir, "--out", tmp_path / "x", "--steps", 1, "--set", "eval.tasks=[piqa_local]",
+                    "--set", "eval.track_every=1", "--set", f"eval.data_dir={tmp_path / 'empty'}")
+    assert result.exit_code == 2 and "piqa_local: no data at" in result.output, result.output
+    assert not (tmp_path / "x" / "training").exists()
     assert not (tmp_path / "x" / "model.safetensors").exists()
     result = invoke("inspect", tiny_llama_dir)
     assert result.exit_code == 2 and "not a finished bitconvert export" in result.output

@@ -46,6 +46,30 @@ def test_cpu_paths_match_reference_on_random_shapes(cpu, granularity, dtype):
                 assert torch.equal(got, want)
 
 
+def test_int8_codes_multiply_exactly_by_either_product(monkeypatch):
+    """The int8 cache's product, whichever the first call's timing picks: torch's int8 matmul, or float32
+    sgemm over a few weight rows at a time; rows longer than float32 sums hold exactly take the int8
+    matmul (the limits are shrunk here to reach every branch)."""
+    from bitconvert.kernels import ternary as cpu_path
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-127, 128, (5, 96), generator=g, dtype=torch.int8)
+    w = torch.randint(-1, 2, (40, 96), generator=g, dtype=torch.int8)
+    exact = (x.long() @ w.long().t()).float()
+    monkeypatch.setattr(cpu_path, "_int_mm_faster", None)
+    assert torch.equal(cpu_path._int_matmul(x, w), exact)
+    assert cpu_path._int_mm_faster in (True, False)  # timed once, then kept
+    for faster in (True, False):
+        monkeypatch.setattr(cpu_path, "_int_mm_faster", faster)
+        assert torch.equal(cpu_path._int_matmul(x, w), exact)
+    monkeypatch.setattr(cpu_path, "FLOAT_CHUNK", 96 * 7)  # 7 rows a block: 6 blocks, the last one short
+    assert torch.equal(cpu_path._int_matmul(x, w), exact)
+    monkeypatch.setattr(cpu_path, "EXACT_FLOAT_INPUTS", 64)
+    calls = []
+    monkeypatch.setattr(cpu_path, "_int_mm", lambda *a: calls.append(a) or (a[0].long() @ a[1].long().t()).float())
+    assert torch.equal(cpu_path._int_matmul(x, w), exact) and len(calls) == 1
+
+
 def test_cache_holds_the_promised_bytes_and_follows_weight_updates():
     layer = PackedBitLinear(64, 32, True, spec=QuantSpec(weight_scale="channel"))
     packed, inv = random_packed(32, 64, "channel")

@@ -35,6 +35,9 @@ def test_wrong_types_and_impossible_combinations():
     assert "group_size must be a multiple of 8" in error_of({"convert": {"weight_scale": "group", "group_size": 12}})
     message = error_of({"train": {"mode": "pretrain", "steps": 1}, "data": {"train": [{"generate": {}}]}})
     assert "needs the teacher" in message
+    assert "list at least one task" in error_of({"eval": {"track_every": 50}})
+    message = error_of({"train": {"mode": "none"}, "eval": {"tasks": ["piqa_local"], "track_every": 50}})
+    assert "trains nothing" in message
 
 
 def test_several_errors_are_reported_together():

@@ -211,6 +211,41 @@ def test_compiled_student_trains_like_eager(tmp_path, tiny_tokenizer, corpus_fil
     assert losses[mode] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)
 
 
+def test_tasks_are_tracked_during_training_and_leave_it_unchanged(tmp_path, tiny_tokenizer, corpus_file):
+    """eval.track_every: the teacher scored once, the student every N steps and at the end, through the
+    harness on a local task; the run's weights are those of a run without tracking."""
+    from bitconvert.eval import EvalError, TaskTracker
+    from bitconvert.utils.plots import plot_training_curves
+
+    piqa = tmp_path / "data" / "piqa"
+    piqa.mkdir(parents=True)
+    items = [("Open a jar", "twist the lid", "freeze the lid", 0), ("Dry shoes", "bake them", "use newspaper", 1),
+             ("Keep bread", "in a bag", "in water", 0)]
+    (piqa / "valid.jsonl").write_text("".join(json.dumps({"goal": g, "sol1": a, "sol2": b}) + "\n" for g, a, b, _ in items))
+    (piqa / "valid-labels.lst").write_text("".join(f"{label}\n" for *_, label in items))
+    with pytest.raises(EvalError, match="unknown task 'piqa_locl'; did you mean piqa_local"):
+        TaskTracker(["piqa_locl"], tiny_tokenizer, data_dir=tmp_path / "data")
+    tracker = TaskTracker(["piqa_local"], tiny_tokenizer, limit=3, batch_size=2, data_dir=tmp_path / "data")
+
+    student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file)
+    train(student, teacher, data, cfg, tmp_path / "plain", accelerator=acc)
+    reference = weights(student)
+    student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file)
+    result = train(student, teacher, data, cfg, tmp_path / "tracked", accelerator=acc, tracker=tracker, track_every=4)
+    for key, value in weights(student).items():
+        assert torch.equal(value, reference[key]), key
+    assert student.training
+
+    rows = [json.loads(line) for line in (tmp_path / "tracked" / "metrics.jsonl").read_text().splitlines()]
+    teacher_rows = [r for r in rows if "teacher_tasks" in r]
+    assert len(teacher_rows) == 1 and teacher_rows[0]["step"] == 0
+    assert set(teacher_rows[0]["teacher_tasks"]) == {"piqa_local/acc", "piqa_local/acc_norm"}
+    tracked = [r for r in rows if "tasks" in r]
+    assert [r["step"] for r in tracked] == [4, 6] and tracked[-1]["tokens"] == result.tokens
+    assert all(0 <= v <= 1 and v * 3 == round(v * 3) for r in tracked for v in r["tasks"].values())
+    assert plot_training_curves(tmp_path / "tracked" / "metrics.jsonl", tmp_path / "curves.png").is_file()
+
+
 def test_attention_relation_loss_compares_relations_not_scales():
     from bitconvert.train.losses import attention_relation_kl
 

@@ -9,7 +9,7 @@
 from bitconvert.eval.data import LOCAL_TASKS, find_task_file, load_docs
 from bitconvert.eval.errors import EvalError
 from bitconvert.eval.report import EvalReport, EvalRow
-from bitconvert.eval.runner import evaluate, parse_task_names
+from bitconvert.eval.runner import TaskTracker, evaluate, parse_task_names
 
-__all__ = ["LOCAL_TASKS", "EvalError", "EvalReport", "EvalRow", "evaluate", "find_task_file", "load_docs",
-           "parse_task_names"]
+__all__ = ["LOCAL_TASKS", "EvalError", "EvalReport", "EvalRow", "TaskTracker", "evaluate", "find_task_file",
+           "load_docs", "parse_task_names"]

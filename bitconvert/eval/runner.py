@@ -208,6 +208,46 @@ def _score_model(spec: str | Path, units: list[_Unit], *, role: str, manager, li
     return out
 
 
+class TaskTracker:
+    """Scores a model in memory on harness tasks, as often as asked: a task's curve during training.
+
+    The tasks are loaded once, here, so that a bad name or a missing file fails before training starts.
+    Each call wraps the model as it is (no copy, no dtype or device change) and returns
+    ``{"<task>/<metric>": value}``; it leaves the model in eval mode, as the harness does.
+    """
+
+    def __init__(self, tasks: str | Iterable[str], tokenizer, *, limit: int | None = None, batch_size: int = 8,
+                 data_dir: str | os.PathLike | None = None):
+        names = parse_task_names(tasks)
+        if not names:
+            raise EvalError("nothing to track: give at least one task")
+        data_root = resolve_data_dir(data_dir)
+        for name in names:
+            if name in LOCAL_TASKS:
+                task_files(name, data_root, {})
+        self.manager = _task_manager(names, data_root, {})
+        self.items = [item for name in names for item in _load_task(self.manager, name)[0]]
+        self.tokenizer, self.limit, self.batch_size = tokenizer, limit, batch_size
+
+    def __call__(self, model) -> dict[str, float]:
+        from lm_eval.evaluator import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        with _quiet_harness():
+            lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size,
+                      softmax_dtype=torch.float32)
+            # bootstrap_iters=0: no standard errors, only the values that a curve plots
+            results = simple_evaluate(model=lm, tasks=self.items, limit=self.limit, bootstrap_iters=0,
+                                      log_samples=False, task_manager=self.manager)
+        scores = {}
+        for task, metrics in results["results"].items():
+            for key, value in metrics.items():
+                metric, _, filt = key.partition(",")
+                if filt and not metric.endswith("_stderr") and (value := _as_float(value)) is not None:
+                    scores[f"{task}/{metric}" if filt == "none" else f"{task}/{metric} [{filt}]"] = value
+        return scores
+
+
 # --------------------------------------------------------------------------- report
 
 def _as_float(value: Any) -> float | None:

@@ -179,6 +179,15 @@ class EvalConfig(Strict):
     limit: int | None = Field(default=None, gt=0, description="score only the first N items of each task")
     batch_size: int = Field(default=8, gt=0, description="evaluation batch size")
     data_dir: str | None = Field(default=None, description="folder with local task data (see docs/evaluation.md)")
+    track_every: int = Field(default=0, ge=0, description="also score the tasks on the student every N training steps "
+                             "and at the end, into metrics.jsonl and the curves; 0 = off")
+    track_limit: int | None = Field(default=None, gt=0, description="items per task when tracking (default: limit)")
+
+    @model_validator(mode="after")
+    def _tracked_tasks(self) -> "EvalConfig":
+        if self.track_every and not self.tasks:
+            raise ValueError("eval.track_every scores eval.tasks during training: list at least one task")
+        return self
 
 
 class Recipe(Strict):
@@ -197,6 +206,8 @@ class Recipe(Strict):
             raise ValueError("train.mode 'pretrain' has no teacher: set train.loss.ce > 0 (kl and hidden need mode 'distill')")
         if self.train.mode == "pretrain" and any(s.generate for s in self.data.train):
             raise ValueError("data.train uses 'generate', which needs the teacher: set train.mode to 'distill'")
+        if self.eval.track_every and self.train.mode == "none":
+            raise ValueError("eval.track_every scores the student while it trains, and train.mode 'none' trains nothing")
         gguf = [f for f in self.export.formats if f.startswith("gguf")]
         if gguf and (self.convert.variant != "b1.58" or self.convert.mixture_of_depths is not None):
             # fail before training, not at export: llama.cpp has no 1-bit types and no routed blocks

@@ -14,12 +14,14 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 
 from bitconvert.convert import set_quant_strength
 from bitconvert.mod import calibrate_decisions, capacity_schedule, mod_config, set_mod_capacity
@@ -209,8 +211,6 @@ def auxiliary_loss(model) -> torch.Tensor | None:
 def prepare_teacher(teacher, accelerator):
     """Put the frozen teacher where the student is. Under FSDP it is sharded like the student;
     otherwise every process holds a copy (DDP would only add gradient hooks it never uses)."""
-    from accelerate.utils import DistributedType
-
     teacher.requires_grad_(False).eval()
     if accelerator.distributed_type != DistributedType.FSDP:
         return teacher.to(accelerator.device)
@@ -266,9 +266,28 @@ def _metrics_upto(path: Path, step: int) -> list[dict[str, Any]]:
     return rows
 
 
+def scores_on_main(score: Callable[[Any], dict[str, float]], model, accelerator) -> dict[str, float]:
+    """``score(model)`` run by the main process alone (the others wait and receive its result), eager
+    (compiled blocks would recompile for every new batch shape), under the run's autocast."""
+    scores = None
+    if accelerator.is_main_process:
+        with torch.no_grad(), accelerator.autocast(), torch.compiler.set_stance("force_eager"):
+            scores = score(model)
+    if accelerator.num_processes > 1:  # every rank logs the same rows, so that they stay in step
+        from accelerate.utils import broadcast_object_list
+
+        scores = broadcast_object_list([scores], from_process=0)[0]
+    return scores
+
+
 def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str | Path, *, accelerator,
-          resume: bool = False, eval_batch_size: int = 8) -> TrainResult:
-    """Train ``student`` (already converted) in place. Returns when the budget is spent or on Ctrl-C."""
+          resume: bool = False, eval_batch_size: int = 8, tracker: Callable[[Any], dict[str, float]] | None = None,
+          track_every: int = 0) -> TrainResult:
+    """Train ``student`` (already converted) in place. Returns when the budget is spent or on Ctrl-C.
+
+    ``tracker``: scores a model on downstream tasks (:class:`bitconvert.eval.TaskTracker`); the teacher is
+    scored once, the student every ``track_every`` steps and at the end, into the metrics.
+    """
     run_dir = Path(run_dir)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     seq = data.sequence_length
@@ -294,6 +313,10 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
         head = chunked_head(accelerator.unwrap_model(student), teacher if cfg.mode == "distill" else None, cfg,
                             accelerator, probe)
     student = compile_student(student, cfg.compile, accelerator.unwrap_model(student))
+    if tracker is not None and accelerator.distributed_type == DistributedType.FSDP:
+        log.warning("eval.track_every: the student is sharded across processes (FSDP), so its tasks are scored "
+                    "after the export only")
+        tracker = None
 
     run_signature = {"fingerprint": data.fingerprint, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                      "world": world, "sequence_length": seq}
@@ -325,6 +348,14 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
             with open(metrics_path, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
 
+    def logged(key: str) -> bool:
+        return any(r.get("step") == step and key in r for r in metrics)
+
+    def track() -> None:
+        log_row({"step": step, "tokens": tokens, "tasks": scores_on_main(tracker, accelerator.unwrap_model(student),
+                                                                           accelerator)})
+        student.train()
+
     def snapshot() -> Path:
         state = {"step": step, "tokens": tokens, "elapsed_seconds": elapsed, "signature": run_signature}
         return save_checkpoint(accelerator, run_dir, step, state, cfg.keep_checkpoints)
@@ -332,6 +363,8 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
     if data.eval_blocks is not None and teacher is not None and step == 0 and not any("teacher_ppl" in r for r in metrics):
         teacher_loss = held_out_loss(teacher, data.eval_blocks, eval_batch_size, accelerator, desc="held-out loss, teacher")
         log_row({"step": 0, "tokens": 0, "teacher_ppl": math.exp(teacher_loss)})
+    if tracker is not None and teacher is not None and step == 0 and not any("teacher_tasks" in r for r in metrics):
+        log_row({"step": 0, "tokens": 0, "teacher_tasks": scores_on_main(tracker, teacher, accelerator)})
 
     progress = Progress(total_steps=total_steps, total_seconds=budget_seconds, initial_step=step,
                         initial_seconds=elapsed, enabled=main)
@@ -412,6 +445,8 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
             if eval_due:
                 loss = held_out_loss(student, data.eval_blocks, eval_batch_size, accelerator, desc="held-out loss")
                 log_row({"step": step, "tokens": tokens, "eval_loss": loss, "eval_ppl": math.exp(loss)})
+            if tracker is not None and track_every and step % track_every == 0:
+                track()
             due_by_time = cfg.save_every_minutes and time.monotonic() - last_save_time > cfg.save_every_minutes * 60
             due = (cfg.save_every and step % cfg.save_every == 0) or due_by_time
             if world > 1:
@@ -424,8 +459,11 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
     progress.close()
     if interrupted:
         log.warning("stopped at step %d; checkpoint %s. Continue with --resume.", step, last_checkpoint)
-    elif data.eval_blocks is not None and not (metrics and metrics[-1].get("step") == step and "eval_ppl" in metrics[-1]):
-        loss = held_out_loss(student, data.eval_blocks, eval_batch_size, accelerator, desc="held-out loss")
-        log_row({"step": step, "tokens": tokens, "eval_loss": loss, "eval_ppl": math.exp(loss)})
+    else:
+        if data.eval_blocks is not None and not logged("eval_ppl"):
+            loss = held_out_loss(student, data.eval_blocks, eval_batch_size, accelerator, desc="held-out loss")
+            log_row({"step": step, "tokens": tokens, "eval_loss": loss, "eval_ppl": math.exp(loss)})
+        if tracker is not None and not logged("tasks"):
+            track()
     return TrainResult(steps=step, tokens=tokens, seconds=elapsed, interrupted=interrupted,
                        checkpoint=last_checkpoint, metrics=metrics, model=student)

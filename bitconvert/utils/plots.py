@@ -22,7 +22,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 def plot_training_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike, title: str = "") -> Path | None:
-    """Loss terms and held-out perplexity against training tokens. Returns None if nothing to plot."""
+    """Loss terms, held-out perplexity and any tracked task scores (``eval.track_every``) against training
+    tokens. Returns None if nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,7 +34,8 @@ def plot_training_curves(metrics_path: str | os.PathLike, out_png: str | os.Path
     evals = [r for r in rows if "eval_ppl" in r]
     if not train and not evals:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    tracked = [r for r in rows if "tasks" in r]
+    fig, axes = plt.subplots(1, 3 if tracked else 2, figsize=(16 if tracked else 11, 4))
     for key in ("loss", "kl", "ce", "hidden"):
         points = [(r["tokens"], r[key]) for r in train if key in r]
         if points:
@@ -53,6 +55,18 @@ def plot_training_curves(metrics_path: str | os.PathLike, out_png: str | os.Path
     axes[1].set_xlabel("training tokens")
     axes[1].set_ylabel("held-out perplexity")
     axes[1].set_title("held-out perplexity")
+    if tracked:
+        teacher = next((r["teacher_tasks"] for r in rows if "teacher_tasks" in r), {})
+        for name in dict.fromkeys(k for r in tracked for k in r["tasks"]):
+            points = [(r["tokens"], r["tasks"][name]) for r in tracked if name in r["tasks"]]
+            line, = axes[2].plot(*zip(*points), marker="o", label=name)
+            if name in teacher:
+                axes[2].axhline(teacher[name], color=line.get_color(), linestyle="--",
+                                label=f"original ({teacher[name]:.3f})")
+        axes[2].legend(fontsize="small")
+        axes[2].set_xlabel("training tokens")
+        axes[2].set_ylabel("score")
+        axes[2].set_title("tracked tasks")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
