@@ -14,6 +14,9 @@
 # data.train.1.weight=3"), NAME (prefix of the result files, default smollm2_distill_h200_10min), STOP_S
 # (the train call's SIGINT, default 500: the wheels, the GGUF's conversion and the checkpoint written after
 # the signal need the rest of the call's 600 s), FINISH_S (the finish call's, default 450).
+# PIQA along the run: SETS="eval.tasks=[piqa_local] eval.track_every=500" (the data folder is $BITCONVERT_DATA;
+# each scoring of all 1838 items takes wall time the training clock does not count, so lower STOP_S and
+# FINISH_S to match, or set eval.track_limit; the recipe's eval.tasks also scores the export after training).
 set -uo pipefail
 out=${OUT:?}; stage=${STAGE:?setup, train or finish}
 work=/root/m
