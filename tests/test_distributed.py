@@ -16,10 +16,16 @@ def test_two_processes_equal_one_process_with_grad_accum(tmp_path, tiny_tokenize
     model_dir = tmp_path / "model"
     build_tiny_model("llama", len(tiny_tokenizer)).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
+    piqa = tmp_path / "data" / "piqa"  # PIQA tracked during training: the main process scores, the other waits
+    piqa.mkdir(parents=True)
+    (piqa / "valid.jsonl").write_text("".join(json.dumps({"goal": f"goal {i}", "sol1": "one way", "sol2": "another"})
+                                              + "\n" for i in range(3)))
+    (piqa / "valid-labels.lst").write_text("0\n1\n0\n")
     recipe = {"model": str(model_dir), "device": "cpu",
               "data": {"train": [{"path": str(corpus_file)}], "sequence_length": 32, "eval_fraction": 0.1},
               "train": {"mode": "distill", "steps": 5, "batch_size": 2, "log_every": 1, "warmup_steps": 1,
-                        "quant_warmup_steps": 2}}
+                        "quant_warmup_steps": 2},
+              "eval": {"tasks": ["piqa_local"], "track_every": 2, "data_dir": str(tmp_path / "data")}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "bitconvert.cli",
@@ -34,9 +40,12 @@ def test_two_processes_equal_one_process_with_grad_accum(tmp_path, tiny_tokenize
 
     def curve(run):
         rows = [json.loads(x) for x in (tmp_path / run / "training" / "metrics.jsonl").read_text().splitlines()]
-        return [r["loss"] for r in rows if "loss" in r], [r["eval_ppl"] for r in rows if "eval_ppl" in r]
+        return ([r["loss"] for r in rows if "loss" in r], [r["eval_ppl"] for r in rows if "eval_ppl" in r],
+                [(r["step"], r["tasks"]) for r in rows if "tasks" in r])
 
-    (loss_two, ppl_two), (loss_one, ppl_one) = curve("two"), curve("one")
+    (loss_two, ppl_two, tasks_two), (loss_one, ppl_one, tasks_one) = curve("two"), curve("one")
     assert len(loss_two) == 5
     assert loss_two == pytest.approx(loss_one, rel=1e-5)
     assert ppl_two == pytest.approx(ppl_one, rel=1e-5)
+    assert [step for step, _ in tasks_two] == [2, 4, 5] and tasks_two == tasks_one
+    assert (tmp_path / "two" / "eval" / "results.json").is_file()  # and the export scored after training
