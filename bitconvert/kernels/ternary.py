@@ -82,6 +82,7 @@ def _cpu_weight(packed, inv_scale, granularity, group_size, mode) -> torch.Tenso
 EXACT_FLOAT_INPUTS = (1 << 24) // 127
 FLOAT_CHUNK = 1 << 22  # weight codes converted to float32 at a time (16 MiB): the copy stays small
 _int_mm_faster: bool | None = None  # decided once per process, on the first product
+_warned_inputs: set[int] = set()
 
 
 def _float_matmul(codes_x: torch.Tensor, codes_w: torch.Tensor) -> torch.Tensor:
@@ -129,8 +130,10 @@ def _int_matmul(codes_x: torch.Tensor, codes_w: torch.Tensor) -> torch.Tensor:
         out = _int_mm(codes_x, codes_w)
         if out is not None:
             return out
-        log.warning("no int8 matmul on this CPU: rows of %d inputs sum in float32, which may round",
-                    codes_x.shape[-1])
+        if codes_x.shape[-1] not in _warned_inputs:
+            _warned_inputs.add(codes_x.shape[-1])
+            log.warning("no int8 matmul on this CPU: rows of %d inputs sum in float32, which may round",
+                        codes_x.shape[-1])
         return _float_matmul(codes_x, codes_w)
     if _int_mm_faster is None:
         _int_mm_faster = _int_mm_is_faster(codes_x, codes_w)
