@@ -217,20 +217,14 @@ def piqa_accuracy(model, tokenizer, args) -> float | None:
     """lm-eval's PIQA prompt (bitconvert's piqa_local on <data>/../piqa) on an in-memory model."""
     if not args.piqa_limit:
         return None
-    from lm_eval.evaluator import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+    from bitconvert.eval import TaskTracker
 
-    from bitconvert.eval.runner import _quiet_harness, _task_manager
-
+    tracker = TaskTracker(["piqa_local"], tokenizer, limit=args.piqa_limit if args.piqa_limit > 0 else None,
+                          batch_size=64, data_dir=args.data.parent)
     was_training = model.training
-    model.eval()
-    with _quiet_harness():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=64)
-        results = simple_evaluate(model=lm, tasks=["piqa_local"], limit=args.piqa_limit if args.piqa_limit > 0 else None,
-                                  log_samples=False, bootstrap_iters=0,
-                                  task_manager=_task_manager(["piqa_local"], args.data.parent, {}))
+    accuracy = tracker(model)["piqa_local/acc"]
     model.train(was_training)
-    return results["results"]["piqa_local"]["acc,none"]
+    return accuracy
 
 
 def scored_piqa(model, tokenizer, args) -> tuple[float | None, str | None]:

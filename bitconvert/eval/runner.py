@@ -125,8 +125,13 @@ def _quiet_harness() -> Iterator[None]:
 
 
 def _task_manager(names: list[str], data_dir: Path | None, data_paths: dict[str, str]):
+    """The harness's task manager for ``names``, after checking that every local task has its files and that
+    every name is a task the harness knows."""
     from lm_eval.tasks import TaskManager
 
+    for name in names:
+        if name in LOCAL_TASKS:
+            task_files(name, data_dir, data_paths)
     # Indexing the harness's ~15k YAML files takes seconds; skip it when only local tasks are asked for.
     needs_hub = any(n not in LOCAL_TASKS for n in names)
     metadata = {"data_dir": str(data_dir) if data_dir else None, "data_paths": data_paths}
@@ -173,19 +178,25 @@ def _split_results(results: dict[str, Any], members: set[str]) -> dict[str, Any]
             for section in _RESULT_SECTIONS}
 
 
+def _harness_model(model, tokenizer, batch_size: int, max_length: int | None = None):
+    """The harness's HF wrapper around a model already loaded."""
+    from lm_eval.models.huggingface import HFLM
+
+    # Log-softmax in fp32 even for a bf16 model: perplexities need more than bf16's 8 mantissa bits.
+    with _quiet_harness():
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                    softmax_dtype=torch.float32)
+
+
 def _score_model(spec: str | Path, units: list[_Unit], *, role: str, manager, limit: int | None, batch_size: int,
                  device: str, dtype: torch.dtype, max_length: int | None) -> dict[str, dict[str, Any]]:
     """Load one model, run every unit on it, free it. Returns unit name -> JSON-ready result."""
     from lm_eval.evaluator import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
     from bitconvert.sources import load_model
 
     model, tokenizer = load_model(spec, dtype=dtype, device=device)
-    # Log-softmax in fp32 even for a bf16 model: perplexities need more than bf16's 8 mantissa bits.
-    with _quiet_harness():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-                  softmax_dtype=torch.float32)
+    lm = _harness_model(model, tokenizer, batch_size, max_length)
     out: dict[str, dict[str, Any]] = {}
     try:
         task_units = [u for u in units if not u.is_file]
@@ -221,31 +232,20 @@ class TaskTracker:
         names = parse_task_names(tasks)
         if not names:
             raise EvalError("nothing to track: give at least one task")
-        data_root = resolve_data_dir(data_dir)
-        for name in names:
-            if name in LOCAL_TASKS:
-                task_files(name, data_root, {})
-        self.manager = _task_manager(names, data_root, {})
+        self.manager = _task_manager(names, resolve_data_dir(data_dir), {})
         self.items = [item for name in names for item in _load_task(self.manager, name)[0]]
         self.tokenizer, self.limit, self.batch_size = tokenizer, limit, batch_size
 
     def __call__(self, model) -> dict[str, float]:
         from lm_eval.evaluator import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
 
+        lm = _harness_model(model, self.tokenizer, self.batch_size)
         with _quiet_harness():
-            lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size,
-                      softmax_dtype=torch.float32)
             # bootstrap_iters=0: no standard errors, only the values that a curve plots
             results = simple_evaluate(model=lm, tasks=self.items, limit=self.limit, bootstrap_iters=0,
                                       log_samples=False, task_manager=self.manager)
-        scores = {}
-        for task, metrics in results["results"].items():
-            for key, value in metrics.items():
-                metric, _, filt = key.partition(",")
-                if filt and not metric.endswith("_stderr") and (value := _as_float(value)) is not None:
-                    scores[f"{task}/{metric}" if filt == "none" else f"{task}/{metric} [{filt}]"] = value
-        return scores
+        rows = _metric_rows(_Unit("tracked", {}), results)
+        return {f"{task}/{metric}": row["value"] for (task, metric), row in rows.items() if row["value"] is not None}
 
 
 # --------------------------------------------------------------------------- report
@@ -382,9 +382,6 @@ def evaluate(model_dir: str | os.PathLike, *, baseline: str | os.PathLike | None
 
     # Everything that can fail on user input fails here, before a model is loaded.
     baseline_identity = model_identity(baseline)
-    for name in names:
-        if name in LOCAL_TASKS:
-            task_files(name, data_root, data_paths)
     manager = _task_manager(names, data_root, data_paths) if names else None
     settings = {"limit": limit, "batch_size": batch_size, "max_length": max_length, "dtype": dtype_name,
                 "device_type": torch.device(device).type, "bootstrap_iters": BOOTSTRAP_ITERS}
