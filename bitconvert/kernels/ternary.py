@@ -104,8 +104,8 @@ def _int_mm(codes_x: torch.Tensor, codes_w: torch.Tensor) -> torch.Tensor | None
 
 def _int_mm_is_faster(codes_x: torch.Tensor, codes_w: torch.Tensor) -> bool:
     """Times torch's int8 matmul against float32 sgemm on these operands (best of three each). It depends
-    on the CPU: with VNNI the int8 kernel was ~2x faster on SmolLM2's projections; on an AVX2 machine
-    without it, 30-90x slower (12 ms against 0.14 ms for one token through 1536x576)."""
+    on the CPU: on one machine the int8 kernel was ~2x faster on SmolLM2's projections; on an AVX2 machine
+    1.1-2x slower at one token and 14-23x at 64 (benchmarks/results/cpu_int8_products.md)."""
     def best(product) -> float:
         times = []
         for _ in range(4):
