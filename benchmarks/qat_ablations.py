@@ -14,6 +14,10 @@ Round 3 (``--round 3``, report qat_round3): the recipe after its 10-minute run, 
 thirds of its blocks from fresh teacher text: attention-relation distillation at two weights,
 2048-token training sequences (scored on the same 512-token blocks), edge blocks in bf16, weight
 decay, the hidden-state loss, and half of the teacher text sampled from the start token alone.
+Round 4 (``--round 4``, report qat_round4): where PIQA goes. The recipe as it now is (three quarters of the
+blocks teacher text); two diagnostic rows keep all attention or all MLP layers in bf16, one leaves the
+tied embeddings frozen (``train.freeze``), one drops the cross-entropy, one lowers the lr, and one trains
+four times the steps with PIQA scored along the way (PIQA against tokens).
 ``--deadline`` (Unix seconds) skips the configurations that would not finish before it.
 
     python benchmarks/qat_ablations.py --model /root/m/smol-hf --data .data/wikitext-2 --round 2 \
@@ -133,6 +137,21 @@ ROUND3_ABLATIONS: dict[str, dict] = {name: merge(ROUND3_TEACHER, change) for nam
     "open_teacher_text": {"data": {"teacher_mix": 1 / 3, "teacher_mix_open": 1 / 3}},
 }.items()}
 
+# Round 4: where does PIQA go? The recipe as it now is (three quarters of the blocks from fresh teacher text), and
+# rows that keep one kind of layer in bf16 to locate the loss (diagnostics: not ternary models), leave the tied
+# embeddings and head untouched, drop the cross-entropy on the data, or lower the learning rate. A benchmark-only
+# key, "piqa_every", scores PIQA along a row (the loop's eval.track_every): PIQA against tokens in one run.
+ROUND4_TEACHER = {"data": {"teacher_mix": 0.75}}
+ROUND4_ABLATIONS: dict[str, dict] = {name: merge(ROUND4_TEACHER, change) for name, change in {
+    "reference": {},
+    "mlp_ternary_only": {"convert": {"skip": [r"model\.layers\.\d+\.self_attn\..*"]}},
+    "attention_ternary_only": {"convert": {"skip": [r"model\.layers\.\d+\.mlp\..*"]}},
+    "frozen_embeddings": {"train": {"freeze": ["embed_tokens"]}},
+    "kl_only": {"train": {"loss": {"ce": 0.0}}},
+    "lr_1e-3": {"train": {"lr": 1e-3}},
+    "reference_4x_tracked": {"train": {"steps_factor": 4}, "piqa_every": 300},
+}.items()}
+
 # What the benchmark changes in every row: budget, logging, no mid-run checkpoints.
 ROW_TRAIN = {"log_every": 5, "save_every": 0, "save_every_minutes": 0}
 
@@ -152,13 +171,17 @@ def round_settings(number: int) -> tuple[dict, dict[str, dict], list[str], str]:
         return REFERENCE, ABLATIONS, list(ABLATIONS), "qat_ablations"
     if number == 2:
         return recipe_reference(), ROUND2_ABLATIONS, ROUND2_DEFAULT, "qat_round2"
-    return recipe_reference(), ROUND3_ABLATIONS, list(ROUND3_ABLATIONS), "qat_round3"
+    if number == 3:
+        return recipe_reference(), ROUND3_ABLATIONS, list(ROUND3_ABLATIONS), "qat_round3"
+    return recipe_reference(), ROUND4_ABLATIONS, list(ROUND4_ABLATIONS), "qat_round4"
 
 
 def spec_for(name: str, args, with_mix: bool = True) -> dict:
     """The recipe dict of one configuration (before validation); ``with_mix=False`` leaves the teacher-text
     shares out (valid.txt alone), for measurements that do not depend on the text."""
     spec = merge(args.reference, args.ablations[name])
+    spec.pop("piqa_every", None)  # the benchmark's own key (run_config)
+    steps_factor = spec["train"].pop("steps_factor", 1)
     data_change = spec.pop("data", {}) if with_mix else {}
     if spec["convert"].pop("keep_edge_blocks", False):
         spec["convert"]["skip"] = [rf"model\.layers\.(0|{args.num_layers - 1})\..*"]
@@ -184,11 +207,22 @@ def spec_for(name: str, args, with_mix: bool = True) -> dict:
                     "eval_sequence_length": args.sequence_length}
     spec["model"] = str(args.model)
     if args.steps:
-        spec["train"]["steps"] = args.steps
+        spec["train"]["steps"] = args.steps * steps_factor
     else:
-        spec["train"]["minutes"] = args.seconds / 60
+        spec["train"]["minutes"] = steps_factor * args.seconds / 60
     spec["train"]["eval_every"] = args.eval_every
     return spec
+
+
+def row_seconds(name: str, args) -> float:
+    """The estimate of a row's training time, plus its PIQA scorings along the way (~--piqa-seconds each)."""
+    change = args.ablations[name]
+    factor = change.get("train", {}).get("steps_factor", 1)
+    tracked = 0
+    if change.get("piqa_every") and args.piqa_limit:
+        steps = (args.steps or 0) * factor
+        tracked = 1 + (steps // change["piqa_every"] if steps else 4)  # the teacher once, then along the row
+    return args.seconds * factor + tracked * args.piqa_seconds
 
 
 def recipe_for(name: str, args, with_mix: bool = True) -> Recipe:
@@ -200,7 +234,8 @@ def is_settable(name: str, args) -> bool:
     reference mixes teacher text as the recipe does; a data-list change is not settable)."""
     change = args.ablations[name]
     same_data = change.get("data") == args.ablations.get("reference", {}).get("data")
-    return same_data and not change.get("convert", {}).get("keep_edge_blocks")
+    benchmark_only = "piqa_every" in change or "steps_factor" in change.get("train", {})  # longer rows compete unfairly
+    return same_data and not benchmark_only and not change.get("convert", {}).get("keep_edge_blocks")
 
 
 def warm_up(student, data, device, batch_size: int = 2) -> None:
@@ -213,14 +248,18 @@ def warm_up(student, data, device, batch_size: int = 2) -> None:
     student.to("cpu")
 
 
-def piqa_accuracy(model, tokenizer, args) -> float | None:
-    """lm-eval's PIQA prompt (bitconvert's piqa_local on <data>/../piqa) on an in-memory model."""
-    if not args.piqa_limit:
-        return None
+def piqa_tracker(tokenizer, args):
+    """lm-eval's PIQA prompt (bitconvert's piqa_local on <data>/../piqa) for in-memory models."""
     from bitconvert.eval import TaskTracker
 
-    tracker = TaskTracker(["piqa_local"], tokenizer, limit=args.piqa_limit if args.piqa_limit > 0 else None,
-                          batch_size=64, data_dir=args.data.parent)
+    return TaskTracker(["piqa_local"], tokenizer, limit=args.piqa_limit if args.piqa_limit > 0 else None,
+                       batch_size=64, data_dir=args.data.parent)
+
+
+def piqa_accuracy(model, tokenizer, args) -> float | None:
+    if not args.piqa_limit:
+        return None
+    tracker = piqa_tracker(tokenizer, args)
     was_training = model.training
     accuracy = tracker(model)["piqa_local/acc"]
     model.train(was_training)
@@ -260,14 +299,20 @@ def run_config(name, args, original, teacher, tokenizer, accelerator_factory) ->
         data.eval_blocks = data.eval_blocks[: args.eval_blocks]
     data_seconds = time.perf_counter() - started
     warm_up(student, data, accelerator.device)
+    track_every = args.ablations[name].get("piqa_every", 0) if args.piqa_limit else 0
     started = time.perf_counter()
-    result = train(student, teacher, data, recipe.train, args.work / name, accelerator=accelerator, eval_batch_size=32)
+    result = train(student, teacher, data, recipe.train, args.work / name, accelerator=accelerator, eval_batch_size=32,
+                   tracker=piqa_tracker(tokenizer, args) if track_every else None, track_every=track_every)
     train_wall = time.perf_counter() - started
     rows = result.metrics
+    piqa_curve = [(r["tokens"], r["tasks"]["piqa_local/acc"]) for r in rows if "piqa_local/acc" in r.get("tasks", {})]
     speeds = [r["tokens_per_second"] for r in rows if "tokens_per_second" in r][2:]
     curve = [(r["tokens"], r["eval_ppl"]) for r in rows if "eval_ppl" in r]
     started = time.perf_counter()
-    piqa, piqa_error = scored_piqa(accelerator.unwrap_model(result.model), tokenizer, args)
+    if piqa_curve and piqa_curve[-1][0] == result.tokens:  # the loop scored the end already
+        piqa, piqa_error = piqa_curve[-1][1], None
+    else:
+        piqa, piqa_error = scored_piqa(accelerator.unwrap_model(result.model), tokenizer, args)
     piqa_seconds = time.perf_counter() - started
     out = {"name": name, "change": args.ablations[name], "all_ternary": not recipe.convert.skip,
            "settable": is_settable(name, args), "steps": result.steps, "tokens": result.tokens,
@@ -277,7 +322,8 @@ def run_config(name, args, original, teacher, tokenizer, accelerator_factory) ->
            "converted_layers": len(report.converted), "kept_full_precision": len(report.skipped),
            "pool_blocks": len(data.pool), "piqa_acc": piqa, "piqa_seconds": round(piqa_seconds, 1),
            **({"piqa_error": piqa_error} if piqa_error else {}),
-           "peak_gib": peak_gib(), "final_ppl": curve[-1][1] if curve else None, "curve": curve}
+           "peak_gib": peak_gib(), "final_ppl": curve[-1][1] if curve else None, "curve": curve,
+           **({"piqa_curve": piqa_curve} if piqa_curve else {})}
     del student, accelerator, result, data
     shutil.rmtree(args.work / name, ignore_errors=True)  # ~2 GB of checkpoint per row
     free_memory()
@@ -458,7 +504,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("BITCONVERT_DATA", ".data")) / "wikitext-2")
-    parser.add_argument("--round", type=int, choices=(1, 2, 3), default=1, help="which set of configurations")
+    parser.add_argument("--round", type=int, choices=(1, 2, 3, 4), default=1, help="which set of configurations")
     parser.add_argument("--seconds", type=float, default=40, help="training seconds per configuration")
     parser.add_argument("--steps", type=int, default=None,
                         help="train every configuration for this many steps instead (--seconds then only estimates "
@@ -476,6 +522,9 @@ def main() -> None:
     parser.add_argument("--mix-seconds", type=float, default=60, help="most seconds spent sampling it")
     parser.add_argument("--mix-batch-size", type=int, default=1024)
     parser.add_argument("--mix-seed", type=int, default=1000)
+    parser.add_argument("--reuse-mix", action="store_true",
+                        help="take the teacher text that an earlier call left in --work instead of sampling it again")
+    parser.add_argument("--piqa-seconds", type=float, default=22, help="estimate of one PIQA scoring, for the deadline")
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--throughput-settings", default="eager,compiled_quantizers",
                         help=f"comma list of sampling,{','.join(STEP_SETTINGS)}")
@@ -591,6 +640,13 @@ def run(args) -> None:
         if not any(args.ablations[c].get("data", {}).get(kind) for c in configs):
             continue
         clock = time.perf_counter()
+        kept = args.work / f"{kind}.jsonl"
+        if args.reuse_mix and kept.is_file() and kept.stat().st_size:
+            args.mix_files[kind] = kept
+            texts = sum(1 for _ in kept.open())
+            report[kind] = {"reused": str(kept), "texts": texts}
+            print(f"fresh teacher text ({MIX_KINDS[kind]}): {texts:,} texts of an earlier call, {kept}", flush=True)
+            continue
         try:
             report[kind] = sample_teacher_mix(teacher, tokenizer, args, device, args.deadline, kind)
             mix = report[kind]
@@ -607,17 +663,18 @@ def run(args) -> None:
     for name in configs:
         # the recent rows' overhead, plus a margin: the first row also pays one-off kernel compiles
         overhead = statistics.median(overheads[-3:]) + 3 if overheads else args.row_overhead
+        needs = row_seconds(name, args) + overhead
         if args.deadline is not None:
             left = args.deadline - time.time()
-            if left < args.seconds + overhead:
+            if left < needs:
                 report["configs"].append({"name": name, "change": args.ablations[name],
-                                          "skipped": f"deadline: needs ~{args.seconds + overhead:.0f} s, {left:.0f} s left"})
+                                          "skipped": f"deadline: needs ~{needs:.0f} s, {left:.0f} s left"})
                 print(f"  {name:18s} skipped ({report['configs'][-1]['skipped']})", flush=True)
                 save(report, args)
                 continue
         try:
             row = run_config(name, args, original, teacher, tokenizer, accelerator_factory)
-            overheads.append(row["wall_seconds"] - args.seconds)
+            overheads.append(row["wall_seconds"] - row_seconds(name, args))
             print(f"  {name:18s} steps {row['steps']:>5d}  tokens {row['tokens']:>10,d}  "
                   f"{row['tokens_per_second'] or 0:>9,.0f} tok/s  ppl {row['final_ppl']:.2f} "
                   f"({row['final_ppl'] / report['original_ppl']:.2f}x)  piqa {fmt(row.get('piqa_acc'))}  "
@@ -685,6 +742,10 @@ def table(report: dict) -> str:
             lines.append(f"| {row['name']} | `{json.dumps(rounded(row['change']))}` | {'yes' if ternary else '**no**'} | "
                          f"{row['steps']} | {row['tokens']:,} | {speed(row)} | "
                          f"{row['final_ppl']:.2f} | {row['final_ppl'] / original:.3f} | {fmt(row.get('piqa_acc'))} |")
+    for row in rows:
+        if row.get("piqa_curve"):
+            points = ", ".join(f"{acc:.3f} at {tokens / 1e6:.2f}M" for tokens, acc in row["piqa_curve"])
+            lines += ["", f"PIQA along {row['name']} (acc at training tokens): {points}."]
     if rows:
         lines += ["", f"Winner (all-ternary, expressible with `--set`): **{winner(report)['name']}**."]
     for row in report["configs"]:
@@ -693,9 +754,14 @@ def table(report: dict) -> str:
     for kind, what in MIX_KINDS.items():
         mix = report.get(kind)
         if mix:
-            lines += ["", f"Fresh teacher text, {kind} ({what}; sampled once, not part of any row's budget): " +
-                      (f"{mix['tokens_sampled']:,} tokens ({mix['texts']:,} texts) in {mix['seconds']} s, "
-                       f"{mix['tokens_per_second'] or 0:,.0f} tokens/s" if "error" not in mix else f"failed: {mix['error']}") + "."]
+            if "error" in mix:
+                told = f"failed: {mix['error']}"
+            elif "reused" in mix:
+                told = f"{mix['texts']:,} texts sampled by an earlier call, reused"
+            else:
+                told = (f"{mix['tokens_sampled']:,} tokens ({mix['texts']:,} texts) in {mix['seconds']} s, "
+                        f"{mix['tokens_per_second'] or 0:,.0f} tokens/s")
+            lines += ["", f"Fresh teacher text, {kind} ({what}; sampled once, not part of any row's budget): {told}."]
     if report.get("throughput"):
         lines += ["", "| throughput | tokens/s | peak GiB | notes |", "| --- | ---: | ---: | --- |"]
         for row in report["throughput"]:

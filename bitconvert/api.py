@@ -62,7 +62,7 @@ def quantize(recipe: Recipe, *, resume: bool = False, accelerator=None) -> Quant
     ``resume=True`` a stopped run continues from its newest checkpoint.
     """
     from bitconvert.train.data import build_training_data
-    from bitconvert.train.loop import train
+    from bitconvert.train.loop import freeze_parameters, train
 
     out = Path(recipe.output)
     run_dir = out / "training"
@@ -90,6 +90,7 @@ def quantize(recipe: Recipe, *, resume: bool = False, accelerator=None) -> Quant
         teacher, _ = load_model(recipe.model, dtype=torch.bfloat16 if on_gpu else torch.float32, device="cpu")
     report = convert_to_bitnet(student, recipe.convert.quant_spec(), recipe.convert.skip,
                                mixture_of_depths=recipe.convert.mixture_of_depths)
+    freeze_parameters(student, recipe.train.freeze)  # a pattern that names nothing fails before data and sampling
     result = QuantizeResult(output=out, report=report, is_main_process=main)
 
     if mode != "none":

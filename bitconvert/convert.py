@@ -84,7 +84,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
+def name_matches(name: str, patterns: Iterable[str]) -> bool:
     """A pattern matches a module name exactly, as a dotted suffix, or as a regex over the full name."""
     for pattern in patterns:
         if name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name):
@@ -115,7 +115,7 @@ def plan_conversion(model: nn.Module, skip: Sequence[str] = (), spec: QuantSpec 
         if replacement is None and not _holds_weights(module):
             continue
         leaf = name.rsplit(".", 1)[-1]
-        if _matches(name, skip):
+        if name_matches(name, skip):
             report.skipped.append(name)
             claimed.append(name)
         elif leaf in ROUTER_NAMES:

@@ -114,6 +114,23 @@ def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path, tiny_tokenize
         train(student, teacher, data, cfg, tmp_path, accelerator=acc, resume=True)
 
 
+def test_frozen_parameters_stay_as_they_are_and_a_typo_fails_first(tmp_path, tiny_tokenizer, corpus_file):
+    from bitconvert.recipes.loading import RecipeError
+
+    student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file, steps=3, freeze=["lm_head"])
+    student.lm_head.weight = student.model.embed_tokens.weight  # tied, as in SmolLM2: freezing the head freezes both
+    before = weights(student)
+    train(student, teacher, data, cfg, tmp_path / "run", accelerator=acc)
+    after = weights(student)
+    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+
+    student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file, steps=3, freeze=["embed_token"])
+    with pytest.raises(RecipeError, match=r"\['embed_token'\] match no parameter"):
+        train(student, teacher, data, cfg, tmp_path / "typo", accelerator=acc)
+    assert not (tmp_path / "typo").exists()
+
+
 def test_schedules():
     cfg = TrainConfig(steps=100, lr=1.0, min_lr_ratio=0.1, warmup_steps=10, quant_warmup_steps=40)
     assert learning_rate(cfg, 0, 0.0) == pytest.approx(0.1)

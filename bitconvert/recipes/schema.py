@@ -122,6 +122,9 @@ class TrainConfig(Strict):
     warmup_steps: int = Field(default=20, ge=0, description="linear learning-rate warmup")
     quant_warmup_steps: int = Field(default=100, ge=0, description="blend from full precision to ternary over this many steps")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay on matrices")
+    freeze: list[str] = Field(default_factory=list, description="parameters left as they are: names, dotted "
+                              "suffixes or regexes of parameters or their modules (e.g. embed_tokens; a tied head "
+                              "is frozen with it)")
     grad_clip: float = Field(default=1.0, ge=0, description="max gradient norm; 0 = off")
     loss: LossConfig = Field(default_factory=LossConfig, description="loss weights")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(default="bf16", description="autocast on GPUs (CPU runs in float32)")

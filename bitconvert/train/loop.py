@@ -14,7 +14,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 
-from bitconvert.convert import set_quant_strength
+from bitconvert.convert import name_matches, set_quant_strength
 from bitconvert.mod import calibrate_decisions, capacity_schedule, mod_config, set_mod_capacity
+from bitconvert.recipes.loading import RecipeError
 from bitconvert.recipes.schema import TrainConfig
 from bitconvert.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from bitconvert.train.compiling import compile_student
@@ -266,6 +267,29 @@ def _metrics_upto(path: Path, step: int) -> list[dict[str, Any]]:
     return rows
 
 
+def freeze_parameters(model, patterns: Sequence[str]) -> list[str]:
+    """Stop training the parameters that ``patterns`` name (see ``train.freeze``); returns their names.
+    A pattern that names nothing is a typo, and an error before any training is spent."""
+    frozen, used = [], set()
+    # remove_duplicate=False: a tied head is listed under its own name too, so `lm_head` finds it
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owner = name.rpartition(".")[0]
+        hits = {p for p in patterns if name_matches(name, [p]) or (owner and name_matches(owner, [p]))}
+        if hits:
+            param.requires_grad_(False)
+            frozen.append(name)
+            used |= hits
+    unused = [pattern for pattern in patterns if pattern not in used]
+    if unused:
+        example = next(name for name, _ in model.named_parameters())
+        raise RecipeError(f"train.freeze: {unused} match no parameter of {type(model).__name__} "
+                         f"(names look like {example!r})")
+    if frozen:
+        log.info("train.freeze: %d parameter tensors left as they are (%s%s)", len(frozen), ", ".join(frozen[:3]),
+                 ", ..." if len(frozen) > 3 else "")
+    return frozen
+
+
 def scores_on_main(score: Callable[[Any], dict[str, float]], model, accelerator) -> dict[str, float]:
     """``score(model)`` run by the main process alone (the others wait and receive its result), eager
     (compiled blocks would recompile for every new batch shape), under the run's autocast."""
@@ -298,6 +322,7 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
+    freeze_parameters(student, cfg.freeze)
     decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -320,6 +345,8 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
 
     run_signature = {"fingerprint": data.fingerprint, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                      "world": world, "sequence_length": seq}
+    if cfg.freeze:  # the optimizer holds state for the trained parameters only
+        run_signature["freeze"] = list(cfg.freeze)
     step, tokens, elapsed = 0, 0, 0.0
     metrics_path = run_dir / METRICS_FILE
     checkpoint = latest_checkpoint(run_dir) if resume else None
