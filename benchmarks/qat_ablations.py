@@ -16,8 +16,9 @@ thirds of its blocks from fresh teacher text: attention-relation distillation at
 decay, the hidden-state loss, and half of the teacher text sampled from the start token alone.
 Round 4 (``--round 4``, report qat_round4): where PIQA goes. The recipe as it now is (three quarters of the
 blocks teacher text); two diagnostic rows keep all attention or all MLP layers in bf16, one leaves the
-tied embeddings frozen (``train.freeze``), one drops the cross-entropy, one lowers the lr, and one trains
-four times the steps with PIQA scored along the way (PIQA against tokens).
+tied embeddings frozen (``train.freeze``), one drops the cross-entropy, one lowers the lr, one trains
+four times the steps with PIQA scored along the way (PIQA against tokens), and two train the original
+with no quantization at all (what the training alone costs PIQA).
 ``--deadline`` (Unix seconds) skips the configurations that would not finish before it.
 
     python benchmarks/qat_ablations.py --model /root/m/smol-hf --data .data/wikitext-2 --round 2 \
@@ -149,7 +150,11 @@ ROUND4_ABLATIONS: dict[str, dict] = {name: merge(ROUND4_TEACHER, change) for nam
     "frozen_embeddings": {"train": {"freeze": ["embed_tokens"]}},
     "kl_only": {"train": {"loss": {"ce": 0.0}}},
     "lr_1e-3": {"train": {"lr": 1e-3}},
+    "lr_3e-4": {"train": {"lr": 3e-4}},
     "reference_4x_tracked": {"train": {"steps_factor": 4}, "piqa_every": 300},
+    # no quantization at all (the benchmark's own key): how much PIQA the training itself costs a bf16 model
+    "full_precision": {"full_precision": True},
+    "full_precision_lr_3e-4": {"full_precision": True, "train": {"lr": 3e-4}},
 }.items()}
 
 # What the benchmark changes in every row: budget, logging, no mid-run checkpoints.
@@ -180,7 +185,8 @@ def spec_for(name: str, args, with_mix: bool = True) -> dict:
     """The recipe dict of one configuration (before validation); ``with_mix=False`` leaves the teacher-text
     shares out (valid.txt alone), for measurements that do not depend on the text."""
     spec = merge(args.reference, args.ablations[name])
-    spec.pop("piqa_every", None)  # the benchmark's own key (run_config)
+    spec.pop("piqa_every", None)  # the benchmark's own keys (run_config)
+    spec.pop("full_precision", None)
     steps_factor = spec["train"].pop("steps_factor", 1)
     data_change = spec.pop("data", {}) if with_mix else {}
     if spec["convert"].pop("keep_edge_blocks", False):
@@ -234,7 +240,8 @@ def is_settable(name: str, args) -> bool:
     reference mixes teacher text as the recipe does; a data-list change is not settable)."""
     change = args.ablations[name]
     same_data = change.get("data") == args.ablations.get("reference", {}).get("data")
-    benchmark_only = "piqa_every" in change or "steps_factor" in change.get("train", {})  # longer rows compete unfairly
+    # longer rows compete unfairly, and an unquantized one is no conversion
+    benchmark_only = {"piqa_every", "full_precision"} & set(change) or "steps_factor" in change.get("train", {})
     return same_data and not benchmark_only and not change.get("convert", {}).get("keep_edge_blocks")
 
 
@@ -291,7 +298,8 @@ def run_config(name, args, original, teacher, tokenizer, accelerator_factory) ->
     recipe = recipe_for(name, args)
     accelerator = accelerator_factory()
     student = copy.deepcopy(original)
-    report = convert_to_bitnet(student, recipe.convert.quant_spec(), recipe.convert.skip)
+    full_precision = args.ablations[name].get("full_precision", False)
+    report = None if full_precision else convert_to_bitnet(student, recipe.convert.quant_spec(), recipe.convert.skip)
     started = time.perf_counter()
     data = build_training_data(recipe.data, tokenizer, seed=0, cache_dir=args.work / "data", teacher=teacher,
                                device=accelerator.device)
@@ -314,12 +322,13 @@ def run_config(name, args, original, teacher, tokenizer, accelerator_factory) ->
     else:
         piqa, piqa_error = scored_piqa(accelerator.unwrap_model(result.model), tokenizer, args)
     piqa_seconds = time.perf_counter() - started
-    out = {"name": name, "change": args.ablations[name], "all_ternary": not recipe.convert.skip,
+    out = {"name": name, "change": args.ablations[name], "all_ternary": not (full_precision or recipe.convert.skip),
            "settable": is_settable(name, args), "steps": result.steps, "tokens": result.tokens,
            "seconds": result.seconds, "data_seconds": round(data_seconds, 1),
            "eval_and_checkpoint_seconds": round(train_wall - result.seconds, 1),
            "tokens_per_second": statistics.median(speeds) if speeds else None,
-           "converted_layers": len(report.converted), "kept_full_precision": len(report.skipped),
+           "converted_layers": len(report.converted) if report else 0,
+           "kept_full_precision": len(report.skipped) if report else None,
            "pool_blocks": len(data.pool), "piqa_acc": piqa, "piqa_seconds": round(piqa_seconds, 1),
            **({"piqa_error": piqa_error} if piqa_error else {}),
            "peak_gib": peak_gib(), "final_ppl": curve[-1][1] if curve else None, "curve": curve,
@@ -688,8 +697,8 @@ def run(args) -> None:
     timings["total_seconds"] = round(time.time() - started_at, 1)
     save(report, args)
     print("\n" + table(report))
-    if args.winner_sets and measured_rows(report):
-        best = winner(report)
+    best = winner(report)
+    if args.winner_sets and best:
         # a settable row has the reference's data, which the recipe already holds: only its other keys are set
         settable = {k: v for k, v in best["change"].items() if k != "data"}
         lines = [f"--set {key}={value}" for key, value in flatten(settable).items()]
@@ -708,7 +717,7 @@ def winner(report: dict) -> dict:
     # round-1 reports have no flags: their two exceptions by name
     eligible = [row for row in rows if row.get("all_ternary", row["name"] != "keep_edge_blocks")
                 and row.get("settable", row["name"] != "teacher_text_mix")]
-    return min(eligible or rows, key=lambda row: row["final_ppl"])
+    return min(eligible, key=lambda row: row["final_ppl"]) if eligible else None
 
 
 def title(report: dict) -> str:
@@ -746,7 +755,7 @@ def table(report: dict) -> str:
         if row.get("piqa_curve"):
             points = ", ".join(f"{acc:.3f} at {tokens / 1e6:.2f}M" for tokens, acc in row["piqa_curve"])
             lines += ["", f"PIQA along {row['name']} (acc at training tokens): {points}."]
-    if rows:
+    if rows and winner(report):
         lines += ["", f"Winner (all-ternary, expressible with `--set`): **{winner(report)['name']}**."]
     for row in report["configs"]:
         if row.get("final_ppl") is None:
@@ -782,10 +791,10 @@ def save(report: dict, args) -> None:
 
 
 def rounded(change):
-    """A configuration's change for the table: shares such as 2/3 in three digits."""
+    """A configuration's change for the table: shares such as 2/3 and rates such as 3e-4 in three significant digits."""
     if isinstance(change, dict):
         return {k: rounded(v) for k, v in change.items()}
-    return round(change, 3) if isinstance(change, float) else change
+    return float(f"{change:.3g}") if isinstance(change, float) else change
 
 
 def speed(row: dict) -> str:
