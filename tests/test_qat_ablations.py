@@ -1,0 +1,54 @@
+"""benchmarks/qat_ablations.py's round settings, without training: what each row's recipe holds, its time
+estimate, and which rows may become the recipe's default."""
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("qat_ablations", ROOT / "benchmarks" / "qat_ablations.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("qat_ablations", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def round_args(bench, tmp_path, number=4, **overrides):
+    args = argparse.Namespace(model="tiny", data=tmp_path / "wikitext-2", steps=300, seconds=40, eval_every=0,
+                              sequence_length=512, generate_tokens=1024, piqa_limit=-1, piqa_seconds=20,
+                              num_layers=30, mix_files={"teacher_mix": tmp_path / "mix.jsonl"}, **overrides)
+    args.reference, args.ablations, args.defaults, _ = bench.round_settings(number)
+    return args
+
+
+def test_round_4_rows_become_valid_recipes(tmp_path):
+    bench = load_benchmark()
+    args = round_args(bench, tmp_path)
+    (tmp_path / "mix.jsonl").write_text('{"text": "a"}\n')
+    for name in args.defaults:
+        recipe = bench.recipe_for(name, args)  # validated: a benchmark-only key left in would be an error
+        assert [s.weight for s in recipe.data.train] == [0.25, 0.75], name
+    assert bench.recipe_for("reference_4x_tracked", args).train.steps == 1200
+    assert bench.recipe_for("frozen_embeddings", args).train.freeze == ["embed_tokens"]
+    assert bench.recipe_for("full_precision", args).convert.skip == []  # the row itself skips the conversion
+
+
+def test_time_estimates_and_the_rows_that_may_win(tmp_path):
+    bench = load_benchmark()
+    args = round_args(bench, tmp_path)
+    assert bench.row_seconds("reference", args) == 40
+    # four times the steps, PIQA on the teacher once and after every 300 of 1,200 steps
+    assert bench.row_seconds("reference_4x_tracked", args) == 4 * 40 + 5 * 20
+    # expressible as --set overrides (the bf16 diagnostics are: convert.skip), unlike the benchmark's own keys
+    settable = {name for name in args.ablations if bench.is_settable(name, args)}
+    assert settable == {"reference", "frozen_embeddings", "kl_only", "lr_1e-3", "lr_3e-4", "mlp_ternary_only",
+                        "attention_ternary_only"}
+    rows = [{"name": "full_precision", "final_ppl": 19.1, "all_ternary": False, "settable": False},
+            {"name": "reference", "final_ppl": 29.6, "all_ternary": True, "settable": True}]
+    assert bench.winner({"configs": rows})["name"] == "reference"
+    assert bench.winner({"configs": rows[:1]}) is None  # no diagnostic row becomes the default
+    assert bench.rounded({"lr": 3e-4, "share": 2 / 3}) == {"lr": 0.0003, "share": 0.667}
