@@ -52,3 +52,15 @@ def test_time_estimates_and_the_rows_that_may_win(tmp_path):
     assert bench.winner({"configs": rows})["name"] == "reference"
     assert bench.winner({"configs": rows[:1]}) is None  # no diagnostic row becomes the default
     assert bench.rounded({"lr": 3e-4, "share": 2 / 3}) == {"lr": 0.0003, "share": 0.667}
+
+
+def test_piqa_curve_fits_the_committed_results(tmp_path):
+    import json
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "piqa_curve.py"), "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "piqa_curve.json").read_text())
+    assert len(report["tracked"]) >= 3 and len(report["finished"]) == 5
+    assert report["fits"]["log_linear"]["b"] > 0 and (tmp_path / "piqa_curve.png").stat().st_size > 0

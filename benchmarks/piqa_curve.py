@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""PIQA against training tokens for SmolLM2-135M's all-ternary runs, and what its fits predict.
+
+Reads the committed results: the round-4 row whose PIQA was scored along the run (``piqa_curve`` in
+qat_round4.json) and every finished 10-minute all-ternary run (its eval_smollm2*.json for PIQA, its
+metrics.jsonl for the tokens it trained). Fits two curves to the tracked row, the only one run with
+several points:
+
+    acc(T) = a + b * ln T                   (a straight line in log tokens)
+    gap(T) = original - acc(T) = A * T^-k   (a power law for what is still missing)
+
+and reports where each puts the target, 2 points below the original, beside what each predicts for
+the finished runs' token counts (those runs used other schedules, so they check the fits, not train them).
+
+    python benchmarks/piqa_curve.py [--results benchmarks/results] [--out benchmarks/results]
+
+Writes OUT/piqa_curve.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+TARGET_POINTS = 0.02
+# finished all-ternary 10-minute runs: (label, lm-eval report, training metrics)
+FINISHED = (
+    ("WikiText only (H100)", "eval_smollm2.json", "smollm2_distill_h100_10min_metrics.jsonl"),
+    ("+ 2M teacher tokens (H100)", "eval_smollm2_teacher_mix.json", "smollm2_distill_teacher_mix_h100_10min_metrics.jsonl"),
+    ("10M teacher tokens, eager (H200)", "eval_smollm2_h200_10min.json", "smollm2_distill_h200_10min_metrics.jsonl"),
+    ("21M teacher tokens, compiled (H200; the recipe)", "eval_smollm2_h200_10min_compiled.json",
+     "smollm2_distill_h200_10min_compiled_metrics.jsonl"),
+    ("broad teacher text (H200)", "eval_smollm2_h200_10min_broad.json", "smollm2_distill_h200_10min_broad_metrics.jsonl"),
+)
+
+
+def piqa_row(report_path: Path) -> dict:
+    rows = json.loads(report_path.read_text())["report"]["rows"]
+    return next(r for r in rows if r["task"] == "piqa_local" and r["metric"] == "acc")
+
+
+def trained_tokens(metrics_path: Path) -> int:
+    tokens = 0
+    for line in metrics_path.read_text().splitlines():
+        row = json.loads(line)
+        tokens = max(tokens, row.get("tokens", 0))
+    return tokens
+
+
+def fit(tokens: np.ndarray, acc: np.ndarray, original: float) -> dict:
+    slope, intercept = np.polyfit(np.log(tokens), acc, 1)
+    target = original - TARGET_POINTS
+    exponent, log_scale = np.polyfit(np.log(tokens), np.log(original - acc), 1)
+    return {"log_linear": {"a": intercept, "b": slope, "points_per_4x": 100 * slope * math.log(4),
+                           "tokens_to_target": math.exp((target - intercept) / slope) if slope > 0 else None},
+            "gap_power_law": {"A": math.exp(log_scale), "k": -exponent,
+                              "tokens_to_target": math.exp((math.log(TARGET_POINTS) - log_scale) / exponent)
+                              if exponent < 0 else None}}
+
+
+def predict(fits: dict, original: float, tokens: float) -> tuple[float, float]:
+    line, power = fits["log_linear"], fits["gap_power_law"]
+    return line["a"] + line["b"] * math.log(tokens), original - power["A"] * tokens ** -power["k"]
+
+
+def short(n: float | None) -> str:
+    if n is None:
+        return "never"
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:,.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=None, help="default: --results")
+    args = parser.parse_args()
+    out = args.out or args.results
+
+    round4 = json.loads((args.results / "qat_round4.json").read_text())
+    tracked = next(row for row in round4["configs"] if row.get("piqa_curve"))
+    original = round4["original_piqa"]
+    tokens, acc = (np.array(column, dtype=float) for column in zip(*tracked["piqa_curve"]))
+    fits = fit(tokens, acc, original)
+    finished = []
+    for label, report, metrics in FINISHED:
+        row, n = piqa_row(args.results / report), trained_tokens(args.results / metrics)
+        line, power = predict(fits, original, n)
+        finished.append({"run": label, "tokens": n, "acc": row["ternary"], "stderr": row["ternary_stderr"],
+                         "log_linear_prediction": line, "gap_power_law_prediction": power})
+    result = {"original_acc": original, "target_acc": original - TARGET_POINTS, "tracked_row": tracked["name"],
+              "tracked": [{"tokens": int(t), "acc": a} for t, a in zip(tokens, acc)], "fits": fits, "finished": finished}
+    (out / "piqa_curve.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    line, power = fits["log_linear"], fits["gap_power_law"]
+    md = ["# PIQA against training tokens (SmolLM2-135M, all ternary)", "",
+          f"Original: {original:.3f}; target: {original - TARGET_POINTS:.3f}. Tracked: round 4's `{tracked['name']}` "
+          "(one run, PIQA scored along it, 1,838 items, ±1.1 points each).", "",
+          "| tokens | " + " | ".join(short(t) for t in tokens) + " |", "| --- |" + " ---: |" * len(tokens),
+          "| PIQA acc | " + " | ".join(f"{a:.3f}" for a in acc) + " |", "",
+          "| fit to the tracked run | parameters | target reached at |", "| --- | --- | ---: |",
+          f"| acc = a + b ln T | {line['points_per_4x']:+.1f} points per 4x tokens | {short(line['tokens_to_target'])} |",
+          f"| gap = A T^-k | k = {power['k']:.3f} | {short(power['tokens_to_target'])} |", "",
+          "| finished 10-minute run | tokens | PIQA acc | line predicts | power law predicts |",
+          "| --- | ---: | ---: | ---: | ---: |"]
+    md += [f"| {r['run']} | {short(r['tokens'])} | {r['acc']:.3f} ± {r['stderr']:.3f} | {r['log_linear_prediction']:.3f} | "
+           f"{r['gap_power_law_prediction']:.3f} |" for r in finished]
+    (out / "piqa_curve.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    grid = np.geomspace(tokens.min() / 2, 2e10, 200)
+    ax.plot(tokens, acc, "o", color="C0", label=f"tracked run ({tracked['name']})")
+    ax.plot(grid, line["a"] + line["b"] * np.log(grid), "-", color="C0", alpha=0.6, label="a + b ln T")
+    ax.plot(grid, original - power["A"] * grid ** -power["k"], "--", color="C2", alpha=0.7, label="original - A T^-k")
+    ax.errorbar([r["tokens"] for r in finished], [r["acc"] for r in finished], yerr=[r["stderr"] for r in finished],
+                fmt="s", color="C1", label="finished 10-minute runs")
+    ax.axhline(original, color="k", lw=1, label=f"original {original:.3f}")
+    ax.axhline(original - TARGET_POINTS, color="k", lw=1, ls=":", label="target (original - 2 points)")
+    ax.set_ylim(min(acc.min(), min(r["acc"] for r in finished)) - 0.02, original + 0.01)
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("PIQA acc")
+    ax.set_title("SmolLM2-135M ternary: PIQA against tokens")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "piqa_curve.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
