@@ -270,12 +270,13 @@ def _metrics_upto(path: Path, step: int) -> list[dict[str, Any]]:
 def freeze_parameters(model, patterns: Sequence[str]) -> list[str]:
     """Stop training the parameters that ``patterns`` name (see ``train.freeze``); returns their names.
     A pattern that names nothing is a typo, and an error before any training is spent."""
-    frozen, used = [], set()
+    frozen, used, newly = [], set(), 0
     # remove_duplicate=False: a tied head is listed under its own name too, so `lm_head` finds it
     for name, param in model.named_parameters(remove_duplicate=False):
         owner = name.rpartition(".")[0]
         hits = {p for p in patterns if name_matches(name, [p]) or (owner and name_matches(owner, [p]))}
         if hits:
+            newly += param.requires_grad
             param.requires_grad_(False)
             frozen.append(name)
             used |= hits
@@ -284,7 +285,7 @@ def freeze_parameters(model, patterns: Sequence[str]) -> list[str]:
         example = next(name for name, _ in model.named_parameters())
         raise RecipeError(f"train.freeze: {unused} match no parameter of {type(model).__name__} "
                          f"(names look like {example!r})")
-    if frozen:
+    if newly:  # said once, however often it is called
         log.info("train.freeze: %d parameter tensors left as they are (%s%s)", len(frozen), ", ".join(frozen[:3]),
                  ", ..." if len(frozen) > 3 else "")
     return frozen
