@@ -54,6 +54,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny_llama_dir):
     assert result.exit_code == 2 and "piqa_local: no data at" in result.output, result.output
     assert not (tmp_path / "x" / "training").exists()
     assert not (tmp_path / "x" / "model.safetensors").exists()
+    # a misspelt train.freeze pattern: named, before any data is read or step is taken
+    result = invoke("quantize", tiny_llama_dir, "--out", tmp_path / "y", "--steps", 1, "--set", "train.freeze=[embed_tokns]")
+    assert result.exit_code == 2 and "train.freeze: ['embed_tokns'] match no parameter" in result.output, result.output
+    assert not (tmp_path / "y" / "training").exists()
     result = invoke("inspect", tiny_llama_dir)
     assert result.exit_code == 2 and "not a finished bitconvert export" in result.output
 
