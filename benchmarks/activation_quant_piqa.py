@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from accelerate import Accelerator  # noqa: E402
 
+from bitconvert.convert import plan_conversion  # noqa: E402
 from bitconvert.eval import TaskTracker  # noqa: E402
 from bitconvert.quant.ternary import int8_fake_quantize  # noqa: E402
 from bitconvert.sources import load_model  # noqa: E402
@@ -35,13 +36,11 @@ from bitconvert.utils.io import atomic_write_text  # noqa: E402
 
 
 def quantize_linear_inputs(model) -> list:
-    """Forward pre-hooks that fake-quantize the input of every linear inside the decoder blocks (the
-    layers bitconvert converts; the head keeps full-precision inputs, as in a converted model)."""
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
-            hooks.append(module.register_forward_pre_hook(lambda _, inputs: (int8_fake_quantize(inputs[0]), *inputs[1:])))
-    return hooks
+    """Forward pre-hooks that fake-quantize the input of every layer that bitconvert would convert (the
+    head keeps full-precision inputs, as in a converted model)."""
+    targets, _ = plan_conversion(model)
+    return [module.register_forward_pre_hook(lambda _, inputs: (int8_fake_quantize(inputs[0]), *inputs[1:]))
+            for module in targets.values()]
 
 
 def main() -> None:

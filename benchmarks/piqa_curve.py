@@ -22,9 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bitconvert.utils.plots import read_metrics  # noqa: E402
 
 TARGET_POINTS = 0.02
 # finished all-ternary 10-minute runs: (label, lm-eval report, training metrics)
@@ -44,11 +49,7 @@ def piqa_row(report_path: Path) -> dict:
 
 
 def trained_tokens(metrics_path: Path) -> int:
-    tokens = 0
-    for line in metrics_path.read_text().splitlines():
-        row = json.loads(line)
-        tokens = max(tokens, row.get("tokens", 0))
-    return tokens
+    return max(row.get("tokens", 0) for row in read_metrics(metrics_path))
 
 
 def fit(tokens: np.ndarray, acc: np.ndarray, original: float) -> dict:

@@ -256,11 +256,14 @@ def warm_up(student, data, device, batch_size: int = 2) -> None:
 
 
 def piqa_tracker(tokenizer, args):
-    """lm-eval's PIQA prompt (bitconvert's piqa_local on <data>/../piqa) for in-memory models."""
+    """lm-eval's PIQA prompt (bitconvert's piqa_local on <data>/../piqa) for in-memory models: loaded once,
+    then every row and every tracked step scores with the same tracker."""
     from bitconvert.eval import TaskTracker
 
-    return TaskTracker(["piqa_local"], tokenizer, limit=args.piqa_limit if args.piqa_limit > 0 else None,
-                       batch_size=64, data_dir=args.data.parent)
+    if getattr(args, "piqa", None) is None:
+        args.piqa = TaskTracker(["piqa_local"], tokenizer, limit=args.piqa_limit if args.piqa_limit > 0 else None,
+                                batch_size=64, data_dir=args.data.parent)
+    return args.piqa
 
 
 def piqa_accuracy(model, tokenizer, args) -> float | None:
