@@ -39,8 +39,27 @@ def test_per_tensor_export_loads_in_plain_transformers_with_same_logits(tmp_path
         torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_twn_fit_with_one_scale_per_tensor_still_loads_in_plain_transformers(tmp_path, tiny_tokenizer):
+    """A TWN fit changes which codes and which scale, not the layout: transformers' bitnet format holds it."""
+    spec = QuantSpec(ternary_fit="twn")
+    model = converted(spec=spec)
+    ids = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        expected = model(ids).logits
+    export_ternary(model, tiny_tokenizer, tmp_path, spec, dtype=torch.float32)
+    assert read_manifest(tmp_path)["transformers_compatible"]
+    from bitconvert.export.card import render_card
+
+    assert "TWN scales" in render_card(read_manifest(tmp_path))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("spec", [QuantSpec(weight_scale="channel"), QuantSpec(weight_scale="group", group_size=32),
-                                  QuantSpec(subln="output")], ids=["channel", "group", "subln"])
+                                  QuantSpec(subln="output"),
+                                  QuantSpec(weight_scale="group", group_size=32, ternary_fit="twn")],
+                         ids=["channel", "group", "subln", "twn"])
 def test_finer_scales_round_trip_through_bitconvert_loader(tmp_path, tiny_tokenizer, spec):
     model = converted(spec=spec)
     ids = torch.randint(0, 320, (2, 16))

@@ -95,8 +95,9 @@ def check_ternary_tensors_exact(model, tensors, expected_type):
 
 @pytest.mark.parametrize("qtype", ["tq2_0", "tq1_0"])
 @pytest.mark.parametrize("spec", [QuantSpec(), QuantSpec(weight_scale="channel"),
-                                  QuantSpec(weight_scale="group", group_size=256)],
-                         ids=["tensor", "channel", "group256"])
+                                  QuantSpec(weight_scale="group", group_size=256),
+                                  QuantSpec(weight_scale="channel", ternary_fit="twn")],
+                         ids=["tensor", "channel", "group256", "channel-twn"])
 def test_ternary_tensors_round_trip_exactly(tmp_path, tiny_tokenizer, qtype, spec):
     model = converted(spec)
     report = export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", qtype)

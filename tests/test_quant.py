@@ -7,6 +7,7 @@ import torch
 from conftest import scale_blocks
 
 from bitconvert.quant import (
+    QuantSpec,
     int8_absmax_quantize,
     int8_fake_quantize,
     pack_binary,
@@ -44,6 +45,47 @@ def test_ternary_matches_reference(granularity):
     assert inv.shape == {"tensor": (1,), "channel": (8,), "group": (8, 4)}[granularity]
     fake = ternary_fake_quantize(w, granularity, 8)
     torch.testing.assert_close(fake, ternary_dequantize(codes, inv, granularity, 8))
+
+
+def reference_twn(w: torch.Tensor, granularity: str, group: int):
+    """Element by element: zero under 0.7 mean |w| of the block, scale = mean |w| of the rest."""
+    codes = torch.zeros_like(w, dtype=torch.int8)
+    scales = []
+    for block in scale_blocks(w.shape, granularity, group):
+        threshold = 0.7 * sum(abs(float(w[r, c])) for r, c in block) / len(block)
+        kept = [(r, c) for r, c in block if abs(float(w[r, c])) > threshold]
+        scales.append(1.0 / max(sum(abs(float(w[r, c])) for r, c in kept) / len(kept), 1e-5))
+        for r, c in kept:
+            codes[r, c] = 1 if float(w[r, c]) > 0 else -1
+    return codes, torch.tensor(scales)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+def test_twn_fit_matches_reference_and_beats_absmean(granularity):
+    torch.manual_seed(3)
+    w = torch.randn(8, 32) * torch.rand(8, 1)
+    codes, inv = ternary_quantize(w, granularity, 8, fit="twn")
+    ref_codes, ref_inv = reference_twn(w, granularity, 8)
+    assert torch.equal(codes, ref_codes)
+    torch.testing.assert_close(inv.flatten(), ref_inv.float(), rtol=1e-5, atol=0)
+    fake = ternary_fake_quantize(w, granularity, 8, fit="twn")
+    torch.testing.assert_close(fake, ternary_dequantize(codes, inv, granularity, 8))
+    absmean = ternary_fake_quantize(w, granularity, 8)
+    assert (fake - w).pow(2).sum() < (absmean - w).pow(2).sum()
+    # the scale is the least-squares one for its codes: no other step does better
+    for factor in (0.95, 1.05):
+        assert (fake - w).pow(2).sum() <= (fake * factor - w).pow(2).sum()
+
+
+def test_twn_fit_of_an_all_zero_block_is_zero_with_a_finite_scale():
+    codes, inv = ternary_quantize(torch.zeros(4, 8), "channel", fit="twn")
+    assert not codes.any() and torch.isfinite(inv).all()
+    assert not ternary_fake_quantize(torch.zeros(4, 8), "channel", fit="twn").any()
+
+
+def test_ternary_fit_is_for_b158_only():
+    with pytest.raises(ValueError, match="ternary_fit"):
+        QuantSpec(variant="bitnet1", ternary_fit="twn")
 
 
 def test_ternary_leading_dims_quantize_each_matrix_alone():

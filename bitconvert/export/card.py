@@ -27,6 +27,8 @@ def render_card(manifest: dict[str, Any], recipe_yaml: str | None = None, train_
              "`import bitconvert` first (it registers the `bitconvert` quantization method with transformers), "
              "then `AutoModelForCausalLM.from_pretrained(folder)`, or `bitconvert.load_model(folder)`")
     title, weights = VARIANT_TEXT.get(spec["variant"], VARIANT_TEXT["b1.58"])
+    if spec.get("ternary_fit", "absmean") == "twn":
+        weights = "weights in {-1, 0, +1} with TWN scales (0 below 0.7 of the mean magnitude)"
     bits = 2 if spec["variant"] == "b1.58" else 1
     lines = [
         "---", "library_name: transformers", "tags: [bitnet, ternary, quantized, bitconvert]", "---", "",

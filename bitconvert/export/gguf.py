@@ -100,7 +100,7 @@ def ternary_weights(model: nn.Module) -> tuple[dict[str, Ternary], dict[str, nn.
             parts = {"weight": module.ternary}
         elif isinstance(module, BitExperts):
             parts = {proj: (lambda m=module, p=proj: ternary_quantize(getattr(m, p), m.spec.weight_scale,
-                                                                      m.spec.group_size))
+                                                                      m.spec.group_size, m.spec.ternary_fit))
                      for proj in ("gate_up_proj", "down_proj")}
         elif isinstance(module, PackedExperts):
             parts = {proj: (lambda m=module, p=proj: (unpack_ternary(getattr(m, p)), getattr(m, f"{p}_scale")))

@@ -34,10 +34,11 @@ def activation_ste(x: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
     return x + delta
 
 
-def weight_ste(weight: torch.Tensor, strength: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
+def weight_ste(weight: torch.Tensor, strength: torch.Tensor, granularity: str, group_size: int,
+               fit: str = "absmean") -> torch.Tensor:
     """Ternary fake quantization of a latent weight with a straight-through gradient."""
     with torch.no_grad():
-        delta = strength.to(weight.dtype) * (ternary_fake_quantize(weight, granularity, group_size) - weight)
+        delta = strength.to(weight.dtype) * (ternary_fake_quantize(weight, granularity, group_size, fit) - weight)
     return weight + delta
 
 
@@ -125,7 +126,8 @@ class BitLinear(nn.Linear):
             return binary_weight_ste(self.weight, self.strength.value, self.spec.weight_scale, self.spec.group_size)
         if self.spec.variant == "onebit":
             return onebit_weight_ste(self.weight, self.input_scale, self.output_scale, self.strength.value)
-        return weight_ste(self.weight, self.strength.value, self.spec.weight_scale, self.spec.group_size)
+        return weight_ste(self.weight, self.strength.value, self.spec.weight_scale, self.spec.group_size,
+                          self.spec.ternary_fit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms_norm is not None:
@@ -141,7 +143,7 @@ class BitLinear(nn.Linear):
         """``(codes, inv_scale)`` of the current latent weight, for export (variant b1.58 only)."""
         if self.spec.variant != "b1.58":
             raise ValueError(f"ternary() needs variant 'b1.58', this layer is {self.spec.variant!r}; use quantized_codes()")
-        return ternary_quantize(self.weight, self.spec.weight_scale, self.spec.group_size)
+        return ternary_quantize(self.weight, self.spec.weight_scale, self.spec.group_size, self.spec.ternary_fit)
 
     @torch.no_grad()
     def quantized_codes(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -151,8 +153,10 @@ class BitLinear(nn.Linear):
         if self.spec.variant == "onebit":
             return sign_codes(self.weight), {"input_scale": self.input_scale.detach().float(),
                                              "output_scale": self.output_scale.detach().float()}
-        quantize = binary_quantize if self.spec.variant == "bitnet1" else ternary_quantize
-        codes, inv = quantize(self.weight, self.spec.weight_scale, self.spec.group_size)
+        if self.spec.variant == "bitnet1":
+            codes, inv = binary_quantize(self.weight, self.spec.weight_scale, self.spec.group_size)
+        else:
+            codes, inv = ternary_quantize(self.weight, self.spec.weight_scale, self.spec.group_size, self.spec.ternary_fit)
         return codes, {"weight_scale": inv}
 
     def extra_repr(self) -> str:
@@ -185,7 +189,8 @@ class BitExperts(nn.Module):
                 and down.ndim == 3 and hasattr(module, "act_fn") and own == {"gate_up_proj", "down_proj"})
 
     def _quantized(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight_ste(weight, self.strength.value, self.spec.weight_scale, self.spec.group_size)
+        return weight_ste(weight, self.strength.value, self.spec.weight_scale, self.spec.group_size,
+                          self.spec.ternary_fit)
 
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         return activation_ste(x, self.strength.value)
@@ -205,5 +210,6 @@ class BitExperts(nn.Module):
 
     @torch.no_grad()
     def ternary(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {name: ternary_quantize(getattr(self, name), self.spec.weight_scale, self.spec.group_size)
+        return {name: ternary_quantize(getattr(self, name), self.spec.weight_scale, self.spec.group_size,
+                                       self.spec.ternary_fit)
                 for name in ("gate_up_proj", "down_proj")}

@@ -22,7 +22,9 @@ class QuantSpec(BaseModel):
     they are quantized after the input scale ``g`` is applied, right before the sign matrix.
     ``weight_scale`` picks how many absmean scales a weight matrix gets: one (``tensor``, the
     BitNet b1.58 paper and transformers' layout), one per output row (``channel``) or one per
-    ``group_size`` inputs of a row (``group``). ``subln`` adds an RMSNorm before the quantized
+    ``group_size`` inputs of a row (``group``). ``ternary_fit`` picks how ``b1.58`` fits codes and
+    scale to each block: ``absmean`` (the paper's) or ``twn`` (zero below 0.7 mean|w|, least-squares
+    scale; the same codes-and-scale layout in every export format). ``subln`` adds an RMSNorm before the quantized
     projections: ``all`` before every converted linear (transformers' ``use_rms_norm``), ``output``
     only before the attention output and MLP down projections (BitDistill's SubLN).
     """
@@ -35,6 +37,10 @@ class QuantSpec(BaseModel):
     weight_scale: Literal["tensor", "channel", "group"] = Field(
         default="tensor", description="one absmean scale per tensor, per output row, or per group of inputs")
     group_size: int = Field(default=128, gt=0, description="inputs per scale when weight_scale is group")
+    ternary_fit: Literal["absmean", "twn"] = Field(
+        default="absmean", description="b1.58 codes and scale per block: absmean = BitNet's (scale mean abs(w), "
+                                       "round), twn = Ternary Weight Networks' (0 below 0.7 mean abs(w), scale the "
+                                       "mean abs of the rest)")
     activation_bits: Literal[8] = Field(default=8, description="per-token absmax activation bits")
     subln: Literal["none", "all", "output"] = Field(
         default="none", description="extra RMSNorm before quantized projections: all, or only o_proj/down_proj")
@@ -48,6 +54,9 @@ class QuantSpec(BaseModel):
             raise ValueError(f"weight_scale={self.weight_scale!r} does not apply to variant 'onebit': its scales are "
                              "the per-input vector g and the per-output vector h; leave weight_scale at 'tensor' "
                              "(weight_scale chooses the absmean blocks of 'b1.58' and 'bitnet1')")
+        if self.ternary_fit != "absmean" and self.variant != "b1.58":
+            raise ValueError(f"ternary_fit={self.ternary_fit!r} applies to variant 'b1.58' only (this is "
+                             f"{self.variant!r}); leave ternary_fit at 'absmean'")
         return self
 
     @property
