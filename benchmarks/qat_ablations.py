@@ -19,6 +19,10 @@ blocks teacher text); two diagnostic rows keep all attention or all MLP layers i
 tied embeddings frozen (``train.freeze``), one drops the cross-entropy, one lowers the lr, one trains
 four times the steps with PIQA scored along the way (PIQA against tokens), and two train the original
 with no quantization at all (what the training alone costs PIQA).
+Round 5 (``--round 5``, report qat_round5): what the issue lists that rounds 1-4 had not measured. The TWN fit of
+codes and scales (``convert.ternary_fit``), BitNet b1.58 2B4T's two-stage lr and weight decay
+(``train.schedule: two_stage``), a batch ramp (``train.batch_ramp``, same tokens as the reference, so more
+steps), and SubLN before the output projections at 300 steps instead of round 1's 25 s.
 ``--deadline`` (Unix seconds) skips the configurations that would not finish before it.
 
     python benchmarks/qat_ablations.py --model /root/m/smol-hf --data .data/wikitext-2 --round 2 \
@@ -157,6 +161,20 @@ ROUND4_ABLATIONS: dict[str, dict] = {name: merge(ROUND4_TEACHER, change) for nam
     "full_precision_lr_3e-4": {"full_precision": True, "train": {"lr": 3e-4}},
 }.items()}
 
+# Round 5: the schedules and the quantizer fit that rounds 1-4 left out, against the same reference as round 4. A
+# benchmark-only key, "same_tokens", gives a row the reference's tokens instead of its steps (a batch ramp's small
+# steps would otherwise train fewer tokens).
+ROUND5_ABLATIONS: dict[str, dict] = {name: merge(ROUND4_TEACHER, change) for name, change in {
+    "reference": {},
+    "twn_fit": {"convert": {"ternary_fit": "twn"}},
+    "two_stage_lr": {"train": {"schedule": "two_stage", "weight_decay": 0.1}},  # 2B4T: decay 0.1, none in stage 2
+    "batch_ramp": {"train": {"batch_ramp": {"start": 8, "share": 0.25}}, "same_tokens": True},
+    "subln_output": {"convert": {"subln": "output"}},
+    "two_stage_lr_no_decay": {"train": {"schedule": "two_stage"}},
+    "twn_fit_two_stage_lr": {"convert": {"ternary_fit": "twn"}, "train": {"schedule": "two_stage", "weight_decay": 0.1}},
+    "twn_fit_4x_tracked": {"convert": {"ternary_fit": "twn"}, "train": {"steps_factor": 4}, "piqa_every": 300},
+}.items()}
+
 # What the benchmark changes in every row: budget, logging, no mid-run checkpoints.
 ROW_TRAIN = {"log_every": 5, "save_every": 0, "save_every_minutes": 0}
 
@@ -178,7 +196,9 @@ def round_settings(number: int) -> tuple[dict, dict[str, dict], list[str], str]:
         return recipe_reference(), ROUND2_ABLATIONS, ROUND2_DEFAULT, "qat_round2"
     if number == 3:
         return recipe_reference(), ROUND3_ABLATIONS, list(ROUND3_ABLATIONS), "qat_round3"
-    return recipe_reference(), ROUND4_ABLATIONS, list(ROUND4_ABLATIONS), "qat_round4"
+    if number == 4:
+        return recipe_reference(), ROUND4_ABLATIONS, list(ROUND4_ABLATIONS), "qat_round4"
+    return recipe_reference(), ROUND5_ABLATIONS, list(ROUND5_ABLATIONS), "qat_round5"
 
 
 def spec_for(name: str, args, with_mix: bool = True) -> dict:
@@ -187,6 +207,7 @@ def spec_for(name: str, args, with_mix: bool = True) -> dict:
     spec = merge(args.reference, args.ablations[name])
     spec.pop("piqa_every", None)  # the benchmark's own keys (run_config)
     spec.pop("full_precision", None)
+    same_tokens = spec.pop("same_tokens", False)
     steps_factor = spec["train"].pop("steps_factor", 1)
     data_change = spec.pop("data", {}) if with_mix else {}
     if spec["convert"].pop("keep_edge_blocks", False):
@@ -212,7 +233,11 @@ def spec_for(name: str, args, with_mix: bool = True) -> dict:
                     "sequence_length": data_change.get("sequence_length", args.sequence_length),
                     "eval_sequence_length": args.sequence_length}
     spec["model"] = str(args.model)
-    if args.steps:
+    if args.steps and same_tokens:  # the reference's tokens: its steps times its sequences times their length
+        reference_train = merge(args.reference, args.ablations.get("reference", {}))["train"]
+        spec["train"]["tokens"] = (args.steps * steps_factor * reference_train.get("batch_size", 8)
+                                   * reference_train.get("grad_accum", 1) * spec["data"]["sequence_length"])
+    elif args.steps:
         spec["train"]["steps"] = args.steps * steps_factor
     else:
         spec["train"]["minutes"] = steps_factor * args.seconds / 60
@@ -516,7 +541,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("BITCONVERT_DATA", ".data")) / "wikitext-2")
-    parser.add_argument("--round", type=int, choices=(1, 2, 3, 4), default=1, help="which set of configurations")
+    parser.add_argument("--round", type=int, choices=(1, 2, 3, 4, 5), default=1, help="which set of configurations")
     parser.add_argument("--seconds", type=float, default=40, help="training seconds per configuration")
     parser.add_argument("--steps", type=int, default=None,
                         help="train every configuration for this many steps instead (--seconds then only estimates "
@@ -703,7 +728,7 @@ def run(args) -> None:
     best = winner(report)
     if args.winner_sets and best:
         # a settable row has the reference's data, which the recipe already holds: only its other keys are set
-        settable = {k: v for k, v in best["change"].items() if k != "data"}
+        settable = {k: v for k, v in best["change"].items() if k not in ("data", "same_tokens")}
         lines = [f"--set {key}={value}" for key, value in flatten(settable).items()]
         args.winner_sets.write_text(" ".join(lines) + "\n")
         print(f"winner: {best['name']} -> {' '.join(lines) or '(the reference)'}")

@@ -37,6 +37,22 @@ def test_round_4_rows_become_valid_recipes(tmp_path):
     assert bench.recipe_for("full_precision", args).convert.skip == []  # the row itself skips the conversion
 
 
+def test_round_5_rows_become_valid_recipes(tmp_path):
+    bench = load_benchmark()
+    args = round_args(bench, tmp_path, number=5)
+    (tmp_path / "mix.jsonl").write_text('{"text": "a"}\n')
+    for name in args.defaults:
+        recipe = bench.recipe_for(name, args)
+        assert [s.weight for s in recipe.data.train] == [0.25, 0.75], name
+    assert bench.recipe_for("twn_fit", args).convert.ternary_fit == "twn"
+    two_stage = bench.recipe_for("two_stage_lr", args).train
+    assert (two_stage.schedule, two_stage.weight_decay) == ("two_stage", 0.1)
+    # the ramp trains the reference's tokens (300 steps of 32 x 512), not its steps
+    ramp = bench.recipe_for("batch_ramp", args).train
+    assert (ramp.steps, ramp.tokens, ramp.batch_ramp.start) == (None, 300 * 32 * 512, 8)
+    assert bench.is_settable("batch_ramp", args) and not bench.is_settable("twn_fit_4x_tracked", args)
+
+
 def test_time_estimates_and_the_rows_that_may_win(tmp_path):
     bench = load_benchmark()
     args = round_args(bench, tmp_path)

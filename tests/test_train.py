@@ -13,7 +13,14 @@ from bitconvert.recipes.schema import DataConfig, DataSource, TrainConfig
 from bitconvert.train import loop as loop_module
 from bitconvert.train.checkpoint import latest_checkpoint, list_checkpoints
 from bitconvert.train.data import DataError, build_training_data, read_texts
-from bitconvert.train.loop import learning_rate, quant_strength, train
+from bitconvert.train.loop import (
+    batch_size_at,
+    learning_rate,
+    planned_steps,
+    quant_strength,
+    train,
+    weight_decay_on,
+)
 from bitconvert.utils.io import DiskFullError
 
 
@@ -138,6 +145,84 @@ def test_schedules():
     assert quant_strength(cfg, 20, 0.2) == pytest.approx(0.5)
     # a budget shorter than the warmup is still fully ternary for its second half
     assert quant_strength(cfg, 5, 0.5) == 1.0
+
+
+def test_two_stage_schedule_drops_at_the_cooldown_and_stops_weight_decay():
+    cfg = TrainConfig(steps=100, lr=1.5e-3, min_lr_ratio=0.0, warmup_steps=0, schedule="two_stage",
+                      cooldown_at=0.5, cooldown_lr_ratio=1 / 3, weight_decay=0.1)
+    assert learning_rate(cfg, 0, 0.0) == pytest.approx(1.5e-3)
+    assert learning_rate(cfg, 49, 0.4999) == pytest.approx(7.5e-4, rel=1e-3)  # stage 1 ends at lr / 2
+    assert learning_rate(cfg, 50, 0.5) == pytest.approx(5e-4)  # then drops, as 2B4T's 8e-4 -> 5e-4
+    assert learning_rate(cfg, 100, 1.0) == pytest.approx(0.0, abs=1e-12)
+    rates = [learning_rate(cfg, s, s / 100) for s in range(101)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert weight_decay_on(cfg, 0.49) and not weight_decay_on(cfg, 0.5)
+    assert weight_decay_on(TrainConfig(steps=1), 0.9)
+    with pytest.raises(ValueError, match="cooldown_lr_ratio"):
+        TrainConfig(steps=1, schedule="two_stage", cooldown_lr_ratio=0.05, min_lr_ratio=0.1)
+
+
+def test_two_stage_training_turns_weight_decay_off_for_the_cooldown(tmp_path, tiny_tokenizer, corpus_file, monkeypatch):
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        seen.append([(g["decays"], g["weight_decay"], g["lr"]) for g in self.param_groups])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file, steps=4, warmup_steps=0,
+                                                schedule="two_stage", weight_decay=0.1)
+    train(student, teacher, data, cfg, tmp_path, accelerator=acc)
+    assert [groups[0][:2] for groups in seen] == [(True, 0.1), (True, 0.1), (True, 0.0), (True, 0.0)]
+    assert all(groups[1][1] == 0.0 for groups in seen)  # norms and biases never decay
+
+
+def test_batch_ramp_doubles_up_to_the_batch_size():
+    cfg = TrainConfig(tokens=10_000, batch_size=32, batch_ramp={"start": 8, "share": 0.2})
+    assert [batch_size_at(cfg, p) for p in (0.0, 0.09, 0.1, 0.19, 0.2, 0.9)] == [8, 8, 16, 16, 32, 32]
+    assert batch_size_at(TrainConfig(tokens=1, batch_size=32), 0.0) == 32
+    # tokens budget: the ramp's small steps come first, then full ones; without a ramp, ceil(tokens / step)
+    assert planned_steps(cfg, 10, 1) == 13 + 6 + 25  # 80 tokens a step to 1040, 160 to 2000, then 320
+    assert planned_steps(TrainConfig(tokens=10_000, batch_size=32), 10, 1) == 32
+    for start in (5, 12, 32):
+        with pytest.raises(ValueError, match="power of two"):
+            TrainConfig(steps=1, batch_size=32, batch_ramp={"start": start})
+    with pytest.raises(ValueError, match="batch_ramp"):
+        TrainConfig(steps=1, batch_size=32, batch_ramp={"start": 8, "sahre": 0.2})
+
+
+def test_batch_ramp_trains_the_same_tokens_in_more_steps_and_resumes_exactly(tmp_path, tiny_tokenizer, corpus_file,
+                                                                              monkeypatch):
+    ramp = {"tokens": 16 * 32, "batch_ramp": {"start": 1, "share": 0.5}, "steps": None}
+    student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file, **ramp)
+    result = train(student, teacher, data, cfg, tmp_path / "straight", accelerator=acc)
+    rows = [r for r in result.metrics if "batch_size" in r]
+    # 16 blocks: the first 4 one a step, the next 4 two a step, the last 8 four a step
+    assert [r["batch_size"] for r in rows] == [1, 1, 1, 1, 2, 2, 4, 4]
+    assert result.steps == 8 and result.tokens == cfg.tokens
+    reference = weights(student)
+
+    restore = interrupt_at(monkeypatch, 5)  # inside the ramp
+    student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file, **ramp)
+    assert train(student, teacher, data, cfg, tmp_path / "split", accelerator=acc).interrupted
+    restore()
+    student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file, **ramp)
+    result = train(student, teacher, data, cfg, tmp_path / "split", accelerator=acc, resume=True)
+    assert result.steps == 8
+    for key, value in weights(student).items():
+        assert torch.equal(value, reference[key]), key
+
+    student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file, tokens=ramp["tokens"], steps=None)
+    with pytest.raises(loop_module.ResumeError, match="batch_ramp"):
+        train(student, teacher, data, cfg, tmp_path / "split", accelerator=acc, resume=True)
+
+
+def test_blocks_continue_the_batches_stream(tiny_tokenizer, corpus_file):
+    data = build_training_data(DataConfig(train=[DataSource(path=str(corpus_file))], sequence_length=16),
+                               tiny_tokenizer, seed=0, cache_dir=corpus_file.parent)
+    stream = torch.cat([data.batch(i, 3) for i in range(4)])
+    assert torch.equal(data.blocks(2, 7), stream[2:9])
 
 
 def test_data_sources(tmp_path, tiny_tokenizer):

@@ -108,6 +108,16 @@ class LossConfig(Strict):
         return self
 
 
+class BatchRamp(Strict):
+    """Smaller batches first: more optimizer steps from the same early tokens, while the loss is far from
+    converged and gradients agree (the batch doubles from ``start`` up to train.batch_size)."""
+
+    start: int = Field(gt=0, description="sequences per micro-batch at the start; train.batch_size must be start "
+                       "times a power of two")
+    share: float = Field(default=0.25, gt=0, lt=1, description="share of the budget over which the batch doubles up "
+                         "to train.batch_size, in equal parts per size")
+
+
 class TrainConfig(Strict):
     mode: Literal["distill", "pretrain", "none"] = Field(
         default="distill", description="distill from the original, continue pretraining (CE), or no training")
@@ -115,10 +125,20 @@ class TrainConfig(Strict):
     tokens: int | None = Field(default=None, gt=0, description="training tokens")
     minutes: float | None = Field(default=None, gt=0, description="wall-clock training budget")
     batch_size: int = Field(default=8, gt=0, description="sequences per device per micro-batch")
+    batch_ramp: BatchRamp | None = Field(default=None, description="start with smaller batches (e.g. {start: 8, "
+                                         "share: 0.25}); null = train.batch_size throughout")
     grad_accum: int = Field(default=1, gt=0, description="micro-batches per optimizer step")
     lr: float = Field(default=1e-3, gt=0, description="peak learning rate (AdamW)")
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="final learning rate as a share of lr")
-    schedule: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="decay after warmup")
+    schedule: Literal["cosine", "linear", "constant", "two_stage"] = Field(
+        default="cosine", description="decay after warmup; two_stage = BitNet b1.58 2B4T's: cosine from lr to lr/2, "
+                                      "then at cooldown_at a drop to cooldown_lr_ratio x lr, cosine to min_lr_ratio x "
+                                      "lr, and no weight decay from there on")
+    cooldown_at: float = Field(default=0.5, gt=0, lt=1, description="two_stage: share of the budget where the "
+                               "cooldown starts")
+    cooldown_lr_ratio: float = Field(default=0.33, gt=0, le=0.5, description="two_stage: the cooldown's first lr as "
+                                     "a share of lr, at most the 1/2 where stage 1 ends (2B4T: 5e-4 after a 1.5e-3 "
+                                     "peak)")
     warmup_steps: int = Field(default=20, ge=0, description="linear learning-rate warmup")
     quant_warmup_steps: int = Field(default=100, ge=0, description="blend from full precision to ternary over this many steps")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay on matrices")
@@ -159,6 +179,19 @@ class TrainConfig(Strict):
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ValueError(f"train.compile is false, layers or model, not {value!r}{hint}")
         return value
+
+    @model_validator(mode="after")
+    def _ramp_doubles_to_batch_size(self) -> "TrainConfig":
+        ramp = self.batch_ramp
+        if ramp is not None:
+            ratio = self.batch_size // ramp.start
+            if self.batch_size % ramp.start or ratio < 2 or ratio & (ratio - 1):
+                raise ValueError(f"train.batch_ramp.start={ramp.start} must be train.batch_size={self.batch_size} "
+                                 "divided by a power of two (2, 4, 8 ...): the batch doubles up to batch_size")
+        if self.schedule == "two_stage" and self.cooldown_lr_ratio < self.min_lr_ratio:
+            raise ValueError(f"train.cooldown_lr_ratio={self.cooldown_lr_ratio} is below min_lr_ratio="
+                             f"{self.min_lr_ratio}: the cooldown decays from the first to the second")
+        return self
 
     @model_validator(mode="after")
     def _one_budget(self) -> "TrainConfig":

@@ -164,7 +164,10 @@ class TrainingData:
 
     def batch(self, micro_step: int, batch_size: int, rank: int = 0, world: int = 1) -> torch.Tensor:
         """Blocks for one micro-batch of one rank. ``micro_step`` counts micro-batches from the start."""
-        first = (micro_step * world + rank) * batch_size
+        return self.blocks((micro_step * world + rank) * batch_size, batch_size)
+
+    def blocks(self, first: int, batch_size: int) -> torch.Tensor:
+        """``batch_size`` blocks from position ``first`` of the endless shuffled stream (epoch after epoch)."""
         rows = []
         for g in range(first, first + batch_size):
             epoch, position = divmod(g, len(self.pool))

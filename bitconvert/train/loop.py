@@ -57,6 +57,13 @@ class ResumeError(ValueError):
 
 # --------------------------------------------------------------------------- schedules
 
+STAGE1_END = 0.5  # two_stage: stage 1 decays from lr to half of it (2B4T: 1.5e-3 to 8e-4)
+
+
+def _cosine(start: float, end: float, p: float) -> float:
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * p))
+
+
 def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
     """Linear warmup over ``warmup_steps``, then decay to ``lr * min_lr_ratio`` as progress goes 0 -> 1."""
     if step < cfg.warmup_steps:
@@ -67,7 +74,38 @@ def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
         return cfg.lr
     if cfg.schedule == "linear":
         return floor + (cfg.lr - floor) * (1 - p)
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * p))
+    if cfg.schedule == "two_stage":
+        if p < cfg.cooldown_at:
+            return _cosine(cfg.lr, cfg.lr * STAGE1_END, p / cfg.cooldown_at)
+        return _cosine(cfg.lr * cfg.cooldown_lr_ratio, floor, (p - cfg.cooldown_at) / (1 - cfg.cooldown_at))
+    return _cosine(cfg.lr, floor, p)
+
+
+def weight_decay_on(cfg: TrainConfig, progress: float) -> bool:
+    """The two-stage schedule trains its cooldown without weight decay (as 2B4T does); others throughout."""
+    return cfg.schedule != "two_stage" or progress < cfg.cooldown_at
+
+
+def batch_size_at(cfg: TrainConfig, progress: float) -> int:
+    """Sequences per micro-batch: ``batch_ramp.start``, doubling in equal parts of the ramp's share of the
+    budget, then ``batch_size``."""
+    ramp = cfg.batch_ramp
+    if ramp is None or progress >= ramp.share:
+        return cfg.batch_size
+    doublings = (cfg.batch_size // ramp.start).bit_length() - 1
+    return ramp.start * 2 ** int(progress / ramp.share * doublings)
+
+
+def planned_steps(cfg: TrainConfig, sequence_length: int, world: int) -> int | None:
+    """Optimizer steps of a steps or tokens budget (None for minutes), replaying the batch ramp if any."""
+    if cfg.steps or not cfg.tokens:
+        return cfg.steps
+    per_sequence = sequence_length * cfg.grad_accum * world
+    steps, tokens = 0, 0
+    while cfg.batch_ramp is not None and tokens < cfg.tokens and tokens / cfg.tokens < cfg.batch_ramp.share:
+        tokens += batch_size_at(cfg, tokens / cfg.tokens) * per_sequence
+        steps += 1
+    return steps + max(0, math.ceil((cfg.tokens - tokens) / (cfg.batch_size * per_sequence)))
 
 
 def quant_strength(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -316,8 +354,7 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
     run_dir = Path(run_dir)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     seq = data.sequence_length
-    tokens_per_step = cfg.batch_size * seq * cfg.grad_accum * world
-    total_steps = cfg.steps or (math.ceil(cfg.tokens / tokens_per_step) if cfg.tokens else None)
+    total_steps = planned_steps(cfg, seq, world)
     budget_seconds = cfg.minutes * 60 if cfg.minutes else None
 
     if cfg.gradient_checkpointing:
@@ -326,8 +363,8 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
     freeze_parameters(student, cfg.freeze)
     decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay, "decays": True},
+                                   {"params": no_decay, "weight_decay": 0.0, "decays": False}],
                                   lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
                                   fused=accelerator.device.type == "cuda")
     student, optimizer = accelerator.prepare(student, optimizer)
@@ -348,6 +385,8 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
                      "world": world, "sequence_length": seq}
     if cfg.freeze:  # the optimizer holds state for the trained parameters only
         run_signature["freeze"] = list(cfg.freeze)
+    if cfg.batch_ramp is not None:  # the data order depends on it
+        run_signature["batch_ramp"] = cfg.batch_ramp.model_dump()
     step, tokens, elapsed = 0, 0, 0.0
     metrics_path = run_dir / METRICS_FILE
     checkpoint = latest_checkpoint(run_dir) if resume else None
@@ -355,7 +394,9 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
         log.warning("--resume: no checkpoint in %s, starting from the beginning", run_dir)
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
-        mismatch = {k: (state["signature"].get(k), v) for k, v in run_signature.items() if state["signature"].get(k) != v}
+        # both ways: a setting only one of the two runs has (freeze, batch_ramp) is a mismatch too
+        mismatch = {k: (state["signature"].get(k), run_signature.get(k)) for k in {**state["signature"], **run_signature}
+                    if state["signature"].get(k) != run_signature.get(k)}
         if mismatch:
             raise ResumeError(f"checkpoint {checkpoint} was made with other settings: " +
                               ", ".join(f"{k} was {a}, now {b}" for k, (a, b) in mismatch.items()))
@@ -366,6 +407,8 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in metrics))
 
     def progress_fraction() -> float:
+        if cfg.tokens and not cfg.steps:
+            return tokens / cfg.tokens
         if total_steps:
             return step / total_steps
         return elapsed / budget_seconds
@@ -399,12 +442,13 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
     last_save_time = time.monotonic()
     interrupted = False
     last_checkpoint = checkpoint
-    last_logged = (step, elapsed)
+    last_logged = (step, tokens, elapsed)
     last_strength = None
     routing = mod_config(accelerator.unwrap_model(student))  # Mixture-of-Depths: capacity warmup, decision calibration
     with StopOnInterrupt() as stop, (head if head is not None else nullcontext()):
         while True:
-            done = (total_steps is not None and step >= total_steps) or (budget_seconds is not None and elapsed >= budget_seconds)
+            done = ((cfg.tokens is not None and tokens >= cfg.tokens) or (cfg.steps is not None and step >= cfg.steps)
+                    or (budget_seconds is not None and elapsed >= budget_seconds))
             stop_now, done_now = stop.requested, done
             if world > 1:  # one rank's Ctrl-C or clock stops everyone at the same step
                 flags = accelerator.reduce(torch.tensor([float(stop_now), float(done)], device=accelerator.device), "max")
@@ -417,8 +461,11 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
             tick = time.perf_counter()
             p = progress_fraction()
             lr = learning_rate(cfg, step, p)
+            decay_now = weight_decay_on(cfg, p)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+                group["weight_decay"] = cfg.weight_decay if group.get("decays") and decay_now else 0.0
+            batch_size = batch_size_at(cfg, p)
             strength = quant_strength(cfg, step, p)
             if strength != last_strength:  # a fill per quantized layer; after the warmup it stays at 1
                 set_quant_strength(accelerator.unwrap_model(student), strength)
@@ -429,8 +476,9 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
             # Loss terms stay on the device between log rows: a .item() per step would make the host
             # wait for the GPU every step, and a small model is then bound by kernel launches.
             sums: dict[str, torch.Tensor] = {}
+            consumed = tokens // seq  # blocks all ranks took so far: the data order survives a batch ramp and --resume
             for micro in range(cfg.grad_accum):
-                ids = data.batch(step * cfg.grad_accum + micro, cfg.batch_size, rank, world)
+                ids = data.blocks(consumed + (micro * world + rank) * batch_size, batch_size)
                 if accelerator.device.type == "cuda":
                     ids = ids.pin_memory().to(accelerator.device, non_blocking=True)
                 else:
@@ -449,7 +497,7 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
                 calibrate_decisions(accelerator.unwrap_model(student),
                                     reduce=(lambda t: accelerator.reduce(t.to(accelerator.device), "mean")) if world > 1 else None)
             step += 1
-            tokens += tokens_per_step
+            tokens += batch_size * seq * cfg.grad_accum * world
             eval_due = data.eval_blocks is not None and cfg.eval_every and step % cfg.eval_every == 0
             log_due = step % cfg.log_every == 0 or step == 1 or step == total_steps or eval_due
             if log_due:
@@ -462,11 +510,12 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
             if world > 1:  # the clock of rank 0 decides for everyone
                 elapsed = float(accelerator.reduce(torch.tensor(elapsed, device=accelerator.device), "max"))
             if log_due:
-                window_steps, window_seconds = step - last_logged[0], elapsed - last_logged[1]
-                last_logged = (step, elapsed)
+                window_tokens, window_seconds = tokens - last_logged[1], elapsed - last_logged[2]
+                last_logged = (step, tokens, elapsed)
                 log_row({"step": step, "tokens": tokens, "elapsed": round(elapsed, 3), "lr": lr,
                          "quant_strength": strength, **({"mod_capacity": capacity} if capacity is not None else {}),
-                         "tokens_per_second": tokens_per_step * window_steps / max(window_seconds, 1e-9), **stats})
+                         **({"batch_size": batch_size} if cfg.batch_ramp is not None else {}),
+                         "tokens_per_second": window_tokens / max(window_seconds, 1e-9), **stats})
                 progress.update(step, tokens, elapsed, loss=stats["loss"], lr=lr)
             else:
                 progress.update(step, tokens, elapsed, lr=lr)
