@@ -2,7 +2,8 @@
 """PIQA against training tokens for SmolLM2-135M's all-ternary runs, and what its fits predict.
 
 Reads the committed results: the round-4 row whose PIQA was scored along the run (``piqa_curve`` in
-qat_round4.json) and every finished 10-minute all-ternary run (its eval_smollm2*.json for PIQA, its
+qat_round4.json), round 5's tracked row with the TWN fit (qat_round5.json, fitted and plotted beside it) and
+every finished 10-minute all-ternary run (its eval_smollm2*.json for PIQA, its
 metrics.jsonl for the tokens it trained). Fits two curves to the tracked row, the only one run with
 several points:
 
@@ -71,6 +72,8 @@ def predict(fits: dict, original: float, tokens: float) -> tuple[float, float]:
 def short(n: float | None) -> str:
     if n is None:
         return "never"
+    if n >= 1e15:  # far past any corpus: the exponent says enough
+        return f"{n:.0e}"
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6)):
         if n >= size:
             return f"{n / size:.1f}{unit}"
@@ -95,19 +98,35 @@ def main() -> None:
         line, power = predict(fits, original, n)
         finished.append({"run": label, "tokens": n, "acc": row["ternary"], "stderr": row["ternary_stderr"],
                          "log_linear_prediction": line, "gap_power_law_prediction": power})
+    others = []  # later tracked rows (round 5: the TWN fit), fitted on their own
+    round5_path = args.results / "qat_round5.json"
+    if round5_path.is_file():
+        for row in json.loads(round5_path.read_text())["configs"]:
+            if row.get("piqa_curve"):
+                t, a = (np.array(column, dtype=float) for column in zip(*row["piqa_curve"]))
+                others.append({"name": row["name"], "tracked": [{"tokens": int(x), "acc": y} for x, y in zip(t, a)],
+                               "fits": fit(t, a, original)})
     result = {"original_acc": original, "target_acc": original - TARGET_POINTS, "tracked_row": tracked["name"],
-              "tracked": [{"tokens": int(t), "acc": a} for t, a in zip(tokens, acc)], "fits": fits, "finished": finished}
+              "tracked": [{"tokens": int(t), "acc": a} for t, a in zip(tokens, acc)], "fits": fits, "finished": finished,
+              "other_tracked": others}
     (out / "piqa_curve.json").write_text(json.dumps(result, indent=2) + "\n")
 
     line, power = fits["log_linear"], fits["gap_power_law"]
     md = ["# PIQA against training tokens (SmolLM2-135M, all ternary)", "",
           f"Original: {original:.3f}; target: {original - TARGET_POINTS:.3f}. Tracked: round 4's `{tracked['name']}` "
-          "(one run, PIQA scored along it, 1,838 items, ±1.1 points each).", "",
+          "(PIQA scored along one run, 1,838 items, ±1.1 points each)"
+          + "".join(f" and round 5's `{o['name']}`" for o in others) + "; the finished runs check round 4's fits.", "",
           "| tokens | " + " | ".join(short(t) for t in tokens) + " |", "| --- |" + " ---: |" * len(tokens),
-          "| PIQA acc | " + " | ".join(f"{a:.3f}" for a in acc) + " |", "",
+          f"| PIQA acc, {tracked['name']} | " + " | ".join(f"{a:.3f}" for a in acc) + " |",
+          *(f"| PIQA acc, {o['name']} | " + " | ".join(f"{p['acc']:.3f}" for p in o["tracked"]) + " |" for o in others),
+          "",
           "| fit to the tracked run | parameters | target reached at |", "| --- | --- | ---: |",
           f"| acc = a + b ln T | {line['points_per_4x']:+.1f} points per 4x tokens | {short(line['tokens_to_target'])} |",
-          f"| gap = A T^-k | k = {power['k']:.3f} | {short(power['tokens_to_target'])} |", "",
+          f"| gap = A T^-k | k = {power['k']:.3f} | {short(power['tokens_to_target'])} |",
+          *(f"| {o['name']}: acc = a + b ln T | {o['fits']['log_linear']['points_per_4x']:+.1f} points per 4x tokens | "
+            f"{short(o['fits']['log_linear']['tokens_to_target'])} |" for o in others),
+          *(f"| {o['name']}: gap = A T^-k | k = {o['fits']['gap_power_law']['k']:.3f} | "
+            f"{short(o['fits']['gap_power_law']['tokens_to_target'])} |" for o in others), "",
           "| finished 10-minute run | tokens | PIQA acc | line predicts | power law predicts |",
           "| --- | ---: | ---: | ---: | ---: |"]
     md += [f"| {r['run']} | {short(r['tokens'])} | {r['acc']:.3f} ± {r['stderr']:.3f} | {r['log_linear_prediction']:.3f} | "
@@ -124,6 +143,11 @@ def main() -> None:
     ax.plot(tokens, acc, "o", color="C0", label=f"tracked run ({tracked['name']})")
     ax.plot(grid, line["a"] + line["b"] * np.log(grid), "-", color="C0", alpha=0.6, label="a + b ln T")
     ax.plot(grid, original - power["A"] * grid ** -power["k"], "--", color="C2", alpha=0.7, label="original - A T^-k")
+    for color, other in zip(("C3", "C4"), others):
+        t = np.array([p["tokens"] for p in other["tracked"]], dtype=float)
+        ax.plot(t, [p["acc"] for p in other["tracked"]], "^", color=color, label=f"tracked run ({other['name']})")
+        ax.plot(grid, other["fits"]["log_linear"]["a"] + other["fits"]["log_linear"]["b"] * np.log(grid), "-",
+                color=color, alpha=0.4)
     ax.errorbar([r["tokens"] for r in finished], [r["acc"] for r in finished], yerr=[r["stderr"] for r in finished],
                 fmt="s", color="C1", label="finished 10-minute runs")
     ax.axhline(original, color="k", lw=1, label=f"original {original:.3f}")
