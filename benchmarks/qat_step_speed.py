@@ -11,7 +11,10 @@ apart (compiled code is reused by a later variant with the same blocks, which th
 
 Variants: ``plain`` (full logits, eager: the loop before this change), ``fused`` (train.fused_loss),
 ``fused+layers`` (and each decoder block compiled: train.compile: layers), ``plain+layers``,
-``fused+model`` (the whole student compiled, only with --with-model-compile, under --compile-timeout).
+``fused+model`` (the whole student compiled, only with --with-model-compile, under --compile-timeout),
+``fused+layers+twn`` (fused+layers with ``convert.ternary_fit: twn``: what the TWN fit costs a step).
+``--random-smollm2`` builds SmolLM2-135M's architecture with random weights instead of loading it (a step's
+speed does not depend on the weights' values, and no model file has to travel).
 
     python benchmarks/qat_step_speed.py --model /root/m/smol-hf --data-dir .data --out $OUT
     python benchmarks/qat_step_speed.py --tiny --device cpu --out /tmp/speed     # CPU smoke test, ~1 minute
@@ -51,12 +54,13 @@ from bitconvert.train.loop import (  # noqa: E402
 )
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-gpu.yaml"
-VARIANTS = {  # name: (train.fused_loss, train.compile)
+VARIANTS = {  # name: (train.fused_loss, train.compile[, convert.ternary_fit])
     "plain": (False, False),
     "fused": (True, False),
     "fused+layers": (True, "layers"),
     "plain+layers": (False, "layers"),
     "fused+model": (True, "model"),
+    "fused+layers+twn": (True, "layers", "twn"),
 }
 DEFAULT_VARIANTS = ("plain", "fused", "fused+layers", "plain+layers")
 # Where WikiText-2 may lie under --data-dir: the project's layout first (shared/data), then the original names.
@@ -86,6 +90,19 @@ def tiny_model(vocab: int = 512):
     config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def random_smollm2():
+    """SmolLM2-135M's architecture (Llama, hidden 576, 30 layers, 9 heads / 3 KV heads, vocab 49152, tied
+    embeddings) with random weights."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0, bos_token_id=1,
+                         eos_token_id=2)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -144,7 +161,9 @@ def run_variant(name: str, args, original, teacher, blocks, convert: ConvertConf
     """One variant: a fresh student, the loop's step ``1 + warmup + steps`` times."""
     from accelerate import Accelerator
 
-    fused, compile_mode = VARIANTS[name]
+    fused, compile_mode, *fit = VARIANTS[name]
+    if fit:
+        convert = convert.model_copy(update={"ternary_fit": fit[0]})
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     cfg = TrainConfig(mode="distill", steps=1, compile=compile_mode, fused_loss=fused,
@@ -166,7 +185,7 @@ def run_variant(name: str, args, original, teacher, blocks, convert: ConvertConf
     if fused and head is None:
         raise RuntimeError("the chunked head loss does not apply to this model (run with --debug for the reason)")
     student = compile_student(student, compile_mode, accelerator.unwrap_model(student))
-    blocks_key = (compile_mode, type(accelerator.unwrap_model(student)).__name__)
+    blocks_key = (compile_mode, type(accelerator.unwrap_model(student)).__name__, convert.ternary_fit)
     reused = compile_mode is not False and blocks_key in compiled_before
 
     def step(index: int) -> dict[str, torch.Tensor]:
@@ -263,6 +282,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf file or embedded name")
     parser.add_argument("--tiny", action="store_true", help="a random-init tiny Llama instead of --model (smoke test)")
+    parser.add_argument("--random-smollm2", action="store_true", help="SmolLM2-135M's architecture, random weights, "
+                        "random tokens, instead of --model")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="folder with WikiText-2 (valid.txt, wikitext-2/valid.txt or wiki.valid.tokens); "
                              "default $BITCONVERT_DATA or ./.data; random tokens when none is found")
@@ -306,7 +327,9 @@ def main() -> None:
     on_gpu = device.type == "cuda"
     convert, train_settings = recipe_sections(args.recipe)
     args.batch_size = args.batch_size or train_settings.get("batch_size", 32)
-    if args.tiny:
+    if args.random_smollm2:
+        original, tokenizer = random_smollm2(), None
+    elif args.tiny:
         original, tokenizer = tiny_model(), None
         convert = convert.model_copy(update={"group_size": 32}) if convert.weight_scale == "group" else convert
     else:
@@ -317,7 +340,8 @@ def main() -> None:
     blocks, data_name = token_blocks(args, tokenizer, original.config.vocab_size)
     import transformers
 
-    report = {"model": "tiny random Llama" if args.tiny else str(args.model),
+    model_name = "SmolLM2-135M shape, random weights" if args.random_smollm2 else str(args.model)
+    report = {"model": "tiny random Llama" if args.tiny else model_name,
               "device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
               "transformers": transformers.__version__, "batch": args.batch_size,
               "sequence_length": args.sequence_length, "steps": args.steps, "warmup": args.warmup, "data": data_name,
