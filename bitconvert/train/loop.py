@@ -363,8 +363,9 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
     freeze_parameters(student, cfg.freeze)
     decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay, "decays": True},
-                                   {"params": no_decay, "weight_decay": 0.0, "decays": False}],
+    # group 0 decays, group 1 (norms, biases) never: the loop sets each group's weight decay by its index
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
                                   fused=accelerator.device.type == "cuda")
     student, optimizer = accelerator.prepare(student, optimizer)
@@ -462,9 +463,9 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
             p = progress_fraction()
             lr = learning_rate(cfg, step, p)
             decay_now = weight_decay_on(cfg, p)
-            for group in optimizer.param_groups:
+            for index, group in enumerate(optimizer.param_groups):
                 group["lr"] = lr
-                group["weight_decay"] = cfg.weight_decay if group.get("decays") and decay_now else 0.0
+                group["weight_decay"] = cfg.weight_decay if index == 0 and decay_now else 0.0
             batch_size = batch_size_at(cfg, p)
             strength = quant_strength(cfg, step, p)
             if strength != last_strength:  # a fill per quantized layer; after the warmup it stays at 1
