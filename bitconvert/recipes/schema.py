@@ -188,6 +188,10 @@ class TrainConfig(Strict):
             if self.batch_size % ramp.start or ratio < 2 or ratio & (ratio - 1):
                 raise ValueError(f"train.batch_ramp.start={ramp.start} must be train.batch_size={self.batch_size} "
                                  "divided by a power of two (2, 4, 8 ...): the batch doubles up to batch_size")
+        return self
+
+    @model_validator(mode="after")
+    def _cooldown_above_floor(self) -> "TrainConfig":
         if self.schedule == "two_stage" and self.cooldown_lr_ratio < self.min_lr_ratio:
             raise ValueError(f"train.cooldown_lr_ratio={self.cooldown_lr_ratio} is below min_lr_ratio="
                              f"{self.min_lr_ratio}: the cooldown decays from the first to the second")

@@ -102,7 +102,7 @@ def planned_steps(cfg: TrainConfig, sequence_length: int, world: int) -> int | N
         return cfg.steps
     per_sequence = sequence_length * cfg.grad_accum * world
     steps, tokens = 0, 0
-    while cfg.batch_ramp is not None and tokens < cfg.tokens and tokens / cfg.tokens < cfg.batch_ramp.share:
+    while cfg.batch_ramp is not None and tokens / cfg.tokens < cfg.batch_ramp.share:  # share < 1: inside the budget
         tokens += batch_size_at(cfg, tokens / cfg.tokens) * per_sequence
         steps += 1
     return steps + max(0, math.ceil((cfg.tokens - tokens) / (cfg.batch_size * per_sequence)))
