@@ -5,7 +5,7 @@
 #   call 2, carry .models/part-b .data [.whl-late]: STAGE=train  bash benchmarks/smollm2_long_run.sh
 #       joins the GGUF, samples the teacher's text, trains; at STOP_S seconds a SIGINT makes the trainer
 #       write its checkpoint and stop (the clock it keeps counts training steps only)
-#   call 3, carry nothing:              STAGE=finish bash benchmarks/smollm2_long_run.sh
+#   call 3, carry nothing [.whl-late]:  STAGE=finish bash benchmarks/smollm2_long_run.sh
 #       --resume trains to the end of the budget, exports, then benchmarks/eval_smollm2.py scores the
 #       original and the export (perplexity, PIQA) and fit_curve.py fits the curve
 # .whl comes from benchmarks/device/wheels.sh, .models from ../shared/tools/smollm2-parts.sh .models,
@@ -45,6 +45,8 @@ m, t = load_model('$work/smollm2.gguf'); m.save_pretrained('$work/smol-hf'); t.s
     run "${STOP_S:-500}"
     ls -la $work/tern/training | tail -5 ;;
   finish)
+    # or here, when the train call's carry was full (part-b and .data leave no room for them)
+    [ -d .whl-late ] && python3 -m pip install -q --no-index --no-deps --target $work/site .whl-late/*.whl 2>&1 | tail -2
     run "${FINISH_S:-450}" --resume
     python3 benchmarks/eval_smollm2.py --model "$work/smol-hf" --ternary "$work/tern" --data-dir "$BITCONVERT_DATA" \
       --out "$out" 2>&1 | quiet | tail -25
