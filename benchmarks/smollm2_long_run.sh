@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # recipes/smollm2-gpu.yaml for its whole budget (10 minutes of training) when one GPU call is only 10
 # minutes long: three calls back to back on one warm machine, the run folder kept on it in between.
-#   call 1, carry .whl .models/part-a:  STAGE=setup  bash benchmarks/smollm2_long_run.sh
-#   call 2, carry .models/part-b .data [.whl-late]: STAGE=train  bash benchmarks/smollm2_long_run.sh
+#   call 1, carry .whl .models/part-a [.data]:  STAGE=setup  bash benchmarks/smollm2_long_run.sh
+#   call 2, carry .models/part-b [.data] [.whl-late]: STAGE=train  bash benchmarks/smollm2_long_run.sh
 #       joins the GGUF, samples the teacher's text, trains; at STOP_S seconds a SIGINT makes the trainer
 #       write its checkpoint and stop (the clock it keeps counts training steps only)
 #   call 3, carry nothing [.whl-late]:  STAGE=finish bash benchmarks/smollm2_long_run.sh
@@ -29,16 +29,19 @@ quiet() { grep --line-buffered -v 'it/s\]' ; }
 recipe=${RECIPE:-recipes/smollm2-gpu.yaml}
 run() { timeout -s INT "$1" python3 -m bitconvert.cli run "$recipe" --set model="$work/smol-hf" \
           --set output="$work/tern" "${sets[@]}" "${@:2}" 2>&1 | quiet | tail -12 ; }
+# .data travels in whichever call has room for it
+copy_data() { [ -d .data ] && mkdir -p $work/data && cp -r .data/. $work/data/ && chmod -R u+w $work/data; }
 case $stage in
   setup)
     mkdir -p $work && cp .models/part-a/smol.part-aa $work/
+    copy_data
     python3 -m pip install -q --no-index --no-deps --target $work/site .whl/*.whl 2>&1 | tail -2
     python3 -c "import gguf, pydantic; print('gguf, pydantic', pydantic.VERSION)" ;;
   train)
     # wheels that did not fit beside part-a in the first call's 64 MiB travel here
     [ -d .whl-late ] && python3 -m pip install -q --no-index --no-deps --target $work/site .whl-late/*.whl 2>&1 | tail -2
+    copy_data
     cat $work/smol.part-aa .models/part-b/smol.part-ab > $work/smollm2.gguf
-    mkdir -p $work/data && cp -r .data/. $work/data/ && chmod -R u+w $work/data
     python3 -c "
 from bitconvert.sources import load_model
 m, t = load_model('$work/smollm2.gguf'); m.save_pretrained('$work/smol-hf'); t.save_pretrained('$work/smol-hf')" 2>&1 | quiet
