@@ -8,10 +8,16 @@ from conftest import scale_blocks
 
 from bitconvert.quant import (
     QuantSpec,
+    binary_dequantize,
+    binary_fake_quantize,
+    binary_quantize,
+    dequantize_weight,
+    fake_quantize_weight,
     int8_absmax_quantize,
     int8_fake_quantize,
     pack_binary,
     pack_ternary,
+    quantize_weight,
     straight_through,
     ternary_dequantize,
     ternary_fake_quantize,
@@ -86,6 +92,35 @@ def test_twn_fit_of_an_all_zero_block_is_zero_with_a_finite_scale():
 def test_ternary_fit_is_for_b158_only():
     with pytest.raises(ValueError, match="ternary_fit"):
         QuantSpec(variant="bitnet1", ternary_fit="twn")
+
+
+SPECS = [QuantSpec(variant=v, weight_scale=ws, group_size=8, ternary_fit=fit)
+         for v, fit in (("b1.58", "absmean"), ("b1.58", "twn"), ("bitnet1", "absmean"))
+         for ws in ("tensor", "channel", "group")]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.variant}-{s.weight_scale}-{s.ternary_fit}")
+def test_spec_level_weight_quantizer_is_the_low_level_one(spec):
+    torch.manual_seed(4)
+    w = (torch.randn(8, 32) * torch.rand(8, 1)).to(torch.bfloat16)
+    args = (spec.weight_scale, spec.group_size)
+    if spec.variant == "bitnet1":
+        codes, inv = binary_quantize(w, *args)
+        fake = binary_fake_quantize(w, *args)
+        dequant = binary_dequantize(codes, inv, *args, torch.bfloat16)
+    else:
+        codes, inv = ternary_quantize(w, *args, spec.ternary_fit)
+        fake = ternary_fake_quantize(w, *args, spec.ternary_fit)
+        dequant = ternary_dequantize(codes, inv, *args, torch.bfloat16)
+    got_codes, got_inv = quantize_weight(w, spec)
+    assert torch.equal(got_codes, codes) and torch.equal(got_inv, inv)
+    assert torch.equal(fake_quantize_weight(w, spec), fake)
+    assert torch.equal(dequantize_weight(codes, inv, spec, torch.bfloat16), dequant)
+
+
+def test_spec_level_weight_quantizer_refuses_onebit():
+    with pytest.raises(ValueError, match="onebit"):
+        quantize_weight(torch.randn(8, 32), QuantSpec(variant="onebit"))
 
 
 def test_ternary_leading_dims_quantize_each_matrix_alone():

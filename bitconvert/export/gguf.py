@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from bitconvert.export.packed import ExportError
-from bitconvert.quant import QuantSpec, ternary_dequantize, ternary_quantize, unpack_ternary
+from bitconvert.quant import QuantSpec, dequantize_weight, quantize_weight, unpack_ternary
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Ternary:
             codes, inv = self.read()
             codes = codes.detach().cpu().to(torch.int8)
             ones = torch.ones_like(codes)
-            step = ternary_dequantize(ones, inv.detach().cpu().float(), self.spec.weight_scale, self.spec.group_size)
+            step = dequantize_weight(ones, inv.detach().cpu().float(), self.spec)
         return codes.numpy(), step.numpy()
 
     def values(self) -> np.ndarray:
@@ -99,8 +99,7 @@ def ternary_weights(model: nn.Module) -> tuple[dict[str, Ternary], dict[str, nn.
         if isinstance(module, BitLinear):
             parts = {"weight": module.ternary}
         elif isinstance(module, BitExperts):
-            parts = {proj: (lambda m=module, p=proj: ternary_quantize(getattr(m, p), m.spec.weight_scale,
-                                                                      m.spec.group_size, m.spec.ternary_fit))
+            parts = {proj: (lambda m=module, p=proj: quantize_weight(getattr(m, p), m.spec))
                      for proj in ("gate_up_proj", "down_proj")}
         elif isinstance(module, PackedExperts):
             parts = {proj: (lambda m=module, p=proj: (unpack_ternary(getattr(m, p)), getattr(m, f"{p}_scale")))

@@ -12,15 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitconvert.quant import QuantSpec, int8_fake_quantize, ternary_fake_quantize, ternary_quantize
-from bitconvert.quant.binary import (
-    binary_quantize,
-    binary_weight_ste,
-    onebit_activation_ste,
-    onebit_init,
-    onebit_weight_ste,
-    sign_codes,
-)
+from bitconvert.quant import QuantSpec, fake_quantize_weight, int8_fake_quantize, quantize_weight
+from bitconvert.quant.binary import onebit_activation_ste, onebit_init, onebit_weight_ste, sign_codes
 
 
 # Eager by default. Compiling these two alone with torch.compile was measured slower on an H100 (46k vs
@@ -34,11 +27,10 @@ def activation_ste(x: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
     return x + delta
 
 
-def weight_ste(weight: torch.Tensor, strength: torch.Tensor, granularity: str, group_size: int,
-               fit: str = "absmean") -> torch.Tensor:
-    """Ternary fake quantization of a latent weight with a straight-through gradient."""
+def weight_ste(weight: torch.Tensor, strength: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Fake quantization of a latent weight as ``spec`` says (b1.58 or bitnet1), straight-through gradient."""
     with torch.no_grad():
-        delta = strength.to(weight.dtype) * (ternary_fake_quantize(weight, granularity, group_size, fit) - weight)
+        delta = strength.to(weight.dtype) * (fake_quantize_weight(weight, spec) - weight)
     return weight + delta
 
 
@@ -122,12 +114,9 @@ class BitLinear(nn.Linear):
 
     def quantized_weight(self) -> torch.Tensor:
         """The quantized weight the forward pass sees (blended during quantization warmup)."""
-        if self.spec.variant == "bitnet1":
-            return binary_weight_ste(self.weight, self.strength.value, self.spec.weight_scale, self.spec.group_size)
         if self.spec.variant == "onebit":
             return onebit_weight_ste(self.weight, self.input_scale, self.output_scale, self.strength.value)
-        return weight_ste(self.weight, self.strength.value, self.spec.weight_scale, self.spec.group_size,
-                          self.spec.ternary_fit)
+        return weight_ste(self.weight, self.strength.value, self.spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms_norm is not None:
@@ -143,7 +132,7 @@ class BitLinear(nn.Linear):
         """``(codes, inv_scale)`` of the current latent weight, for export (variant b1.58 only)."""
         if self.spec.variant != "b1.58":
             raise ValueError(f"ternary() needs variant 'b1.58', this layer is {self.spec.variant!r}; use quantized_codes()")
-        return ternary_quantize(self.weight, self.spec.weight_scale, self.spec.group_size, self.spec.ternary_fit)
+        return quantize_weight(self.weight, self.spec)
 
     @torch.no_grad()
     def quantized_codes(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -153,10 +142,7 @@ class BitLinear(nn.Linear):
         if self.spec.variant == "onebit":
             return sign_codes(self.weight), {"input_scale": self.input_scale.detach().float(),
                                              "output_scale": self.output_scale.detach().float()}
-        if self.spec.variant == "bitnet1":
-            codes, inv = binary_quantize(self.weight, self.spec.weight_scale, self.spec.group_size)
-        else:
-            codes, inv = ternary_quantize(self.weight, self.spec.weight_scale, self.spec.group_size, self.spec.ternary_fit)
+        codes, inv = quantize_weight(self.weight, self.spec)
         return codes, {"weight_scale": inv}
 
     def extra_repr(self) -> str:
@@ -189,8 +175,7 @@ class BitExperts(nn.Module):
                 and down.ndim == 3 and hasattr(module, "act_fn") and own == {"gate_up_proj", "down_proj"})
 
     def _quantized(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight_ste(weight, self.strength.value, self.spec.weight_scale, self.spec.group_size,
-                          self.spec.ternary_fit)
+        return weight_ste(weight, self.strength.value, self.spec)
 
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         return activation_ste(x, self.strength.value)
@@ -210,6 +195,4 @@ class BitExperts(nn.Module):
 
     @torch.no_grad()
     def ternary(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {name: ternary_quantize(getattr(self, name), self.spec.weight_scale, self.spec.group_size,
-                                       self.spec.ternary_fit)
-                for name in ("gate_up_proj", "down_proj")}
+        return {name: quantize_weight(getattr(self, name), self.spec) for name in ("gate_up_proj", "down_proj")}

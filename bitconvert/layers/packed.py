@@ -20,13 +20,12 @@ from bitconvert.kernels import (
 from bitconvert.layers.bitlinear import RMSNorm
 from bitconvert.quant import (
     QuantSpec,
-    binary_dequantize,
+    dequantize_weight,
     onebit_dequantize,
     packed_weight_shape,
     scale_shape,
-    ternary_dequantize,
     unpack_binary,
-    unpack_ternary,
+    unpack_weight,
 )
 
 
@@ -146,12 +145,9 @@ class PackedBitLinear(nn.Module):
     @torch.no_grad()
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) weight the packed buffers stand for, for gradients and inspection."""
-        variant, granularity, group = self.spec.variant, self.spec.weight_scale, self.spec.group_size
-        if variant == "onebit":
+        if self.spec.variant == "onebit":
             return onebit_dequantize(unpack_binary(self.weight), self.input_scale, self.output_scale, dtype)
-        if variant == "bitnet1":
-            return binary_dequantize(unpack_binary(self.weight), self.weight_scale, granularity, group, dtype)
-        return ternary_dequantize(unpack_ternary(self.weight), self.weight_scale, granularity, group, dtype)
+        return dequantize_weight(unpack_weight(self.weight, self.spec.variant), self.weight_scale, self.spec, dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, variant={self.spec.variant}, "

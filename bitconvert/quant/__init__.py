@@ -32,6 +32,7 @@ from bitconvert.quant.ternary import (
     ternary_inv_scale,
     ternary_quantize,
 )
+from bitconvert.quant.weight import dequantize_weight, fake_quantize_weight, quantize_weight
 
 __all__ = [
     "GRANULARITIES",
@@ -41,11 +42,14 @@ __all__ = [
     "binary_fake_quantize",
     "binary_inv_scale",
     "binary_quantize",
+    "dequantize_weight",
+    "fake_quantize_weight",
     "is_binary",
     "onebit_dequantize",
     "onebit_init",
     "pack_weight",
     "packed_weight_shape",
+    "quantize_weight",
     "rank1_nonnegative",
     "sign_codes",
     "unpack_weight",
