@@ -46,6 +46,8 @@ case $stage in
 from bitconvert.sources import load_model
 m, t = load_model('$work/smollm2.gguf'); m.save_pretrained('$work/smol-hf'); t.save_pretrained('$work/smol-hf')" 2>&1 | quiet
     run "${STOP_S:-500}"
+    # the curve so far comes back even if the machine is lost before the finish call
+    cp "$work/tern/training/metrics.jsonl" "$out/${name}_metrics_part1.jsonl" 2>/dev/null
     ls -la $work/tern/training | tail -5 ;;
   finish)
     # or here, when the train call's carry was full (part-b and .data leave no room for them)

@@ -115,13 +115,6 @@ def onebit_dequantize(codes: torch.Tensor, input_scale: torch.Tensor, output_sca
 
 # --------------------------------------------------------------------------- straight-through forms for training
 
-def binary_weight_ste(weight: torch.Tensor, strength: torch.Tensor | float, granularity: Granularity = "tensor",
-                      group_size: int = 128) -> torch.Tensor:
-    """BitNet's binary weight in the forward pass, identity gradient to the latent weight."""
-    fake = binary_fake_quantize(weight, granularity, group_size)
-    return straight_through(weight, fake, strength.to(weight.dtype) if torch.is_tensor(strength) else strength)
-
-
 def onebit_weight_ste(weight: torch.Tensor, input_scale: torch.Tensor, output_scale: torch.Tensor,
                       strength: torch.Tensor | float) -> torch.Tensor:
     """``diag(h) · sign(W) · diag(g)`` blended with ``W`` by ``strength``.
