@@ -29,7 +29,8 @@ quiet() { grep --line-buffered -v 'it/s\]' ; }
 recipe=${RECIPE:-recipes/smollm2-gpu.yaml}
 run() { timeout -s INT "$1" python3 -m bitconvert.cli run "$recipe" --set model="$work/smol-hf" \
           --set output="$work/tern" "${sets[@]}" "${@:2}" 2>&1 | quiet | tail -12 ; }
-# .data travels in whichever call has room for it
+# .data and the wheels that do not fit beside part-a (.whl-late) travel in whichever call has room for them
+late_wheels() { [ -d .whl-late ] && python3 -m pip install -q --no-index --no-deps --target $work/site .whl-late/*.whl 2>&1 | tail -2; }
 copy_data() { [ -d .data ] && mkdir -p $work/data && cp -r .data/. $work/data/ && chmod -R u+w $work/data; }
 case $stage in
   setup)
@@ -38,8 +39,7 @@ case $stage in
     python3 -m pip install -q --no-index --no-deps --target $work/site .whl/*.whl 2>&1 | tail -2
     python3 -c "import gguf, pydantic; print('gguf, pydantic', pydantic.VERSION)" ;;
   train)
-    # wheels that did not fit beside part-a in the first call's 64 MiB travel here
-    [ -d .whl-late ] && python3 -m pip install -q --no-index --no-deps --target $work/site .whl-late/*.whl 2>&1 | tail -2
+    late_wheels
     copy_data
     cat $work/smol.part-aa .models/part-b/smol.part-ab > $work/smollm2.gguf
     python3 -c "
@@ -50,8 +50,7 @@ m, t = load_model('$work/smollm2.gguf'); m.save_pretrained('$work/smol-hf'); t.s
     cp "$work/tern/training/metrics.jsonl" "$out/${name}_metrics_part1.jsonl" 2>/dev/null
     ls -la $work/tern/training | tail -5 ;;
   finish)
-    # or here, when the train call's carry was full (part-b and .data leave no room for them)
-    [ -d .whl-late ] && python3 -m pip install -q --no-index --no-deps --target $work/site .whl-late/*.whl 2>&1 | tail -2
+    late_wheels
     run "${FINISH_S:-450}" --resume
     python3 benchmarks/eval_smollm2.py --model "$work/smol-hf" --ternary "$work/tern" --data-dir "$BITCONVERT_DATA" \
       --out "$out" 2>&1 | quiet | tail -25
