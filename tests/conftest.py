@@ -13,6 +13,14 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Under pytest-xdist each worker would start one torch thread per core: 15 workers on 16 cores would run 240
+# threads. Split the cores between the workers instead, subprocesses included.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    torch.set_num_threads(_THREADS)
+
 CORPUS = """\
 A ternary weight takes one of three values: minus one, zero or plus one. Packed two bits to a weight,
 a matrix of a million ternary weights fits in a quarter of a megabyte. The scale that turns the codes

@@ -168,19 +168,21 @@ def _static_decode(model, ids, steps=4, forward=None):
     """Greedy decode over transformers' StaticCache with bitconvert's decode attention: the logits of each step."""
     from transformers import StaticCache
 
-    from bitconvert.layers.attention import decode_attention
+    from bitconvert.layers.attention import cache_keyword, decode_attention
 
     forward = model if forward is None else forward
+    keyword = cache_keyword(model.forward)  # `cache` from transformers 5.24, `past_key_values` before
     mask = torch.ones(ids.shape[0], ids.shape[1] + steps, dtype=torch.long)
     mask[0, :2] = 0  # left padding: positions differ between the rows
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps)
     logits = []
     with torch.no_grad(), decode_attention(model):
-        out = model(input_ids=ids, attention_mask=mask[:, :ids.shape[1]], use_cache=True, cache=cache)
+        out = model(input_ids=ids, attention_mask=mask[:, :ids.shape[1]], use_cache=True, **{keyword: cache})
         token = out.logits[:, -1:].argmax(-1)
         for step in range(steps):
             length = ids.shape[1] + step + 1
-            logits.append(forward(input_ids=token, attention_mask=mask[:, :length], use_cache=True, cache=cache).logits)
+            logits.append(forward(input_ids=token, attention_mask=mask[:, :length], use_cache=True,
+                                  **{keyword: cache}).logits)
             token = logits[-1][:, -1:].argmax(-1)
     return torch.cat(logits, dim=1), cache
 
