@@ -23,6 +23,8 @@ Round 5 (``--round 5``, report qat_round5): what the issue lists that rounds 1-4
 codes and scales (``convert.ternary_fit``), BitNet b1.58 2B4T's two-stage lr and weight decay
 (``train.schedule: two_stage``), a batch ramp (``train.batch_ramp``, same tokens as the reference, so more
 steps), and SubLN before the output projections at 300 steps instead of round 1's 25 s.
+Round 6 (``--round 6``, report qat_round6): how many inputs share a weight scale (groups of 16, 32, 64 and 192),
+under BitNet's absmean fit and under TWN's.
 ``--deadline`` (Unix seconds) skips the configurations that would not finish before it.
 
     python benchmarks/qat_ablations.py --model /root/m/smol-hf --data .data/wikitext-2 --round 2 \
@@ -175,6 +177,20 @@ ROUND5_ABLATIONS: dict[str, dict] = {name: merge(ROUND4_TEACHER, change) for nam
     "twn_fit_4x_tracked": {"convert": {"ternary_fit": "twn"}, "train": {"steps_factor": 4}, "piqa_every": 300},
 }.items()}
 
+# Round 6: how many inputs share one weight scale, under each fit, against the same reference as rounds 4 and 5
+# (groups of 64, absmean). The packed format keeps a float32 scale per group, 32 / group_size bits a weight: 0.17 at
+# 192, 0.5 at 64, 1 at 32 and 2 at 16, on top of the codes' 2 bits. Every size here stays packable, and divides
+# SmolLM2-135M's 576 and 1,536 inputs (128 would not divide 576).
+ROUND6_ABLATIONS: dict[str, dict] = {name: merge(ROUND4_TEACHER, change) for name, change in {
+    "reference": {},
+    "group_32": {"convert": {"group_size": 32}},
+    "twn_fit_group_32": {"convert": {"ternary_fit": "twn", "group_size": 32}},
+    "twn_fit": {"convert": {"ternary_fit": "twn"}},
+    "group_192": {"convert": {"group_size": 192}},
+    "group_16": {"convert": {"group_size": 16}},
+    "twn_fit_group_16": {"convert": {"ternary_fit": "twn", "group_size": 16}},
+}.items()}
+
 # What the benchmark changes in every row: budget, logging, no mid-run checkpoints.
 ROW_TRAIN = {"log_every": 5, "save_every": 0, "save_every_minutes": 0}
 
@@ -198,7 +214,9 @@ def round_settings(number: int) -> tuple[dict, dict[str, dict], list[str], str]:
         return recipe_reference(), ROUND3_ABLATIONS, list(ROUND3_ABLATIONS), "qat_round3"
     if number == 4:
         return recipe_reference(), ROUND4_ABLATIONS, list(ROUND4_ABLATIONS), "qat_round4"
-    return recipe_reference(), ROUND5_ABLATIONS, list(ROUND5_ABLATIONS), "qat_round5"
+    if number == 5:
+        return recipe_reference(), ROUND5_ABLATIONS, list(ROUND5_ABLATIONS), "qat_round5"
+    return recipe_reference(), ROUND6_ABLATIONS, list(ROUND6_ABLATIONS), "qat_round6"
 
 
 def spec_for(name: str, args, with_mix: bool = True) -> dict:
@@ -296,7 +314,10 @@ def piqa_accuracy(model, tokenizer, args) -> float | None:
         return None
     tracker = piqa_tracker(tokenizer, args)
     was_training = model.training
-    accuracy = tracker(model)["piqa_local/acc"]
+    # eager, as the loop scores: PIQA's many batch shapes would spend the compiled blocks' recompile limit, and
+    # every later row in this process would then train eager (rounds 4-6 lost half their tokens/s so)
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        accuracy = tracker(model)["piqa_local/acc"]
     model.train(was_training)
     return accuracy
 
@@ -334,6 +355,7 @@ def run_config(name, args, original, teacher, tokenizer, accelerator_factory) ->
     if args.eval_blocks:
         data.eval_blocks = data.eval_blocks[: args.eval_blocks]
     data_seconds = time.perf_counter() - started
+    torch._dynamo.reset()  # every row compiles afresh, in warm_up (outside its clock), whatever ran before it
     warm_up(student, data, accelerator.device)
     track_every = args.ablations[name].get("piqa_every", 0) if args.piqa_limit else 0
     started = time.perf_counter()
@@ -541,7 +563,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("BITCONVERT_DATA", ".data")) / "wikitext-2")
-    parser.add_argument("--round", type=int, choices=(1, 2, 3, 4, 5), default=1, help="which set of configurations")
+    parser.add_argument("--round", type=int, choices=(1, 2, 3, 4, 5, 6), default=1, help="which set of configurations")
     parser.add_argument("--seconds", type=float, default=40, help="training seconds per configuration")
     parser.add_argument("--steps", type=int, default=None,
                         help="train every configuration for this many steps instead (--seconds then only estimates "

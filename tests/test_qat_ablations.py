@@ -80,3 +80,43 @@ def test_piqa_curve_fits_the_committed_results(tmp_path):
     report = json.loads((tmp_path / "piqa_curve.json").read_text())
     assert len(report["tracked"]) >= 3 and len(report["finished"]) == 5
     assert report["fits"]["log_linear"]["b"] > 0 and (tmp_path / "piqa_curve.png").stat().st_size > 0
+
+
+def test_round_6_rows_become_valid_recipes(tmp_path):
+    bench = load_benchmark()
+    args = round_args(bench, tmp_path, number=6)
+    (tmp_path / "mix.jsonl").write_text('{"text": "a"}\n')
+    specs = {}
+    for name in args.defaults:
+        recipe = bench.recipe_for(name, args)
+        assert [s.weight for s in recipe.data.train] == [0.25, 0.75], name
+        specs[name] = recipe.convert.quant_spec()
+    assert {(s.group_size, s.ternary_fit) for s in specs.values()} == {
+        (64, "absmean"), (32, "absmean"), (32, "twn"), (64, "twn"), (192, "absmean"), (16, "absmean"), (16, "twn")}
+    assert all(s.weight_scale == "group" and 576 % s.group_size == 0 == 1536 % s.group_size for s in specs.values())
+
+
+def test_piqa_after_a_row_leaves_the_compiled_blocks_compiled(tiny_tokenizer):
+    """Scoring PIQA at many batch shapes with the blocks compiled would spend dynamo's recompile limit and leave every
+    later row in the process eager: the benchmark scores eager."""
+    import torch
+    from conftest import build_tiny_model
+    from torch._dynamo.utils import counters
+
+    bench = load_benchmark()
+    model = build_tiny_model("llama", len(tiny_tokenizer))
+    torch._dynamo.reset()
+    for block in model.model.layers:
+        block.compile(backend="eager", dynamic=False)
+    model(input_ids=torch.ones(2, 8, dtype=torch.long))
+    graphs = counters["stats"]["unique_graphs"]
+
+    def tracker(scored):  # lm-eval's batches: every length another shape
+        for length in range(3, 3 + 12):
+            scored(input_ids=torch.ones(4, length, dtype=torch.long))
+        return {"piqa_local/acc": 0.5}
+
+    args = argparse.Namespace(piqa_limit=-1, piqa=tracker)
+    assert bench.piqa_accuracy(model, tiny_tokenizer, args) == 0.5
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
