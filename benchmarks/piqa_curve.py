@@ -38,9 +38,11 @@ FINISHED = (
     ("WikiText only (H100)", "eval_smollm2.json", "smollm2_distill_h100_10min_metrics.jsonl"),
     ("+ 2M teacher tokens (H100)", "eval_smollm2_teacher_mix.json", "smollm2_distill_teacher_mix_h100_10min_metrics.jsonl"),
     ("10M teacher tokens, eager (H200)", "eval_smollm2_h200_10min.json", "smollm2_distill_h200_10min_metrics.jsonl"),
-    ("21M teacher tokens, compiled (H200; the recipe)", "eval_smollm2_h200_10min_compiled.json",
+    ("21M teacher tokens, compiled (H200)", "eval_smollm2_h200_10min_compiled.json",
      "smollm2_distill_h200_10min_compiled_metrics.jsonl"),
     ("broad teacher text (H200)", "eval_smollm2_h200_10min_broad.json", "smollm2_distill_h200_10min_broad_metrics.jsonl"),
+    ("21M teacher tokens, compiled, TWN fit (H200; the recipe)", "eval_smollm2_h200_10min_twn.json",
+     "smollm2_distill_h200_10min_twn_metrics.jsonl"),
 )
 
 

@@ -12,7 +12,8 @@ apart (compiled code is reused by a later variant with the same blocks, which th
 Variants: ``plain`` (full logits, eager: the loop before this change), ``fused`` (train.fused_loss),
 ``fused+layers`` (and each decoder block compiled: train.compile: layers), ``plain+layers``,
 ``fused+model`` (the whole student compiled, only with --with-model-compile, under --compile-timeout),
-``fused+layers+twn`` (fused+layers with ``convert.ternary_fit: twn``: what the TWN fit costs a step).
+``fused+layers+absmean`` and ``fused+layers+twn`` (fused+layers with BitNet's absmean fit and with the TWN fit,
+whatever the recipe says: what the TWN fit costs a step). The other variants take the recipe's fit.
 ``--random-smollm2`` builds SmolLM2-135M's architecture with random weights instead of loading it (a step's
 speed does not depend on the weights' values, and no model file has to travel).
 
@@ -60,6 +61,7 @@ VARIANTS = {  # name: (train.fused_loss, train.compile[, convert.ternary_fit])
     "fused+layers": (True, "layers"),
     "plain+layers": (False, "layers"),
     "fused+model": (True, "model"),
+    "fused+layers+absmean": (True, "layers", "absmean"),
     "fused+layers+twn": (True, "layers", "twn"),
 }
 DEFAULT_VARIANTS = ("plain", "fused", "fused+layers", "plain+layers")
