@@ -6,6 +6,7 @@ import gc
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from bitconvert.recipes.loading import dump_recipe, save_recipe
 from bitconvert.recipes.schema import Recipe
 from bitconvert.sources import load_model, resolve
 from bitconvert.train.loop import TrainResult
+from bitconvert.train.processes import release_other_settings, wait_for_everyone
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,9 @@ def make_accelerator(recipe: Recipe):
     if on_gpu and ":" in device:
         torch.cuda.set_device(torch.device(device))
     # bf16 autocast only pays off on GPUs; on CPU it is slower and no more accurate.
-    return Accelerator(cpu=not on_gpu, mixed_precision=recipe.train.mixed_precision if on_gpu else "no")
+    mixed_precision = recipe.train.mixed_precision if on_gpu else "no"
+    release_other_settings(cpu=not on_gpu, mixed_precision=mixed_precision)
+    return Accelerator(cpu=not on_gpu, mixed_precision=mixed_precision)
 
 
 def quantize(recipe: Recipe, *, resume: bool = False, accelerator=None) -> QuantizeResult:
@@ -98,7 +102,8 @@ def quantize(recipe: Recipe, *, resume: bool = False, accelerator=None) -> Quant
         if teacher is not None and main and any(s.generate for s in recipe.data.train):
             teacher.to(device)  # only the main process samples teacher text
         data = build_training_data(recipe.data, tokenizer, seed=recipe.train.seed, cache_dir=run_dir / "data",
-                                   teacher=teacher, device=device, is_main=main, wait=accelerator.wait_for_everyone)
+                                   teacher=teacher, device=device, is_main=main,
+                                   wait=partial(wait_for_everyone, accelerator))
         result.train = train(student, teacher, data, recipe.train, run_dir, accelerator=accelerator, resume=resume,
                              eval_batch_size=recipe.eval.batch_size, tracker=tracker,
                              track_every=recipe.eval.track_every)
@@ -110,7 +115,7 @@ def quantize(recipe: Recipe, *, resume: bool = False, accelerator=None) -> Quant
         student = _gather_student(result.train.model, recipe, accelerator)
     if main:
         result.exports = export_all(student, tokenizer, recipe, result, seconds=time.perf_counter() - start)
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     if recipe.eval.tasks or recipe.eval.perplexity:
         from bitconvert.eval import evaluate
 

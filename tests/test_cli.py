@@ -42,11 +42,11 @@ def test_quantize_then_inspect_and_generate(tmp_path, tiny_llama_dir, corpus_fil
 
 def test_bad_inputs_are_one_line_errors(tmp_path, tiny_llama_dir):
     result = invoke("quantize", tmp_path / "no-such-model", "--out", tmp_path / "x", "--steps", 1)
-    assert result.exit_code == 2 and "error: no model at" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "error: no model at" in result.output and "Traceback" not in result.output, result.output
     result = invoke("quantize", tiny_llama_dir, "--out", tmp_path / "x", "--steps", 1, "--set", "train.lerning_rate=1")
-    assert result.exit_code == 2 and "train.lerning_rate: unknown key" in result.output
+    assert result.exit_code == 2 and "train.lerning_rate: unknown key" in result.output, result.output
     result = invoke("quantize", tiny_llama_dir, "--out", tmp_path / "x", "--steps", 1, "--data", tmp_path / "none.txt")
-    assert result.exit_code == 2 and "none.txt does not exist" in result.output
+    assert result.exit_code == 2 and "none.txt does not exist" in result.output, result.output
     # a task tracked during training without its data fails before anything trains
     (tmp_path / "empty").mkdir()
     result = invoke("quantize", tiny_llama_dir, "--out", tmp_path / "x", "--steps", 1, "--set", "eval.tasks=[piqa_local]",
@@ -59,7 +59,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny_llama_dir):
     assert result.exit_code == 2 and "train.freeze: ['embed_tokns'] match no parameter" in result.output, result.output
     assert not (tmp_path / "y" / "training").exists()
     result = invoke("inspect", tiny_llama_dir)
-    assert result.exit_code == 2 and "not a finished bitconvert export" in result.output
+    assert result.exit_code == 2 and "not a finished bitconvert export" in result.output, result.output
 
 
 def test_run_dry_run_prints_the_resolved_recipe(tmp_path):

@@ -1,4 +1,5 @@
-"""A real 2-process run (torchrun, gloo on CPU) matches one process with the same global batch."""
+"""Processes: a real 2-process run (torchrun, gloo on CPU) matches one process with the same global batch, and
+the accelerate state of one process takes a second run with other settings."""
 
 import json
 import os
@@ -49,3 +50,45 @@ def test_two_processes_equal_one_process_with_grad_accum(tmp_path, tiny_tokenize
     assert ppl_two == pytest.approx(ppl_one, rel=1e-5)
     assert [step for step, _ in tasks_two] == [2, 4, 5] and tasks_two == tasks_one
     assert (tmp_path / "two" / "eval" / "results.json").is_file()  # and the export scored after training
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_a_second_run_in_one_process_may_change_the_accelerator_settings(fresh_accelerate_state):
+    """A GPU run (bf16) and then a CPU run in one notebook: accelerate alone refuses the second Accelerator."""
+    from accelerate import Accelerator
+
+    from bitconvert.api import make_accelerator
+    from bitconvert.recipes.schema import Recipe
+
+    Accelerator(cpu=True, mixed_precision="bf16")
+    accelerator = make_accelerator(Recipe(device="cpu"))
+    assert str(accelerator.mixed_precision) == "no" and accelerator.device.type == "cpu"
+
+
+def test_cpu_processes_meet_on_their_own_group(monkeypatch):
+    """accelerate < 1.16 gives a CPU barrier ``device_ids``, which a machine with fewer GPUs than processes fails."""
+    from accelerate.utils import DistributedType
+
+    from bitconvert.train.processes import wait_for_everyone
+
+    calls = []
+    monkeypatch.setattr("torch.distributed.barrier", lambda *args, **kwargs: calls.append(("torch", args, kwargs)))
+
+    class Processes:
+        def __init__(self, kind):
+            self.distributed_type = kind
+
+        def wait_for_everyone(self):
+            calls.append(("accelerate", (), {}))
+
+    wait_for_everyone(Processes(DistributedType.MULTI_CPU))
+    wait_for_everyone(Processes(DistributedType.MULTI_GPU))
+    assert calls == [("torch", (), {}), ("accelerate", (), {})]

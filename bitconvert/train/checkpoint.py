@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from bitconvert.train.processes import wait_for_everyone
 from bitconvert.utils.io import DiskFullError, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,10 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict[str, Any]
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     try:
         accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
+        wait_for_everyone(accelerator)
         if accelerator.is_main_process:
             atomic_write_json(tmp / STATE_FILE, state)
             shutil.rmtree(final, ignore_errors=True)
@@ -81,7 +82,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict[str, Any]
         if err.errno == errno.ENOSPC or isinstance(err, DiskFullError):
             raise DiskFullError(errno.ENOSPC, f"disk full while saving checkpoint step {step}; {kept}") from err
         raise OSError(err.errno, f"could not save checkpoint step {step} ({err}); {kept}") from err
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     return final
 
 
