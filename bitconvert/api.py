@@ -237,8 +237,9 @@ def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, temper
             def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
                 on_text(text)
 
-        streamer = _Callback(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = _Callback(tokenizer, skip_prompt=True, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     with torch.no_grad():
         output = loaded.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                  streamer=streamer, **sampling)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True,
+                            clean_up_tokenization_spaces=False)

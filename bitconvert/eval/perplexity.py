@@ -30,7 +30,7 @@ def _truncate(lm, text: str, max_tokens: int) -> str:
         offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         return text if len(offsets) <= max_tokens else text[: offsets[max_tokens - 1][1]]
     ids = tokenizer.encode(text, add_special_tokens=False)
-    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens], clean_up_tokenization_spaces=False)
 
 
 def rolling_perplexity(lm, path: str | Path, *, max_windows: int | None = None) -> dict[str, Any]:

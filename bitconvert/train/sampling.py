@@ -75,8 +75,10 @@ def generate_texts(teacher, tokenizer, config: GenerateSource, *, seed: int, dev
                                                    prompt_ids=prompt_ids)
             cuda_graph = sampled.used_cuda_graph  # after a fallback, the later batches go straight to eager
             # Special tokens go (the start token): tokenize_blocks closes each document with one EOS of its own.
+            # No clean-up: it would strip spaces before punctuation that the sampled tokens hold (transformers
+            # ignores it for BPE tokenizers, with a warning at every call).
             sequences = [p + n for p, n in zip(prompts.tolist(), truncate_at_eos(sampled.tokens.cpu(), eos_ids))]
-            texts.extend(tokenizer.batch_decode(sequences, skip_special_tokens=True))
+            texts.extend(tokenizer.batch_decode(sequences, skip_special_tokens=True, clean_up_tokenization_spaces=False))
             progress.update(batch + 1, (batch + 1) * config.batch_size * config.sequence_length, 0.0)
     finally:
         progress.close()
@@ -155,7 +157,7 @@ def _generate_with_transformers(teacher, tokenizer, config: GenerateSource, *, s
                                    pad_token_id=tokenizer.pad_token_id)
             # Special tokens go (start token, EOS, the padding after it): tokenize_blocks closes each
             # document with one EOS of its own.
-            texts.extend(tokenizer.batch_decode(out, skip_special_tokens=True))
+            texts.extend(tokenizer.batch_decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False))
             progress.update(batch + 1, (batch + 1) * config.batch_size * config.sequence_length, 0.0)
     finally:
         tokenizer.padding_side = previous_side
