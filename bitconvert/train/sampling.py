@@ -76,7 +76,7 @@ def generate_texts(teacher, tokenizer, config: GenerateSource, *, seed: int, dev
             cuda_graph = sampled.used_cuda_graph  # after a fallback, the later batches go straight to eager
             # Special tokens go (the start token): tokenize_blocks closes each document with one EOS of its own.
             # No clean-up: it would strip spaces before punctuation that the sampled tokens hold (transformers
-            # ignores it for BPE tokenizers, with a warning at every call).
+            # skips it for BPE tokenizers anyway, but warns at every call).
             sequences = [p + n for p, n in zip(prompts.tolist(), truncate_at_eos(sampled.tokens.cpu(), eos_ids))]
             texts.extend(tokenizer.batch_decode(sequences, skip_special_tokens=True, clean_up_tokenization_spaces=False))
             progress.update(batch + 1, (batch + 1) * config.batch_size * config.sequence_length, 0.0)
