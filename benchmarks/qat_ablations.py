@@ -209,17 +209,21 @@ def recipe_reference(path: Path = RECIPE) -> dict:
 ABSMEAN_FIT = {"convert": {"ternary_fit": "absmean"}}
 
 
+# The rounds measured against the recipe file: (ablations, default configuration list, report name).
+RECIPE_ROUNDS = {
+    2: (ROUND2_ABLATIONS, ROUND2_DEFAULT, "qat_round2"),
+    3: (ROUND3_ABLATIONS, list(ROUND3_ABLATIONS), "qat_round3"),
+    4: (ROUND4_ABLATIONS, list(ROUND4_ABLATIONS), "qat_round4"),
+    5: (ROUND5_ABLATIONS, list(ROUND5_ABLATIONS), "qat_round5"),
+    6: (ROUND6_ABLATIONS, list(ROUND6_ABLATIONS), "qat_round6"),
+}
+
+
 def round_settings(number: int) -> tuple[dict, dict[str, dict], list[str], str]:
     """(reference, ablations, default configuration list, report name) of one round."""
     if number == 1:
         return REFERENCE, ABLATIONS, list(ABLATIONS), "qat_ablations"
-    ablations, defaults, report = {
-        2: (ROUND2_ABLATIONS, ROUND2_DEFAULT, "qat_round2"),
-        3: (ROUND3_ABLATIONS, list(ROUND3_ABLATIONS), "qat_round3"),
-        4: (ROUND4_ABLATIONS, list(ROUND4_ABLATIONS), "qat_round4"),
-        5: (ROUND5_ABLATIONS, list(ROUND5_ABLATIONS), "qat_round5"),
-        6: (ROUND6_ABLATIONS, list(ROUND6_ABLATIONS), "qat_round6"),
-    }[number]
+    ablations, defaults, report = RECIPE_ROUNDS[number]
     return merge(recipe_reference(), ABSMEAN_FIT), ablations, defaults, report
 
 
@@ -567,7 +571,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("BITCONVERT_DATA", ".data")) / "wikitext-2")
-    parser.add_argument("--round", type=int, choices=(1, 2, 3, 4, 5, 6), default=1, help="which set of configurations")
+    parser.add_argument("--round", type=int, choices=(1, *RECIPE_ROUNDS), default=1, help="which set of configurations")
     parser.add_argument("--seconds", type=float, default=40, help="training seconds per configuration")
     parser.add_argument("--steps", type=int, default=None,
                         help="train every configuration for this many steps instead (--seconds then only estimates "

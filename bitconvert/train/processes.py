@@ -31,10 +31,12 @@ def release_other_settings(*, cpu: bool, mixed_precision: str) -> None:
     """
     from accelerate.state import AcceleratorState, PartialState
 
-    if not PartialState._shared_state or PartialState().num_processes > 1:
+    if not PartialState._shared_state:
+        return
+    processes = PartialState()
+    if processes.num_processes > 1:
         return
     state = AcceleratorState() if AcceleratorState._shared_state else None
-    on_cpu = PartialState().device.type == "cpu"
-    if on_cpu == cpu and (state is None or str(state.mixed_precision) == mixed_precision):
+    if (processes.device.type == "cpu") == cpu and (state is None or str(state.mixed_precision) == mixed_precision):
         return
     AcceleratorState._reset_state(reset_partial_state=True)
