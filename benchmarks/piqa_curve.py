@@ -43,6 +43,8 @@ FINISHED = (
     ("broad teacher text (H200)", "eval_smollm2_h200_10min_broad.json", "smollm2_distill_h200_10min_broad_metrics.jsonl"),
     ("21M teacher tokens, compiled, TWN fit (H200; the recipe)", "eval_smollm2_h200_10min_twn.json",
      "smollm2_distill_h200_10min_twn_metrics.jsonl"),
+    ("the recipe again, seed 1 (H200)", "eval_smollm2_h200_10min_twn_seed1.json",
+     "smollm2_distill_h200_10min_twn_seed1_metrics.jsonl"),
 )
 
 

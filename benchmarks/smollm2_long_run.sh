@@ -13,7 +13,9 @@
 # Knobs: RECIPE (default recipes/smollm2-gpu.yaml), SETS (space-separated recipe overrides for both calls, e.g. "train.compile=layers
 # data.train.1.weight=3"), NAME (prefix of the result files, default smollm2_distill_h200_10min), STOP_S
 # (the train call's SIGINT, default 500: the wheels, the GGUF's conversion and the checkpoint written after
-# the signal need the rest of the call's 600 s), FINISH_S (the finish call's, default 450).
+# the signal need the rest of the call's 600 s), FINISH_S (the finish call's, default 450: the training seconds
+# left, ~15% more for the held-out evaluations the training clock does not count, and ~60 s for start-up and the
+# export; the lm-eval scoring after it needs ~70 s more of the call).
 # PIQA along the run: SETS="eval.tasks=[piqa_local] eval.track_every=500" (the data folder is $BITCONVERT_DATA;
 # each scoring of all 1838 items takes wall time the training clock does not count, so lower STOP_S and
 # FINISH_S to match, or set eval.track_limit; the recipe's eval.tasks also scores the export after training).
@@ -52,6 +54,12 @@ m, t = load_model('$work/smollm2.gguf'); m.save_pretrained('$work/smol-hf'); t.s
   finish)
     late_wheels
     run "${FINISH_S:-450}" --resume
+    # a SIGINT that lands after the last step, in the export, leaves the final checkpoint and no export:
+    # another finish call exports from that checkpoint without training again
+    if [ ! -f "$work/tern/bitconvert.json" ]; then
+      cp "$work/tern/training/metrics.jsonl" "$out/${name}_metrics.jsonl"
+      echo "no export in $work/tern (FINISH_S ran out before the export ended): run STAGE=finish again"; exit 3
+    fi
     python3 benchmarks/eval_smollm2.py --model "$work/smol-hf" --ternary "$work/tern" --data-dir "$BITCONVERT_DATA" \
       --out "$out" 2>&1 | quiet | tail -25
     cp "$work/tern/training/metrics.jsonl" "$out/${name}_metrics.jsonl"

@@ -78,7 +78,7 @@ def test_piqa_curve_fits_the_committed_results(tmp_path):
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "piqa_curve.json").read_text())
-    assert len(report["tracked"]) >= 3 and len(report["finished"]) == 6
+    assert len(report["tracked"]) >= 3 and len(report["finished"]) == 7
     assert report["fits"]["log_linear"]["b"] > 0 and (tmp_path / "piqa_curve.png").stat().st_size > 0
 
 
