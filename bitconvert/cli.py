@@ -43,6 +43,13 @@ class BitconvertGroup(click.Group):
         except _user_errors() as err:
             click.secho(f"error: {err}", fg="red", err=True)
             ctx.exit(2)
+        except KeyboardInterrupt:
+            # A Ctrl-C outside the training loop's own handler (a second one, or one in the export or the
+            # evaluation): every file is written atomically, so the way on is the last checkpoint.
+            click.secho("aborted (Ctrl-C): no file is left half-written. quantize and run continue from their last "
+                        "checkpoint with --resume; when the training budget is already spent, that only exports.",
+                        fg="yellow", err=True)
+            ctx.exit(130)
         except OSError as err:
             if err.errno == errno.ENOSPC:
                 click.secho(f"error: disk full: {err}", fg="red", err=True)

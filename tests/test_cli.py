@@ -40,6 +40,31 @@ def test_quantize_then_inspect_and_generate(tmp_path, tiny_llama_dir, corpus_fil
     assert result.exit_code == 0 and "files verified" in result.output, result.output
 
 
+def test_ctrl_c_in_the_export_keeps_the_last_checkpoint_and_resume_only_exports(tmp_path, tiny_llama_dir, corpus_file,
+                                                                               monkeypatch):
+    import bitconvert.api
+
+    out = tmp_path / "tern"
+    args = ["quantize", tiny_llama_dir, "--out", out, "--data", corpus_file, "--steps", 3, "--seq-len", 32,
+            "--batch-size", 2, "--weight-scale", "tensor", "--device", "cpu", "--set", "train.log_every=1"]
+    export_all = bitconvert.api.export_all
+
+    def interrupted_export(*args, **kwargs):
+        raise KeyboardInterrupt  # what a Ctrl-C (or `timeout -s INT`) after the last step does
+
+    monkeypatch.setattr(bitconvert.api, "export_all", interrupted_export)
+    result = invoke(*args)
+    assert result.exit_code == 130 and "aborted (Ctrl-C)" in result.output and "--resume" in result.output, result.output
+    assert not (out / "bitconvert.json").exists() and not (out / "model.safetensors").exists()
+    assert (out / "training" / "checkpoints" / "step-0000003").is_dir()
+
+    monkeypatch.setattr(bitconvert.api, "export_all", export_all)
+    result = invoke(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "trained 3 steps" in result.output and (out / "bitconvert.json").is_file()
+    assert len((out / "training" / "metrics.jsonl").read_text().splitlines()) == 3  # no step trained twice
+
+
 def test_bad_inputs_are_one_line_errors(tmp_path, tiny_llama_dir):
     result = invoke("quantize", tmp_path / "no-such-model", "--out", tmp_path / "x", "--steps", 1)
     assert result.exit_code == 2 and "error: no model at" in result.output and "Traceback" not in result.output, result.output
