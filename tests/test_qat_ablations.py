@@ -82,6 +82,20 @@ def test_piqa_curve_fits_the_committed_results(tmp_path):
     assert report["fits"]["log_linear"]["b"] > 0 and (tmp_path / "piqa_curve.png").stat().st_size > 0
 
 
+def test_budget_curve_fits_the_end_points_of_the_committed_runs(tmp_path):
+    import json
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "budget_curve.py"), "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "budget_curve.json").read_text())
+    assert {name: len(points) for name, points in report["points"].items()} == {"twn": 5, "absmean": 5}
+    for fit in report["fits"].values():  # every longer schedule ended lower, so both gaps shrink
+        assert fit["ppl"]["alpha"] > 0 and fit["ppl"]["alpha_95"][0] <= fit["ppl"]["alpha"] <= fit["ppl"]["alpha_95"][1]
+    assert report["ppl_fits_cross_at"] is not None and (tmp_path / "budget_curve.png").stat().st_size > 0
+
+
 def test_round_6_rows_become_valid_recipes(tmp_path):
     bench = load_benchmark()
     args = round_args(bench, tmp_path, number=6)
