@@ -105,35 +105,41 @@ def crossing(first: dict, second: dict) -> float | None:
     return tokens_where(first["intercept"] - second["intercept"], first["slope"] - second["slope"], 0.0)
 
 
+def through_centre(fit: dict, x: np.ndarray, slope: float) -> dict:
+    """The line through the fitted points' centre with another slope (one end of the slope's interval)."""
+    centre = float(x.mean())
+    return {"intercept": fit["intercept"] + (fit["slope"] - slope) * centre, "slope": slope}
+
+
+def reach(fit: dict, y: float, rising: bool) -> float | None:
+    """Tokens at which a line in ln T reaches y, or None when it heads the other way."""
+    heads_there = fit["slope"] > 0 if rising else fit["slope"] < 0
+    return tokens_where(fit["intercept"], fit["slope"], y) if heads_there else None
+
+
 def fit_one(points: list[dict], teacher: float, original: float) -> dict:
     log_t = np.log([p["tokens"] for p in points])
     acc = np.array([p["acc"] for p in points])
     ppl, gap, line = ppl_line(points, teacher), line_fit(log_t, np.log(original - acc)), line_fit(log_t, acc)
+    # "at best": the most hopeful slopes the points allow, the gap's steepest fall and PIQA's steepest rise
+    hopeful_gap, hopeful_line = through_centre(gap, log_t, gap["slope_95"][0]), through_centre(line, log_t,
+                                                                                                line["slope_95"][1])
+    target_gap, target = math.log(PIQA_TARGET_GAP), original - PIQA_TARGET_GAP
+
     def ppl_at(tokens: float) -> float:
         return teacher * math.exp(math.exp(ppl["intercept"] + ppl["slope"] * math.log(tokens)))
 
-    goal = math.log(math.log(PPL_GOAL))
-    target = original - PIQA_TARGET_GAP
-    steepest_gap = gap["slope_95"][0]  # the most hopeful slope the points allow
-    gap_mean_x = float(log_t.mean())
-    gap_at_mean = gap["intercept"] + gap["slope"] * gap_mean_x
     return {
         "ppl": {**ppl, "alpha": -ppl["slope"], "alpha_95": [-ppl["slope_95"][1], -ppl["slope_95"][0]],
                 "predicted": {str(int(t)): ppl_at(t) for t in PREDICT_AT},
-                "tokens_to_goal": tokens_where(ppl["intercept"], ppl["slope"], goal)},
+                "tokens_to_goal": reach(ppl, math.log(math.log(PPL_GOAL)), rising=False)},
         "piqa_gap": {**gap, "k": -gap["slope"], "k_95": [-gap["slope_95"][1], -gap["slope_95"][0]],
-                     "tokens_to_target": tokens_where(gap["intercept"], gap["slope"], math.log(PIQA_TARGET_GAP))
-                     if gap["slope"] < 0 else None,
-                     # the line through the points' centre with the steepest slope the interval allows
-                     "tokens_to_target_at_best": tokens_where(gap_at_mean - steepest_gap * gap_mean_x, steepest_gap,
-                                                              math.log(PIQA_TARGET_GAP)) if steepest_gap < 0 else None},
+                     "tokens_to_target": reach(gap, target_gap, rising=False),
+                     "tokens_to_target_at_best": reach(hopeful_gap, target_gap, rising=False)},
         "piqa_line": {**line, "points_per_4x": 100 * line["slope"] * math.log(4),
                       "points_per_4x_95": [100 * s * math.log(4) for s in line["slope_95"]],
-                      "tokens_to_target": tokens_where(line["intercept"], line["slope"], target)
-                      if line["slope"] > 0 else None,
-                      "tokens_to_target_at_best": tokens_where(acc.mean() - line["slope_95"][1] * gap_mean_x,
-                                                               line["slope_95"][1], target)
-                      if line["slope_95"][1] > 0 else None},
+                      "tokens_to_target": reach(line, target, rising=True),
+                      "tokens_to_target_at_best": reach(hopeful_line, target, rising=True)},
     }
 
 
