@@ -14,8 +14,8 @@ For each quantizer fit (TWN, absmean), by least squares in logs, with 95% interv
     original - acc    = B * T^-k            PIQA's gap to the original
     acc               = a + b * ln T        PIQA as a straight line in log tokens
 
-The ablation rows sampled 4.2M teacher tokens, the 10-minute runs 21M; both see their teacher text ~3 times or
-fewer, but the points do not share one data plan exactly.
+The ablation rows sampled 4.2M teacher tokens, the 10-minute runs 21M; none sees its teacher text more than ~3.5
+times, but the points do not share one data plan exactly.
 
     python benchmarks/budget_curve.py [--results benchmarks/results] [--out benchmarks/results]
 
