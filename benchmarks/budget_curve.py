@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bitconvert.utils.plots import read_metrics  # noqa: E402
+from piqa_curve import piqa_row, short  # noqa: E402  (this folder is on sys.path when a script runs)
 
 PIQA_ITEMS = 1838
 PIQA_TARGET_GAP = 0.02
@@ -67,8 +68,7 @@ def read_end_point(results: Path, source: tuple) -> dict:
         acc = row["piqa_acc"]
         return {"tokens": row["tokens"], "ppl": row["final_ppl"], "acc": acc,
                 "stderr": math.sqrt(acc * (1 - acc) / PIQA_ITEMS)}
-    report = json.loads((results / first).read_text())["report"]["rows"]
-    piqa = next(r for r in report if r["task"] == "piqa_local" and r["metric"] == "acc")
+    piqa = piqa_row(results / first)
     evals = [r for r in read_metrics(results / second) if "eval_ppl" in r]
     return {"tokens": evals[-1]["tokens"], "ppl": evals[-1]["eval_ppl"], "acc": piqa["ternary"],
             "stderr": piqa["ternary_stderr"]}
@@ -141,17 +141,6 @@ def fit_one(points: list[dict], teacher: float, original: float) -> dict:
                       "tokens_to_target": reach(line, target, rising=True),
                       "tokens_to_target_at_best": reach(hopeful_line, target, rising=True)},
     }
-
-
-def short(n: float | None) -> str:
-    if n is None:
-        return "never"
-    if n >= 1e15:
-        return f"{n:.0e}"
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n:,.0f}"
 
 
 def interval(values: list[float], digits: int = 2) -> str:

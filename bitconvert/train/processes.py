@@ -26,8 +26,7 @@ def release_other_settings(*, cpu: bool, mixed_precision: str) -> None:
     accelerate keeps one state per process. It refuses an Accelerator whose mixed precision differs from the
     first one's, or that asks for the CPU after a GPU, and it silently keeps the CPU when a GPU is asked for
     after it. So ``quantize()`` on the CPU and then on a GPU, in one notebook, would fail or train on the
-    wrong device. A launch of
-    several processes shares that state with its process group, so it is left alone.
+    wrong device. A launch of several processes shares that state with its process group, so it is left alone.
     """
     from accelerate.state import AcceleratorState, PartialState
 
