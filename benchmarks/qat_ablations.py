@@ -25,6 +25,9 @@ codes and scales (``convert.ternary_fit``), BitNet b1.58 2B4T's two-stage lr and
 steps), and SubLN before the output projections at 300 steps instead of round 1's 25 s.
 Round 6 (``--round 6``, report qat_round6): how many inputs share a weight scale (groups of 16, 32, 64 and 192),
 under BitNet's absmean fit and under TWN's.
+Round 7 (``--round 7``, report qat_round7): the library's defaults. Against the recipe as it now is (TWN, groups
+of 64): one scale per row and per tensor under TWN, the defaults `bitconvert quantize` had before, a repeat of two
+rows with another seed, and per-row scales over four times the steps.
 ``--deadline`` (Unix seconds) skips the configurations that would not finish before it.
 
     python benchmarks/qat_ablations.py --model /root/m/smol-hf --data .data/wikitext-2 --round 2 \
@@ -191,6 +194,21 @@ ROUND6_ABLATIONS: dict[str, dict] = {name: merge(ROUND4_TEACHER, change) for nam
     "twn_fit_group_16": {"convert": {"ternary_fit": "twn", "group_size": 16}},
 }.items()}
 
+# Round 7: the library's defaults. Its reference is the recipe as it now is (TWN, groups of 64), not round 6's absmean.
+# One scale per output row (channel) is what GGUF's TQ2_0 blocks of 256 hold exactly when a row's inputs are a
+# multiple of 256, and one per tensor is what plain transformers loads; the old defaults row is what `bitconvert
+# quantize` trained with before this round (per-tensor absmean, lr 1e-3, 8 sequences a step), on the same tokens.
+ROUND7_ABLATIONS: dict[str, dict] = {name: merge(ROUND4_TEACHER, change) for name, change in {
+    "reference": {},
+    "channel_scale": {"convert": {"weight_scale": "channel"}},
+    "old_defaults": {"convert": {"weight_scale": "tensor", "ternary_fit": "absmean"},
+                     "train": {"lr": 1e-3, "batch_size": 8}, "same_tokens": True},
+    "tensor_scale": {"convert": {"weight_scale": "tensor"}},
+    "channel_scale_4x": {"convert": {"weight_scale": "channel"}, "train": {"steps_factor": 4}},
+    "reference_seed_1": {"train": {"seed": 1}},
+    "channel_scale_seed_1": {"convert": {"weight_scale": "channel"}, "train": {"seed": 1}},
+}.items()}
+
 # What the benchmark changes in every row: budget, logging, no mid-run checkpoints.
 ROW_TRAIN = {"log_every": 5, "save_every": 0, "save_every_minutes": 0}
 
@@ -216,6 +234,7 @@ RECIPE_ROUNDS = {
     4: (ROUND4_ABLATIONS, list(ROUND4_ABLATIONS), "qat_round4"),
     5: (ROUND5_ABLATIONS, list(ROUND5_ABLATIONS), "qat_round5"),
     6: (ROUND6_ABLATIONS, list(ROUND6_ABLATIONS), "qat_round6"),
+    7: (ROUND7_ABLATIONS, list(ROUND7_ABLATIONS), "qat_round7"),
 }
 
 
@@ -224,7 +243,8 @@ def round_settings(number: int) -> tuple[dict, dict[str, dict], list[str], str]:
     if number == 1:
         return REFERENCE, ABLATIONS, list(ABLATIONS), "qat_ablations"
     ablations, defaults, report = RECIPE_ROUNDS[number]
-    return merge(recipe_reference(), ABSMEAN_FIT), ablations, defaults, report
+    reference = recipe_reference() if number >= 7 else merge(recipe_reference(), ABSMEAN_FIT)
+    return reference, ablations, defaults, report
 
 
 def spec_for(name: str, args, with_mix: bool = True) -> dict:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6, an ablation round (ROUND=2, the default, up to 6), in one GPU call of at most BUDGET_SECONDS
+# Issue 6, an ablation round (ROUND=2, the default, up to 7), in one GPU call of at most BUDGET_SECONDS
 # (default 560) in all:
 #   1. the SmolLM2 GGUF becomes an HF folder (skipped when it is there already);
 #   2. benchmarks/qat_ablations.py --round $ROUND: the original's scores, teacher-sampling throughput
@@ -18,7 +18,8 @@
 # (comma list), BUDGET_SECONDS, COMPILE_SECONDS, WORK (scratch folder), BITCONVERT_DATA (folder with
 # wikitext-2/ and piqa/), SPEED=0 (no sampling or step-speed measurements: every second goes to the
 # configurations), PIQA_LIMIT (items per row; -1, the GPU default, is all of them), REUSE_MIX=1 (the teacher text
-# an earlier call left in WORK, instead of sampling it again: a round split over calls on one warm machine).
+# an earlier call left in WORK, instead of sampling it again: a round split over calls on one warm machine),
+# PREVIOUS (an earlier call's qat_round$ROUND.json: its rows join this call's table).
 set -uo pipefail
 start=$(date +%s)
 out=${OUT:?set OUT}
@@ -75,6 +76,7 @@ fi
 configs=()
 [ -n "${CONFIGS:-}" ] && configs=(--configs "$CONFIGS")
 [ "${REUSE_MIX:-0}" = 1 ] && configs+=(--reuse-mix)
+[ -n "${PREVIOUS:-}" ] && configs+=(--previous "$PREVIOUS")
 throughput=(--throughput --throughput-settings sampling)
 if [ "$speed" = 0 ]; then throughput=(); compile_seconds=0; fi
 

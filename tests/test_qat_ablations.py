@@ -111,6 +111,21 @@ def test_round_6_rows_become_valid_recipes(tmp_path):
     assert all(s.weight_scale == "group" and 576 % s.group_size == 0 == 1536 % s.group_size for s in specs.values())
 
 
+def test_round_7_rows_become_valid_recipes(tmp_path):
+    bench = load_benchmark()
+    args = round_args(bench, tmp_path, number=7)
+    (tmp_path / "mix.jsonl").write_text('{"text": "a"}\n')
+    assert args.reference["convert"]["ternary_fit"] == "twn"  # the recipe as it now is
+    recipes = {name: bench.recipe_for(name, args) for name in args.defaults}
+    assert all([s.weight for s in r.data.train] == [0.25, 0.75] for r in recipes.values())
+    assert recipes["channel_scale"].convert.weight_scale == "channel"
+    old = recipes["old_defaults"]  # what `bitconvert quantize` trained with before, on the reference's tokens
+    assert (old.convert.weight_scale, old.convert.ternary_fit, old.train.lr, old.train.batch_size) == (
+        "tensor", "absmean", 1e-3, 8)
+    assert (old.train.steps, old.train.tokens) == (None, 300 * 32 * 512)
+    assert recipes["channel_scale_4x"].train.steps == 1200 and recipes["reference_seed_1"].train.seed == 1
+
+
 def test_piqa_after_a_row_leaves_the_compiled_blocks_compiled(tiny_tokenizer):
     """Scoring PIQA at many batch shapes with the blocks compiled would spend dynamo's recompile limit and leave every
     later row in the process eager: the benchmark scores eager."""
