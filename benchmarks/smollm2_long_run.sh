@@ -43,6 +43,8 @@ case $stage in
   train)
     late_wheels
     copy_data
+    # the machine that ran the setup call may have gone back in between: its first half is gone then
+    [ -f $work/smol.part-aa ] || { echo "no $work/smol.part-aa: the setup call's machine is gone; run STAGE=setup again"; exit 2; }
     cat $work/smol.part-aa .models/part-b/smol.part-ab > $work/smollm2.gguf
     python3 -c "
 from bitconvert.sources import load_model

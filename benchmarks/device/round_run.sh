@@ -10,7 +10,9 @@ work=/root/m
 round=${ROUND:-5}
 export PYTHONPATH=$work/site HF_HUB_OFFLINE=1
 if [ -d .whl-late ]; then python3 -m pip install -q --no-index --no-deps --target $work/site .whl-late/*.whl 2>&1 | tail -2; fi
-if [ -f .models/part-b/smol.part-ab ] && [ ! -f $work/smollm2.gguf ]; then
+# a GGUF that is not whole (a call that came without the setup's first half) is joined again, not trusted
+if [ "$(head -c 4 $work/smollm2.gguf 2>/dev/null)" != GGUF ] && [ -f .models/part-b/smol.part-ab ]; then
+  [ -f $work/smol.part-aa ] || { echo "no $work/smol.part-aa: run the setup call first (STAGE=setup)"; exit 2; }
   cat $work/smol.part-aa .models/part-b/smol.part-ab > $work/smollm2.gguf
 fi
 if [ -d .data ] && [ ! -d $work/data ]; then mkdir -p $work/data && cp -r .data/. $work/data/ && chmod -R u+w $work/data; fi
