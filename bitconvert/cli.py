@@ -102,7 +102,9 @@ def _report(result) -> None:
 @click.option("--lr", type=float, help="Peak learning rate.")
 @click.option("--variant", type=click.Choice(["b1.58", "bitnet1", "onebit"]),
               help="Weight quantizer: ternary b1.58 (default), BitNet 1-bit, or OneBit (docs/variants.md).")
-@click.option("--weight-scale", type=click.Choice(["tensor", "channel", "group"]), help="Absmean scale granularity.")
+@click.option("--weight-scale", type=click.Choice(["tensor", "channel", "group"]),
+              help="Weights per scale: one per tensor (loads in plain transformers), per output row (channel, the "
+                   "default) or per --group-size inputs.")
 @click.option("--mod-capacity", type=float, help="Mixture-of-Depths: route every other block, this share of tokens "
                                                 "(e.g. 0.125; more with --set convert.mixture_of_depths.KEY=VALUE).")
 @click.option("--group-size", type=int, help="Inputs per scale with --weight-scale group.")

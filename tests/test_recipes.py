@@ -77,6 +77,21 @@ def test_resolved_recipe_round_trips(tmp_path):
     assert load_recipe(path) == recipe
 
 
+def test_defaults_are_the_ablations_choice_for_b158_and_the_papers_for_other_variants():
+    recipe = recipe_from_dict({"model": "m"})
+    spec = recipe.convert.quant_spec()  # round 7: TWN, one scale per row; lr 3e-3 and 32 sequences (round 1)
+    assert (spec.weight_scale, spec.ternary_fit, spec.group_size) == ("channel", "twn", 64)
+    assert (recipe.train.lr, recipe.train.batch_size) == (3e-3, 32)
+    # a variant without the measured defaults keeps QuantSpec's (onebit takes no other), instead of failing on them
+    onebit = recipe_from_dict({"model": "m", "convert": {"variant": "onebit"}}).convert
+    assert (onebit.weight_scale, onebit.ternary_fit) == ("tensor", "absmean")
+    binary = recipe_from_dict({"model": "m"}, ["convert.variant=bitnet1", "convert.weight_scale=channel"]).convert
+    assert (binary.weight_scale, binary.ternary_fit) == ("channel", "absmean")
+    assert "applies to variant 'b1.58' only" in error_of({"model": "m", "convert": {"variant": "bitnet1", "ternary_fit": "twn"}})
+    resolved = recipe_from_dict({"model": "m", "convert": {"variant": "onebit"}})  # the resolved recipe spells it out
+    assert recipe_from_dict(yaml.safe_load(dump_recipe(resolved))) == resolved
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate(path):
     load_recipe(path)
