@@ -92,6 +92,16 @@ def name_matches(name: str, patterns: Iterable[str]) -> bool:
     return False
 
 
+def _input_sizes(module: nn.Module) -> tuple[int, ...]:
+    """The inputs of each weight matrix a converted module quantizes (its last dimension)."""
+    if isinstance(module, nn.Linear):
+        return (module.in_features,)
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):  # GPT-2's Conv1D keeps its weight as (inputs, outputs)
+        return (module.weight.shape[0],)
+    return tuple(p.shape[-1] for p in module.parameters(recurse=False) if p.ndim == 3)
+
+
 def _holds_weights(module: nn.Module) -> bool:
     return any(p.ndim >= 2 for p in module.parameters(recurse=False))
 
@@ -139,6 +149,14 @@ def plan_conversion(model: nn.Module, skip: Sequence[str] = (), spec: QuantSpec 
             f"cannot convert {len(unsupported)} module(s) to BitLinear: {', '.join(unsupported[:8])}"
             f"{' ...' if len(unsupported) > 8 else ''}. Add their names to convert.skip (--skip) to keep them "
             "in full precision.")
+    if spec is not None and spec.weight_scale == "group":
+        # checked here, not at the first forward, which comes only after the teacher has sampled its text
+        uneven = sorted({n for module in targets.values() for n in _input_sizes(module) if n % spec.group_size})
+        if uneven:
+            raise UnsupportedModuleError(
+                f"convert.group_size={spec.group_size} does not divide the inputs of every layer "
+                f"({', '.join(map(str, uneven))} inputs): choose a group_size that divides them, or "
+                "weight_scale: channel")
     if not targets:
         raise UnsupportedModuleError(f"no linear layers to convert in {prefix} (everything was skipped?)")
     return targets, report

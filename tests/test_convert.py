@@ -68,6 +68,16 @@ def test_output_dim_not_multiple_of_four_is_rejected():
         plan_conversion(model)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
+def test_a_group_size_that_does_not_divide_the_inputs_fails_before_conversion(arch):
+    model = build_tiny_model(arch, 320)
+    group = 8 * 1009  # larger than any tiny layer's inputs, so it divides none of them
+    with pytest.raises(UnsupportedModuleError, match=rf"group_size={group} does not divide.*weight_scale: channel"):
+        plan_conversion(model, spec=QuantSpec(weight_scale="group", group_size=group))
+    assert not any(isinstance(m, (BitLinear, BitExperts)) for m in model.modules())
+    plan_conversion(model, spec=QuantSpec(weight_scale="group", group_size=8))  # one that divides every layer
+
+
 def test_subln_output_adds_norm_only_before_output_projections():
     model = build_tiny_model("llama", 320)
     convert_to_bitnet(model, QuantSpec(subln="output"))
