@@ -40,13 +40,16 @@ from piqa_curve import piqa_row, short  # noqa: E402  (this folder is on sys.pat
 PIQA_ITEMS = 1838
 PIQA_TARGET_GAP = 0.02
 PPL_GOAL = 1.01  # a ratio to the teacher past the 1.10, to show what the slope costs
-FLOORS = (1.0, 1.01, 1.02)
-PREDICT_AT = (7.5e8, 7.5e9)  # ~10x and ~100x the tokens of 10 H200-minutes  # limits of the student's perplexity, as ratios to the teacher's
+FLOORS = (1.0, 1.01, 1.02)  # limits of the student's perplexity, as ratios to the teacher's
+PREDICT_AT = (7.5e8, 7.5e9)  # ~10x and ~100x the tokens of 10 H200-minutes
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 # (fit, label, source): a source is ("row", round json, row name) or ("run", lm-eval report, metrics.jsonl)
 END_POINTS = (
     ("twn", "round 5, 300 steps", ("row", "qat_round5.json", "twn_fit")),
     ("twn", "round 6, 300 steps", ("row", "qat_round6.json", "twn_fit")),
+    ("twn", "round 6 again, 300 steps", ("row", "qat_round6_repeat.json", "twn_fit")),
+    ("twn", "round 7, 300 steps", ("row", "qat_round7.json", "reference")),
+    ("twn", "round 7, 300 steps, seed 1", ("row", "qat_round7.json", "reference_seed_1")),
     ("twn", "round 5, 1,200 steps", ("row", "qat_round5.json", "twn_fit_4x_tracked")),
     ("twn", "10 minutes, seed 1", ("run", "eval_smollm2_h200_10min_twn_seed1.json",
                                    "smollm2_distill_h200_10min_twn_seed1_metrics.jsonl")),
@@ -54,6 +57,7 @@ END_POINTS = (
     ("absmean", "round 4, 300 steps", ("row", "qat_round4.json", "reference")),
     ("absmean", "round 5, 300 steps", ("row", "qat_round5.json", "reference")),
     ("absmean", "round 6, 300 steps", ("row", "qat_round6.json", "reference")),
+    ("absmean", "round 6 again, 300 steps", ("row", "qat_round6_repeat.json", "reference")),
     ("absmean", "round 4, 1,200 steps", ("row", "qat_round4.json", "reference_4x_tracked")),
     ("absmean", "10 minutes", ("run", "eval_smollm2_h200_10min_compiled.json",
                                "smollm2_distill_h200_10min_compiled_metrics.jsonl")),
