@@ -46,7 +46,7 @@ class ConvertConfig(QuantSpec):
     def _variant_defaults(cls, data):
         # the measured defaults are b1.58's; a variant that is asked for without them keeps QuantSpec's
         if isinstance(data, dict) and data.get("variant", "b1.58") != "b1.58":
-            data = {"weight_scale": "tensor", "ternary_fit": "absmean", **data}
+            data = {**{key: QuantSpec.model_fields[key].default for key in ("weight_scale", "ternary_fit")}, **data}
         return data
 
     skip: list[str] = Field(default_factory=list, description="module names, dotted suffixes or regexes kept in full precision")
