@@ -28,6 +28,11 @@ under BitNet's absmean fit and under TWN's.
 Round 7 (``--round 7``, report qat_round7): the library's defaults. Against the recipe as it now is (TWN, groups
 of 64): one scale per row and per tensor under TWN, the defaults `bitconvert quantize` had before, a repeat of two
 rows with another seed, and per-row scales over four times the steps.
+Round 8 (``--round 8``, report qat_round8): where PIQA's knowledge can come back from. PIQA is scored on two halves
+(even and odd items): three quarters of the blocks from the teacher's own conversations (``generate.chat``, Magpie)
+instead of its continuations of valid.txt lines; and, as a diagnostic only, a tenth of the blocks from PIQA's first
+half as text (each goal with each of its two solutions, lm-eval's prompt, no labels): does distillation on a task's
+own kind of input bring back the teacher's answers on the half the student never saw?
 ``--deadline`` (Unix seconds) skips the configurations that would not finish before it.
 
     python benchmarks/qat_ablations.py --model /root/m/smol-hf --data .data/wikitext-2 --round 2 \
@@ -209,6 +214,22 @@ ROUND7_ABLATIONS: dict[str, dict] = {name: merge(ROUND4_TEACHER, change) for nam
     "channel_scale_seed_1": {"convert": {"weight_scale": "channel"}, "train": {"seed": 1}},
 }.items()}
 
+# Round 8: where PIQA's knowledge can come back from. Distillation restores the teacher's behaviour on the inputs
+# it sees; rounds 1-7 varied how the student trains, never what the teacher is asked about beyond WikiText. The
+# reference is round 7's. "teacher_mix_chat" is the teacher's own conversations (Magpie: the chat template up to the
+# user's message, then the teacher writes both turns), the kind of text an instruct model was tuned on, in place of
+# its continuations of valid.txt lines. "piqa_half_a" (a diagnostic, not a recipe: it trains on the evaluation's
+# own items) is a tenth of the blocks from the even-numbered PIQA items as lm-eval writes them, both solutions,
+# no labels; every row of the round is scored on each half, so the odd half measures what transfers.
+ROUND8_ABLATIONS: dict[str, dict] = {
+    "reference": ROUND4_TEACHER,
+    "chat_teacher_text": {"data": {"teacher_mix_chat": 0.75}},
+    "piqa_half_a_text": merge(ROUND4_TEACHER, {"data": {"piqa_half_a": 0.1}}),
+    "chat_teacher_text_4x": {"data": {"teacher_mix_chat": 0.75}, "train": {"steps_factor": 4}},
+    "chat_teacher_text_seed_1": {"data": {"teacher_mix_chat": 0.75}, "train": {"seed": 1}},
+    "reference_seed_1": merge(ROUND4_TEACHER, {"train": {"seed": 1}}),
+}
+
 # What the benchmark changes in every row: budget, logging, no mid-run checkpoints.
 ROW_TRAIN = {"log_every": 5, "save_every": 0, "save_every_minutes": 0}
 
@@ -235,6 +256,7 @@ RECIPE_ROUNDS = {
     5: (ROUND5_ABLATIONS, list(ROUND5_ABLATIONS), "qat_round5"),
     6: (ROUND6_ABLATIONS, list(ROUND6_ABLATIONS), "qat_round6"),
     7: (ROUND7_ABLATIONS, list(ROUND7_ABLATIONS), "qat_round7"),
+    8: (ROUND8_ABLATIONS, list(ROUND8_ABLATIONS), "qat_round8"),
 }
 
 
@@ -265,7 +287,7 @@ def spec_for(name: str, args, with_mix: bool = True) -> dict:
         sources.append({"generate": {"tokens": args.generate_tokens, "sequence_length": args.sequence_length,
                                      "batch_size": 512, "prompts_from": str(args.data / "valid.txt")},
                         "weight": data_change["generate_mix"]})
-    for kind in MIX_KINDS:
+    for kind in (*MIX_KINDS, PIQA_HALF):
         if data_change.get(kind):
             path = args.mix_files.get(kind)
             if path is None or not path.is_file():
@@ -326,21 +348,22 @@ def warm_up(student, data, device, batch_size: int = 2) -> None:
     student.to("cpu")
 
 
-def piqa_tracker(tokenizer, args):
-    """lm-eval's PIQA prompt (bitconvert's piqa_local on <data>/../piqa) for in-memory models: loaded once,
-    then every row and every tracked step scores with the same tracker."""
+def piqa_tracker(tokenizer, args, half: str | None = None):
+    """lm-eval's PIQA prompt (bitconvert's piqa_local on <data>/../piqa, or one half of it: split_piqa) for
+    in-memory models: loaded once, then every row and every tracked step scores with the same tracker."""
     from bitconvert.eval import TaskTracker
 
-    if getattr(args, "piqa", None) is None:
-        args.piqa = TaskTracker(["piqa_local"], tokenizer, limit=args.piqa_limit if args.piqa_limit > 0 else None,
-                                batch_size=64, data_dir=args.data.parent)
-    return args.piqa
+    trackers = vars(args).setdefault("piqa", {})
+    if half not in trackers:
+        trackers[half] = TaskTracker(["piqa_local"], tokenizer, limit=args.piqa_limit if args.piqa_limit > 0 else None,
+                                     batch_size=64, data_dir=args.data.parent if half is None else args.piqa_dirs[half])
+    return trackers[half]
 
 
-def piqa_accuracy(model, tokenizer, args) -> float | None:
+def piqa_accuracy(model, tokenizer, args, half: str | None = None) -> float | None:
     if not args.piqa_limit:
         return None
-    tracker = piqa_tracker(tokenizer, args)
+    tracker = piqa_tracker(tokenizer, args, half)
     was_training = model.training
     # eager, as the loop scores: PIQA's many batch shapes would spend the compiled blocks' recompile limit, and
     # every later row in this process would then train eager (rounds 4-6 lost half their tokens/s so)
@@ -350,13 +373,48 @@ def piqa_accuracy(model, tokenizer, args) -> float | None:
     return accuracy
 
 
-def scored_piqa(model, tokenizer, args) -> tuple[float | None, str | None]:
+def scored_piqa(model, tokenizer, args, half: str | None = None) -> tuple[float | None, str | None]:
     """PIQA accuracy, or None and the error: a harness failure must not cost a row its perplexity."""
     try:
-        return piqa_accuracy(model, tokenizer, args), None
+        return piqa_accuracy(model, tokenizer, args, half), None
     except Exception as err:
         print(f"  PIQA failed: {error_text(err)}", flush=True)
         return None, error_text(err)
+
+
+def piqa_scores(model, tokenizer, args) -> dict:
+    """``{"piqa_acc": ...}``; where PIQA is split (split_piqa) also each half's accuracy, and piqa_acc is then their
+    mean weighted by the items scored (the whole set's accuracy). Failures are recorded, never raised."""
+    if not getattr(args, "piqa_dirs", None):
+        accuracy, error = scored_piqa(model, tokenizer, args)
+        return {"piqa_acc": accuracy, **({"piqa_error": error} if error else {})}
+    scores, errors = {}, []
+    for half, items in args.piqa_items.items():
+        scores[f"piqa_{half}"], error = scored_piqa(model, tokenizer, args, half)
+        errors += [error] if error else []
+    if errors:
+        return {**scores, "piqa_acc": None, "piqa_error": "; ".join(errors)}
+    counts = {half: min(items, args.piqa_limit) if args.piqa_limit > 0 else items for half, items in args.piqa_items.items()}
+    scores["piqa_acc"] = sum(scores[f"piqa_{half}"] * n for half, n in counts.items()) / sum(counts.values())
+    return scores
+
+
+def split_piqa(args) -> None:
+    """PIQA's even-numbered items (half a) and odd-numbered ones (half b), each a data folder of its own with the labels
+    inline, and half a as training text (``PIQA_HALF``): lm-eval's prompt followed by each of the two solutions, as
+    the harness scores them, with no label. A row that trains on it is scored on half b, which it never saw."""
+    from bitconvert.eval.data import find_task_file, read_piqa
+
+    items = read_piqa(find_task_file("piqa_local", args.data.parent))
+    halves = {"a": items[0::2], "b": items[1::2]}
+    args.piqa_dirs, args.piqa_items = {}, {}
+    for half, rows in halves.items():
+        args.piqa_dirs[half] = args.work / f"piqa-{half}"
+        atomic_write_text(args.piqa_dirs[half] / "piqa" / "valid.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+        args.piqa_items[half] = len(rows)
+    texts = [f"Question: {row['goal']}\nAnswer: {row[solution]}" for row in halves["a"] for solution in ("sol1", "sol2")]
+    args.mix_files[PIQA_HALF] = args.work / f"{PIQA_HALF}.jsonl"
+    atomic_write_text(args.mix_files[PIQA_HALF], "".join(json.dumps({"text": text}) + "\n" for text in texts))
 
 
 def free_memory() -> None:
@@ -395,10 +453,10 @@ def run_config(name, args, original, teacher, tokenizer, accelerator_factory) ->
     speeds = [r["tokens_per_second"] for r in rows if "tokens_per_second" in r][2:]
     curve = [(r["tokens"], r["eval_ppl"]) for r in rows if "eval_ppl" in r]
     started = time.perf_counter()
-    if piqa_curve and piqa_curve[-1][0] == result.tokens:  # the loop scored the end already
-        piqa, piqa_error = piqa_curve[-1][1], None
+    if piqa_curve and piqa_curve[-1][0] == result.tokens and not getattr(args, "piqa_dirs", None):
+        piqa = {"piqa_acc": piqa_curve[-1][1]}  # the loop scored the end already
     else:
-        piqa, piqa_error = scored_piqa(accelerator.unwrap_model(result.model), tokenizer, args)
+        piqa = piqa_scores(accelerator.unwrap_model(result.model), tokenizer, args)
     piqa_seconds = time.perf_counter() - started
     out = {"name": name, "change": args.ablations[name], "all_ternary": not (full_precision or recipe.convert.skip),
            "settable": is_settable(name, args), "steps": result.steps, "tokens": result.tokens,
@@ -407,8 +465,7 @@ def run_config(name, args, original, teacher, tokenizer, accelerator_factory) ->
            "tokens_per_second": statistics.median(speeds) if speeds else None,
            "converted_layers": len(report.converted) if report else 0,
            "kept_full_precision": len(report.skipped) if report else None,
-           "pool_blocks": len(data.pool), "piqa_acc": piqa, "piqa_seconds": round(piqa_seconds, 1),
-           **({"piqa_error": piqa_error} if piqa_error else {}),
+           "pool_blocks": len(data.pool), **piqa, "piqa_seconds": round(piqa_seconds, 1),
            "peak_gib": peak_gib(), "final_ppl": curve[-1][1] if curve else None, "curve": curve,
            **({"piqa_curve": piqa_curve} if piqa_curve else {})}
     del student, accelerator, result, data
@@ -550,7 +607,9 @@ def decoder_blocks(model) -> torch.nn.ModuleList:
 # Fresh teacher text that rows mix in (data.<kind>: share of the blocks), each sampled once up front:
 # continuing the first 32 tokens of WikiText lines, or from the start token alone (what the model writes
 # unprompted: broader than WikiText).
-MIX_KINDS = {"teacher_mix": "continues valid.txt lines", "teacher_mix_open": "from the start token alone"}
+MIX_KINDS = {"teacher_mix": "continues valid.txt lines", "teacher_mix_open": "from the start token alone",
+             "teacher_mix_chat": "the teacher's own conversations, from its chat template (Magpie)"}
+PIQA_HALF = "piqa_half_a"  # round 8's diagnostic text: the even-numbered PIQA items (piqa_parts)
 
 
 def sample_teacher_mix(teacher, tokenizer, args, device, deadline: float | None, kind: str = "teacher_mix") -> dict:
@@ -567,7 +626,7 @@ def sample_teacher_mix(teacher, tokenizer, args, device, deadline: float | None,
             break
         prompts = str(args.data / "valid.txt") if kind == "teacher_mix" else None
         config = GenerateSource(tokens=per_batch, sequence_length=args.sequence_length,
-                                batch_size=args.mix_batch_size, prompts_from=prompts)
+                                batch_size=args.mix_batch_size, prompts_from=prompts, chat=kind == "teacher_mix_chat")
         started = time.perf_counter()
         texts.extend(generate_texts(teacher, tokenizer, config, seed=args.mix_seed + batch, device=device))
         synchronize(device)
@@ -648,6 +707,8 @@ def run(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     args.mix_files = {}
+    if any(PIQA_HALF in args.ablations[name].get("data", {}) for name in args.ablations):
+        split_piqa(args)  # every row of such a round is scored on each half, so that its rows compare
     from accelerate import Accelerator
 
     on_gpu = args.device == "cuda"
@@ -681,12 +742,12 @@ def run(args) -> None:
         report["original_ppl"] = math.exp(held_out_loss(teacher, eval_blocks, 32, accelerator_factory()))
         print(f"original perplexity on WikiText-2 test ({len(eval_blocks)} blocks of {args.sequence_length}): "
               f"{report['original_ppl']:.2f}", flush=True)
-        report["original_piqa"], piqa_error = scored_piqa(teacher, tokenizer, args)
-        if piqa_error:
-            report["original_piqa_error"] = piqa_error
+        scores = piqa_scores(teacher, tokenizer, args)
+        report["original_piqa"] = scores.pop("piqa_acc")
+        report.update({f"original_{key}": value for key, value in scores.items()})  # the halves, an error
         if report["original_piqa"] is not None:
             print(f"original PIQA acc ({args.piqa_limit if args.piqa_limit > 0 else 'all'} items): "
-                  f"{report['original_piqa']:.4f}", flush=True)
+                  f"{report['original_piqa']:.4f}{halves_text(report, 'original_')}", flush=True)
         timings["original_scores_seconds"] = round(time.perf_counter() - clock, 1)
     if args.previous:
         earlier = json.loads(args.previous.read_text())
@@ -764,7 +825,8 @@ def run(args) -> None:
             overheads.append(row["wall_seconds"] - row_seconds(name, args))
             print(f"  {name:18s} steps {row['steps']:>5d}  tokens {row['tokens']:>10,d}  "
                   f"{row['tokens_per_second'] or 0:>9,.0f} tok/s  ppl {row['final_ppl']:.2f} "
-                  f"({row['final_ppl'] / report['original_ppl']:.2f}x)  piqa {fmt(row.get('piqa_acc'))}  "
+                  f"({row['final_ppl'] / report['original_ppl']:.2f}x)  piqa {fmt(row.get('piqa_acc'))}"
+                  f"{halves_text(row)}  "
                   f"wall {row['wall_seconds']:.0f} s", flush=True)
         except Exception as err:  # one broken configuration must not cost the others
             row = {"name": name, "change": args.ablations[name], "error": error_text(err)}
@@ -821,14 +883,19 @@ def table(report: dict) -> str:
                  f"WikiText-2 test perplexity over {blocks} blocks of {report.get('sequence_length', 512)} tokens; "
                  f"PIQA: lm-eval piqa_local, {'all' if limit < 0 else 'first ' + str(limit)} items.", ""]
 
-        lines += ["| config | change | all ternary | steps | tokens | tok/s | ppl | x original | PIQA acc |",
-                  "| --- | --- | :---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-                  f"| original | | | | | | {original:.2f} | 1.000 | {fmt(report.get('original_piqa'))} |"]
+        # a round that splits PIQA (split_piqa) shows each half beside the whole
+        halves = ("a", "b") if report.get("original_piqa_b") is not None or any("piqa_b" in r for r in rows) else ()
+        lines += ["| config | change | all ternary | steps | tokens | tok/s | ppl | x original | PIQA acc |"
+                  + "".join(f" PIQA {half} |" for half in halves),
+                  "| --- | --- | :---: | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(halves),
+                  f"| original | | | | | | {original:.2f} | 1.000 | {fmt(report.get('original_piqa'))} |"
+                  + "".join(f" {fmt(report.get(f'original_piqa_{half}'))} |" for half in halves)]
         for row in sorted(rows, key=lambda row: row["final_ppl"]):
             ternary = row.get("all_ternary", row["name"] != "keep_edge_blocks")
             lines.append(f"| {row['name']} | `{json.dumps(rounded(row['change']))}` | {'yes' if ternary else '**no**'} | "
                          f"{row['steps']} | {row['tokens']:,} | {speed(row)} | "
-                         f"{row['final_ppl']:.2f} | {row['final_ppl'] / original:.3f} | {fmt(row.get('piqa_acc'))} |")
+                         f"{row['final_ppl']:.2f} | {row['final_ppl'] / original:.3f} | {fmt(row.get('piqa_acc'))} |"
+                         + "".join(f" {fmt(row.get(f'piqa_{half}'))} |" for half in halves))
     for row in rows:
         if row.get("piqa_curve"):
             points = ", ".join(f"{acc:.3f} at {tokens / 1e6:.2f}M" for tokens, acc in row["piqa_curve"])
@@ -873,6 +940,13 @@ def rounded(change):
     if isinstance(change, dict):
         return {k: rounded(v) for k, v in change.items()}
     return float(f"{change:.3g}") if isinstance(change, float) else change
+
+
+def halves_text(scores: dict, prefix: str = "") -> str:
+    """' (a 0.650, b 0.644)' where PIQA was scored by halves (split_piqa), else nothing."""
+    if scores.get(f"{prefix}piqa_b") is None:
+        return ""
+    return f" (a {fmt(scores.get(f'{prefix}piqa_a'))}, b {fmt(scores.get(f'{prefix}piqa_b'))})"
 
 
 def speed(row: dict) -> str:

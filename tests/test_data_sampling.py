@@ -225,7 +225,7 @@ def test_random_start_draws_first_tokens_across_the_vocabulary(teacher, tiny_tok
     starts = [tiny_tokenizer.decode(ids) for ids in random_first_tokens(tiny_tokenizer, 8, seed=1).tolist()]
     assert all(text.startswith(start) for text, start in zip(texts, starts))
     assert len(generate_texts(teacher, tiny_tokenizer, config, seed=1, device="cpu", sampler="generate")) == 8
-    with pytest.raises(ValueError, match="at most one of prompts, prompts_from and random_start"):
+    with pytest.raises(ValueError, match="at most one of prompts, prompts_from, random_start and chat"):
         GenerateSource(random_start=True, prompts=["a"])
 
 
@@ -271,3 +271,33 @@ def test_cached_teacher_text_is_reused_on_resume(tmp_path, tiny_tokenizer, tiny_
                                           sequence_length=32), tiny_tokenizer, seed=0,
                                cache_dir=tmp_path / "tern" / "training" / "data")
     assert len(data.pool) > 0
+
+
+def test_chat_samples_are_whole_conversations_from_the_templates_opening(teacher, tiny_tokenizer):
+    """Magpie's text: every sample starts where the user's message goes and runs on through the template's end of
+    turn (an EOS to the model), with the turn markers kept, through the decode loop and through generate() alike."""
+    import copy
+
+    from bitconvert.train.data import DataError, chat_opening
+
+    with pytest.raises(DataError, match="needs a tokenizer with a chat template"):
+        chat_opening(tiny_tokenizer)
+    chat_tokenizer = copy.deepcopy(tiny_tokenizer)
+    chat_tokenizer.chat_template = "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    opening, written = chat_opening(chat_tokenizer)
+    assert chat_tokenizer.decode(opening[0]) == "<s>user\n" and EOS in written
+
+    config = GenerateSource(tokens=2 * 4 * 16, sequence_length=16, batch_size=4, chat=True)
+    hook = with_eos_bias(teacher, 30.0)  # EOS nearly every token: a run-on sample must be the turn marker's doing
+    try:
+        for sampler in ("static", "generate"):
+            texts = generate_texts(teacher, chat_tokenizer, config, seed=1, device="cpu", sampler=sampler)
+            assert len(texts) == 8 and all(text.startswith("<s>user\n") for text in texts)
+            assert all(text.count("</s>") >= 12 for text in texts), texts
+            assert texts == generate_texts(teacher, chat_tokenizer, config, seed=1, device="cpu", sampler=sampler)
+        plain = generate_texts(teacher, chat_tokenizer, config.model_copy(update={"chat": False}), seed=1, device="cpu")
+        assert not any("</s>" in text for text in plain)
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="at most one of prompts, prompts_from, random_start and chat"):
+        GenerateSource(chat=True, random_start=True)

@@ -18,9 +18,10 @@ def load_benchmark():
 
 
 def round_args(bench, tmp_path, number=4, **overrides):
-    args = argparse.Namespace(model="tiny", data=tmp_path / "wikitext-2", steps=300, seconds=40, eval_every=0,
-                              sequence_length=512, generate_tokens=1024, piqa_limit=-1, piqa_seconds=20,
-                              num_layers=30, mix_files={"teacher_mix": tmp_path / "mix.jsonl"}, **overrides)
+    settings = dict(model="tiny", data=tmp_path / "wikitext-2", steps=300, seconds=40, eval_every=0,
+                    sequence_length=512, generate_tokens=1024, piqa_limit=-1, piqa_seconds=20,
+                    num_layers=30, mix_files={"teacher_mix": tmp_path / "mix.jsonl"})
+    args = argparse.Namespace(**{**settings, **overrides})
     args.reference, args.ablations, args.defaults, _ = bench.round_settings(number)
     return args
 
@@ -146,7 +147,42 @@ def test_piqa_after_a_row_leaves_the_compiled_blocks_compiled(tiny_tokenizer):
             scored(input_ids=torch.ones(4, length, dtype=torch.long))
         return {"piqa_local/acc": 0.5}
 
-    args = argparse.Namespace(piqa_limit=-1, piqa=tracker)
+    args = argparse.Namespace(piqa_limit=-1, piqa={None: tracker})
     assert bench.piqa_accuracy(model, tiny_tokenizer, args) == 0.5
     assert counters["stats"]["unique_graphs"] == graphs
     torch._dynamo.reset()
+
+
+def test_round_8_splits_piqa_and_trains_on_one_half(tmp_path):
+    """Round 8's data: the teacher's conversations in place of its valid.txt continuations, and (a diagnostic) PIQA's
+    even half as text; PIQA split into halves on disk, the labels kept apart from the training text."""
+    import json
+
+    bench = load_benchmark()
+    piqa = tmp_path / "piqa"  # beside data's wikitext-2, where the benchmark looks
+    piqa.mkdir()
+    items = [{"goal": f"goal {i}", "sol1": f"first {i}", "sol2": f"second {i}"} for i in range(5)]
+    (piqa / "valid.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    (piqa / "valid-labels.lst").write_text("0\n1\n1\n0\n1\n")
+    args = round_args(bench, tmp_path, number=8, work=tmp_path / "work",
+                      mix_files={"teacher_mix": tmp_path / "mix.jsonl", "teacher_mix_chat": tmp_path / "chat.jsonl"})
+    bench.split_piqa(args)
+    assert args.piqa_items == {"a": 3, "b": 2}
+    half_b = [json.loads(line) for line in (args.piqa_dirs["b"] / "piqa" / "valid.jsonl").read_text().splitlines()]
+    assert [(row["goal"], row["label"]) for row in half_b] == [("goal 1", 1), ("goal 3", 0)]
+    texts = [json.loads(line)["text"] for line in args.mix_files[bench.PIQA_HALF].read_text().splitlines()]
+    assert texts[:2] == ["Question: goal 0\nAnswer: first 0", "Question: goal 0\nAnswer: second 0"] and len(texts) == 6
+
+    for name in ("mix.jsonl", "chat.jsonl"):
+        (tmp_path / name).write_text('{"text": "a"}\n')
+    sources = {name: [(Path(s.path).name, round(s.weight, 6)) for s in bench.recipe_for(name, args).data.train]
+               for name in args.defaults}
+    assert sources["reference"] == [("valid.txt", 0.25), ("mix.jsonl", 0.75)]
+    assert sources["chat_teacher_text"] == [("valid.txt", 0.25), ("chat.jsonl", 0.75)]
+    assert sources["piqa_half_a_text"] == [("valid.txt", 0.15), ("mix.jsonl", 0.75), ("piqa_half_a.jsonl", 0.1)]
+    assert not bench.is_settable("piqa_half_a_text", args) and bench.recipe_for("chat_teacher_text_4x", args).train.steps == 1200
+
+    # each half scored on its own; the whole set's accuracy is their mean weighted by the items scored
+    args.piqa = {"a": lambda model: {"piqa_local/acc": 1.0}, "b": lambda model: {"piqa_local/acc": 0.5}}
+    model = __import__("torch").nn.Linear(1, 1)
+    assert bench.piqa_scores(model, None, args) == {"piqa_a": 1.0, "piqa_b": 0.5, "piqa_acc": (3 * 1.0 + 2 * 0.5) / 5}

@@ -72,12 +72,15 @@ class GenerateSource(Strict):
     random_start: bool = Field(default=False, description="start every sample from one token drawn at random from the "
                                "vocabulary (special tokens aside), as LLM-QAT's data-free text does: broad text, "
                                "in no one domain")
+    chat: bool = Field(default=False, description="start every sample from the tokenizer's chat template up to the "
+                       "user's message, so that an instruct teacher writes a request and answers it (Magpie): the "
+                       "kind of text it was tuned on; the samples keep the template's turn markers")
 
     @model_validator(mode="after")
     def _one_prompt_kind(self) -> "GenerateSource":
-        given = [name for name in ("prompts", "prompts_from", "random_start") if getattr(self, name)]
+        given = [name for name in ("prompts", "prompts_from", "random_start", "chat") if getattr(self, name)]
         if len(given) > 1:
-            raise ValueError(f"give at most one of prompts, prompts_from and random_start (got {', '.join(given)})")
+            raise ValueError(f"give at most one of prompts, prompts_from, random_start and chat (got {', '.join(given)})")
         return self
 
 

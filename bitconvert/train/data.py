@@ -120,6 +120,25 @@ def prompts_from_file(config: GenerateSource, tokenizer, seed: int) -> torch.Ten
     return table[torch.randperm(len(table), generator=torch.Generator().manual_seed(seed))]
 
 
+def chat_opening(tokenizer) -> tuple[torch.Tensor, set[int]]:
+    """The chat template up to where the user's first message goes, as ``(1, n)`` ids, and every id the template
+    writes around a message (its turn markers). From that opening an instruct teacher writes a request and then
+    answers it (Magpie, Xu et al. 2024): the kind of text it was tuned on, with no prompt of ours."""
+    marker = "\ue000"  # a private-use character: no template writes it, so it shows where the message goes
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    except Exception as err:  # transformers raises ValueError without a template; a template may raise anything
+        raise DataError(f"generate.chat needs a tokenizer with a chat template ({type(err).__name__}: {err})") from None
+    if not isinstance(rendered, str) or rendered.count(marker) != 1:
+        raise DataError("generate.chat: the tokenizer's chat template does not write the user's message once")
+    opening = rendered[: rendered.index(marker)]
+    ids = tokenizer(opening, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise DataError("generate.chat: the tokenizer's chat template writes nothing before the user's message")
+    written = tokenizer(rendered.replace(marker, ""), add_special_tokens=False)["input_ids"]
+    return torch.tensor([ids], dtype=torch.long), set(written)
+
+
 # --------------------------------------------------------------------------- blocks and batches
 
 def tokenize_blocks(texts, tokenizer, sequence_length: int, chunk_documents: int = 1024) -> torch.Tensor:

@@ -29,25 +29,30 @@ def generate_texts(teacher, tokenizer, config: GenerateSource, *, seed: int, dev
                    cuda_graph: bool = True) -> list[str]:
     """Sample text from the teacher (data-free distillation).
 
-    Equal-length prompts (``prompts_from`` lines, random first tokens or the start token alone) go through
-    :func:`sample_continuations`, a static-cache decode loop that is several times faster than
-    transformers' ``generate()`` at large batches; padded ``prompts`` lists, ``sampler="generate"``
-    and teachers the loop cannot drive use ``generate()``.
+    Equal-length prompts (``prompts_from`` lines, random first tokens, the chat template's opening or the
+    start token alone) go through :func:`sample_continuations`, a static-cache decode loop that is several
+    times faster than transformers' ``generate()`` at large batches; padded ``prompts`` lists,
+    ``sampler="generate"`` and teachers the loop cannot drive use ``generate()``.
     """
-    from bitconvert.train.data import prompts_from_file  # reading the file is data's business
+    from bitconvert.train.data import chat_opening, prompts_from_file  # prompts are data's business
 
+    template_ids: set[int] = set()
     if config.prompts_from:
         prompt_ids = prompts_from_file(config, tokenizer, seed)
     elif config.random_start:
         prompt_ids = random_first_tokens(tokenizer, config.batch_size * batch_count(config), seed)
+    elif config.chat:
+        prompt_ids, template_ids = chat_opening(tokenizer)
     else:
         prompt_ids = None
+    # A chat template's end of turn is an EOS to the model, but in a conversation the next turn follows it.
+    eos_ids = [i for i in eos_token_ids(teacher, tokenizer) if i not in template_ids]
     if config.prompts or sampler == "generate":
-        return _generate_with_transformers(teacher, tokenizer, config, seed=seed, device=device, prompt_ids=prompt_ids)
+        return _generate_with_transformers(teacher, tokenizer, config, seed=seed, device=device, prompt_ids=prompt_ids,
+                                           eos_ids=eos_ids)
     from bitconvert.utils.progress import Progress
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    eos_ids = eos_token_ids(teacher, tokenizer)
     top_k = generation_top_k(teacher)
     batches = batch_count(config)
     progress = Progress(total_steps=batches, desc="sampling teacher text")
@@ -72,13 +77,14 @@ def generate_texts(teacher, tokenizer, config: GenerateSource, *, seed: int, dev
                             "generate() instead, which is several times slower", type(err).__name__, err)
                 progress.close()
                 return _generate_with_transformers(teacher, tokenizer, config, seed=seed, device=device,
-                                                   prompt_ids=prompt_ids)
+                                                   prompt_ids=prompt_ids, eos_ids=eos_ids)
             cuda_graph = sampled.used_cuda_graph  # after a fallback, the later batches go straight to eager
-            # Special tokens go (the start token): tokenize_blocks closes each document with one EOS of its own.
-            # No clean-up: it would strip spaces before punctuation that the sampled tokens hold (transformers
-            # skips it for BPE tokenizers anyway, but warns at every call).
+            # Special tokens go (the start token), except a conversation's turn markers: tokenize_blocks closes each
+            # document with one EOS of its own. No clean-up: it would strip spaces before punctuation that the
+            # sampled tokens hold (transformers skips it for BPE tokenizers anyway, but warns at every call).
             sequences = [p + n for p, n in zip(prompts.tolist(), truncate_at_eos(sampled.tokens.cpu(), eos_ids))]
-            texts.extend(tokenizer.batch_decode(sequences, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+            texts.extend(tokenizer.batch_decode(sequences, skip_special_tokens=not config.chat,
+                                                clean_up_tokenization_spaces=False))
             progress.update(batch + 1, (batch + 1) * config.batch_size * config.sequence_length, 0.0)
     finally:
         progress.close()
@@ -128,7 +134,7 @@ def truncate_at_eos(tokens: torch.Tensor, eos_ids: list[int]) -> list[list[int]]
 
 
 def _generate_with_transformers(teacher, tokenizer, config: GenerateSource, *, seed: int, device,
-                                prompt_ids: torch.Tensor | None) -> list[str]:
+                                prompt_ids: torch.Tensor | None, eos_ids: list[int]) -> list[str]:
     """transformers' generate(): the path for padded prompt lists, and the reference for the decode loop."""
     from bitconvert.utils.progress import Progress
 
@@ -154,10 +160,14 @@ def _generate_with_transformers(teacher, tokenizer, config: GenerateSource, *, s
                 inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             out = teacher.generate(**inputs, do_sample=True, temperature=config.temperature, top_p=config.top_p,
                                    max_new_tokens=config.sequence_length, min_new_tokens=config.sequence_length // 4,
-                                   pad_token_id=tokenizer.pad_token_id)
-            # Special tokens go (start token, EOS, the padding after it): tokenize_blocks closes each
-            # document with one EOS of its own.
-            texts.extend(tokenizer.batch_decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+                                   eos_token_id=eos_ids or None, pad_token_id=tokenizer.pad_token_id)
+            # Special tokens go (start token, EOS, the padding after it), except a conversation's turn markers:
+            # tokenize_blocks closes each document with one EOS of its own.
+            if config.chat:  # the turn markers stay, and whatever generate() padded after a row's end goes
+                width = inputs["input_ids"].shape[1]
+                out = [p + n for p, n in zip(out[:, :width].tolist(), truncate_at_eos(out[:, width:].cpu(), eos_ids))]
+            texts.extend(tokenizer.batch_decode(out, skip_special_tokens=not config.chat,
+                                                clean_up_tokenization_spaces=False))
             progress.update(batch + 1, (batch + 1) * config.batch_size * config.sequence_length, 0.0)
     finally:
         tokenizer.padding_side = previous_side
