@@ -158,9 +158,10 @@ def _generate_with_transformers(teacher, tokenizer, config: GenerateSource, *, s
             else:
                 ids = torch.full((config.batch_size, 1), start, dtype=torch.long, device=device)
                 inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            # eos_ids, even empty (a chat row ends nowhere), not None: None may mean the generation config's EOS
             out = teacher.generate(**inputs, do_sample=True, temperature=config.temperature, top_p=config.top_p,
                                    max_new_tokens=config.sequence_length, min_new_tokens=config.sequence_length // 4,
-                                   eos_token_id=eos_ids or None, pad_token_id=tokenizer.pad_token_id)
+                                   eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
             # Special tokens go (start token, EOS, the padding after it), except a conversation's turn markers:
             # tokenize_blocks closes each document with one EOS of its own.
             if config.chat:  # the turn markers stay, and whatever generate() padded after a row's end goes
