@@ -609,7 +609,7 @@ def decoder_blocks(model) -> torch.nn.ModuleList:
 # unprompted: broader than WikiText).
 MIX_KINDS = {"teacher_mix": "continues valid.txt lines", "teacher_mix_open": "from the start token alone",
              "teacher_mix_chat": "the teacher's own conversations, from its chat template (Magpie)"}
-PIQA_HALF = "piqa_half_a"  # round 8's diagnostic text: the even-numbered PIQA items (piqa_parts)
+PIQA_HALF = "piqa_half_a"  # round 8's diagnostic text: the even-numbered PIQA items (split_piqa)
 
 
 def sample_teacher_mix(teacher, tokenizer, args, device, deadline: float | None, kind: str = "teacher_mix") -> dict:
