@@ -754,7 +754,7 @@ def run(args) -> None:
         if report["original_ppl"] and abs(earlier["original_ppl"] - report["original_ppl"]) > 1e-3 * report["original_ppl"]:
             sys.exit(f"--previous {args.previous} scored the original at {earlier['original_ppl']:.3f}, this call at "
                      f"{report['original_ppl']:.3f}: not the same model or data")
-        report["configs"] = earlier["configs"]
+        report["configs"] = earlier_rows(earlier["configs"], configs)
         report["throughput"] = earlier.get("throughput") or []
         report["original_piqa"] = report["original_piqa"] if report["original_piqa"] is not None else earlier.get("original_piqa")
     save(report, args)
@@ -844,6 +844,12 @@ def run(args) -> None:
         lines = [f"--set {key}={value}" for key, value in flatten(settable).items()]
         args.winner_sets.write_text(" ".join(lines) + "\n")
         print(f"winner: {best['name']} -> {' '.join(lines) or '(the reference)'}")
+
+
+def earlier_rows(rows: list[dict], configs: list[str]) -> list[dict]:
+    """An earlier call's rows (--previous) that join this call's: all but its skips and failures of a row this call
+    runs again, which that row's result replaces."""
+    return [row for row in rows if row.get("final_ppl") is not None or row["name"] not in configs]
 
 
 def measured_rows(report: dict) -> list[dict]:

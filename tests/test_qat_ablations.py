@@ -186,3 +186,12 @@ def test_round_8_splits_piqa_and_trains_on_one_half(tmp_path):
     args.piqa = {"a": lambda model: {"piqa_local/acc": 1.0}, "b": lambda model: {"piqa_local/acc": 0.5}}
     model = __import__("torch").nn.Linear(1, 1)
     assert bench.piqa_scores(model, None, args) == {"piqa_a": 1.0, "piqa_b": 0.5, "piqa_acc": (3 * 1.0 + 2 * 0.5) / 5}
+
+
+def test_a_later_call_replaces_an_earlier_calls_skip_of_the_row_it_runs():
+    bench = load_benchmark()
+    earlier = [{"name": "reference", "final_ppl": 27.8}, {"name": "slow_row", "skipped": "deadline"},
+               {"name": "broken_row", "error": "OOM"}, {"name": "other_row", "skipped": "deadline"}]
+    kept = bench.earlier_rows(earlier, ["slow_row", "broken_row"])
+    assert [row["name"] for row in kept] == ["reference", "other_row"]
+    assert bench.earlier_rows(earlier, ["reference"]) == earlier  # a measured row stays beside its repeat
