@@ -33,6 +33,9 @@ Round 8 (``--round 8``, report qat_round8): where PIQA's knowledge can come back
 instead of its continuations of valid.txt lines; and, as a diagnostic only, a tenth of the blocks from PIQA's first
 half as text (each goal with each of its two solutions, lm-eval's prompt, no labels): does distillation on a task's
 own kind of input bring back the teacher's answers on the half the student never saw?
+Round 9 (``--round 9``, report qat_round9): is round 8's chat lift real, and does half of it come at half the cost?
+A third seed of round 8's reference and chat rows, and half the teacher text as conversations beside half as
+continuations of valid.txt lines (recipes/smollm2-gpu-chat.yaml's mix), over three seeds.
 ``--deadline`` (Unix seconds) skips the configurations that would not finish before it.
 
     python benchmarks/qat_ablations.py --model /root/m/smol-hf --data .data/wikitext-2 --round 2 \
@@ -230,6 +233,20 @@ ROUND8_ABLATIONS: dict[str, dict] = {
     "reference_seed_1": merge(ROUND4_TEACHER, {"train": {"seed": 1}}),
 }
 
+# Round 9: round 8's chat rows read +2 PIQA points over two seeds, ~1.5x the noise of the difference, at +5%
+# perplexity. A third seed of each, and the mix recipes/smollm2-gpu-chat.yaml trains on (conversations for half the
+# teacher text, continuations of valid.txt lines for the other half) over three seeds. Same fresh-text seeds as
+# round 8, so its rows join these where both ran on one kind of GPU.
+CHAT_AND_WIKI = {"data": {"teacher_mix": 0.375, "teacher_mix_chat": 0.375}}
+ROUND9_ABLATIONS: dict[str, dict] = {
+    "reference": ROUND4_TEACHER,  # round 8 ran it (seed 0); here it names the data that `--set` can reach
+    "chat_and_wiki_teacher_text": CHAT_AND_WIKI,
+    "chat_and_wiki_teacher_text_seed_1": merge(CHAT_AND_WIKI, {"train": {"seed": 1}}),
+    "chat_teacher_text_seed_2": {"data": {"teacher_mix_chat": 0.75}, "train": {"seed": 2}},
+    "reference_seed_2": merge(ROUND4_TEACHER, {"train": {"seed": 2}}),
+    "chat_and_wiki_teacher_text_seed_2": merge(CHAT_AND_WIKI, {"train": {"seed": 2}}),
+}
+
 # What the benchmark changes in every row: budget, logging, no mid-run checkpoints.
 ROW_TRAIN = {"log_every": 5, "save_every": 0, "save_every_minutes": 0}
 
@@ -257,6 +274,7 @@ RECIPE_ROUNDS = {
     6: (ROUND6_ABLATIONS, list(ROUND6_ABLATIONS), "qat_round6"),
     7: (ROUND7_ABLATIONS, list(ROUND7_ABLATIONS), "qat_round7"),
     8: (ROUND8_ABLATIONS, list(ROUND8_ABLATIONS), "qat_round8"),
+    9: (ROUND9_ABLATIONS, [name for name in ROUND9_ABLATIONS if name != "reference"], "qat_round9"),
 }
 
 
