@@ -1,0 +1,68 @@
+"""benchmarks/seed_pool.py: rows repeated over seeds pool into means, and a difference is set against its noise."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "seed_pool.py"
+
+spec = importlib.util.spec_from_file_location("seed_pool", SCRIPT)
+seed_pool = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(seed_pool)
+
+
+def row(name, piqa, ppl=30.0, steps=300):
+    return {"name": name, "steps": steps, "piqa_acc": piqa, "final_ppl": ppl}
+
+
+def report(number, *rows):
+    return {"round": number, "device": "GPU", "original_ppl": 25.0, "original_piqa": 0.65, "configs": list(rows)}
+
+
+def test_seed_suffix():
+    assert seed_pool.seed_of("chat_teacher_text_seed_2") == ("chat_teacher_text", 2)
+    assert seed_pool.seed_of("reference") == ("reference", 0)
+
+
+def test_groups_pool_over_reports_and_set_against_the_reference():
+    first = report(8, row("reference", 0.55, 27.0), row("reference_seed_1", 0.57, 29.0), row("chat", 0.60, 30.0),
+                   row("lonely", 0.9), row("reference", 0.9, steps=1200), {"name": "skipped", "steps": 300})
+    second = report(9, row("chat_seed_1", 0.62, 32.0))
+    result = seed_pool.pool([first, second])
+    by_name = {g["config"]: g for g in result["groups"]}
+    assert list(by_name) == ["reference", "chat"]  # one seed alone (lonely, 1,200 steps) is not a group
+    assert by_name["reference"]["rounds"] == [8, 8] and by_name["chat"]["rounds"] == [8, 9]
+    assert by_name["chat"]["piqa_mean"] == pytest.approx(0.61) and by_name["reference"]["ppl_ratio"] == pytest.approx(28 / 25)
+    sd = math.sqrt((0.01 ** 2 * 2 + 0.01 ** 2 * 2) / 2)  # each pair's sample sd is 0.0141
+    assert result["pooled_piqa_sd"] == pytest.approx(sd)
+    assert by_name["chat"]["piqa_minus_reference"] == pytest.approx(0.05)
+    assert by_name["chat"]["noise_of_difference"] == pytest.approx(sd * math.sqrt(1 / 2 + 1 / 2))
+    assert by_name["chat"]["ppl_vs_reference"] == pytest.approx(31 / 28 - 1)
+
+
+def test_a_row_twice_or_different_originals_are_errors():
+    with pytest.raises(ValueError, match="more than one report"):
+        seed_pool.pool([report(8, row("a", 0.5), row("a_seed_1", 0.5)), report(9, row("a", 0.6))])
+    other = report(9, row("a_seed_2", 0.5))
+    other["original_ppl"] = 26.0
+    with pytest.raises(ValueError, match="different originals"):
+        seed_pool.pool([report(8, row("a", 0.5), row("a_seed_1", 0.5)), other])
+    with pytest.raises(ValueError, match="two seeds or more"):
+        seed_pool.pool([report(8, row("a", 0.5))])
+
+
+def test_the_committed_rounds_pool(tmp_path):
+    """The script as run from the command line on rounds 8 and 9, as docs/benchmarks.md quotes it."""
+    subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], check=True, capture_output=True)
+    result = json.loads((tmp_path / "seed_pool.json").read_text())
+    assert [g["config"] for g in result["groups"]][0] == "reference"
+    assert all(len(g["seeds"]) == 3 for g in result["groups"])
+    assert (tmp_path / "seed_pool.md").read_text().startswith("# Ablation rows pooled over seeds")
