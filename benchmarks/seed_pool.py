@@ -55,7 +55,7 @@ def pool(reports: list[dict], reference: str = "reference") -> dict:
             base, seed = seed_of(row["name"])
             seeds = groups.setdefault((base, row["steps"]), {})
             if seed in seeds:
-                raise ValueError(f"{row['name']} at {row['steps']} steps appears in more than one report")
+                raise ValueError(f"{row['name']} at {row['steps']} steps appears twice (in one report or two)")
             seeds[seed] = {"round": report.get("round"), "ppl": row["final_ppl"], "piqa": row["piqa_acc"]}
     pooled = []
     for (base, steps), seeds in groups.items():

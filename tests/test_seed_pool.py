@@ -49,7 +49,7 @@ def test_groups_pool_over_reports_and_set_against_the_reference():
 
 
 def test_a_row_twice_or_different_originals_are_errors():
-    with pytest.raises(ValueError, match="more than one report"):
+    with pytest.raises(ValueError, match="appears twice"):
         seed_pool.pool([report(8, row("a", 0.5), row("a_seed_1", 0.5)), report(9, row("a", 0.6))])
     other = report(9, row("a_seed_2", 0.5))
     other["original_ppl"] = 26.0
