@@ -61,10 +61,10 @@ def pool(reports: list[dict], reference: str = "reference") -> dict:
     for (base, steps), seeds in groups.items():
         if len(seeds) < 2:
             continue
-        piqa = [seeds[s]["piqa"] for s in sorted(seeds)]
-        ppl = [seeds[s]["ppl"] for s in sorted(seeds)]
+        runs = [seeds[seed] for seed in sorted(seeds)]
+        piqa, ppl = [run["piqa"] for run in runs], [run["ppl"] for run in runs]
         pooled.append({"config": base, "steps": steps, "seeds": sorted(seeds),
-                       "rounds": [seeds[s]["round"] for s in sorted(seeds)], "ppl": ppl, "piqa": piqa,
+                       "rounds": [run["round"] for run in runs], "ppl": ppl, "piqa": piqa,
                        "ppl_mean": statistics.mean(ppl), "piqa_mean": statistics.mean(piqa),
                        "piqa_sd": statistics.stdev(piqa)})
     if not pooled:
@@ -77,14 +77,13 @@ def pool(reports: list[dict], reference: str = "reference") -> dict:
         if original_ppl:
             group["ppl_ratio"] = group["ppl_mean"] / original_ppl
         if base is not None and group is not base and group["steps"] == base["steps"]:
-            noise = sd * math.sqrt(1 / len(group["piqa"]) + 1 / len(base["piqa"]))
             group["piqa_minus_reference"] = group["piqa_mean"] - base["piqa_mean"]
-            group["noise_of_difference"] = noise
+            group["noise_of_difference"] = sd * math.sqrt(1 / len(group["piqa"]) + 1 / len(base["piqa"]))
             group["ppl_vs_reference"] = group["ppl_mean"] / base["ppl_mean"] - 1
-    order = sorted(pooled, key=lambda g: (g["config"] != reference, g["config"], g["steps"]))
     return {"devices": devices, "original_ppl": original_ppl,
             "original_piqa": next((r.get("original_piqa") for r in reports if r.get("original_piqa")), None),
-            "reference": reference, "pooled_piqa_sd": sd, "pooled_dof": dof, "groups": order}
+            "reference": reference, "pooled_piqa_sd": sd, "pooled_dof": dof,
+            "groups": sorted(pooled, key=lambda g: (g["config"] != reference, g["config"], g["steps"]))}
 
 
 def table(result: dict) -> str:
