@@ -224,12 +224,13 @@ ROUND7_ABLATIONS: dict[str, dict] = {name: merge(ROUND4_TEACHER, change) for nam
 # its continuations of valid.txt lines. "piqa_half_a" (a diagnostic, not a recipe: it trains on the evaluation's
 # own items) is a tenth of the blocks from the even-numbered PIQA items as lm-eval writes them, both solutions,
 # no labels; every row of the round is scored on each half, so the odd half measures what transfers.
+CHAT_TEACHER = {"data": {"teacher_mix_chat": 0.75}}
 ROUND8_ABLATIONS: dict[str, dict] = {
     "reference": ROUND4_TEACHER,
-    "chat_teacher_text": {"data": {"teacher_mix_chat": 0.75}},
+    "chat_teacher_text": CHAT_TEACHER,
     "piqa_half_a_text": merge(ROUND4_TEACHER, {"data": {"piqa_half_a": 0.1}}),
-    "chat_teacher_text_4x": {"data": {"teacher_mix_chat": 0.75}, "train": {"steps_factor": 4}},
-    "chat_teacher_text_seed_1": {"data": {"teacher_mix_chat": 0.75}, "train": {"seed": 1}},
+    "chat_teacher_text_4x": merge(CHAT_TEACHER, {"train": {"steps_factor": 4}}),
+    "chat_teacher_text_seed_1": merge(CHAT_TEACHER, {"train": {"seed": 1}}),
     "reference_seed_1": merge(ROUND4_TEACHER, {"train": {"seed": 1}}),
 }
 
@@ -242,7 +243,7 @@ ROUND9_ABLATIONS: dict[str, dict] = {
     "reference": ROUND4_TEACHER,  # round 8 ran it (seed 0); here it names the data that `--set` can reach
     "chat_and_wiki_teacher_text": CHAT_AND_WIKI,
     "chat_and_wiki_teacher_text_seed_1": merge(CHAT_AND_WIKI, {"train": {"seed": 1}}),
-    "chat_teacher_text_seed_2": {"data": {"teacher_mix_chat": 0.75}, "train": {"seed": 2}},
+    "chat_teacher_text_seed_2": merge(CHAT_TEACHER, {"train": {"seed": 2}}),
     "reference_seed_2": merge(ROUND4_TEACHER, {"train": {"seed": 2}}),
     "chat_and_wiki_teacher_text_seed_2": merge(CHAT_AND_WIKI, {"train": {"seed": 2}}),
 }
