@@ -127,6 +127,21 @@ def test_round_7_rows_become_valid_recipes(tmp_path):
     assert recipes["channel_scale_4x"].train.steps == 1200 and recipes["reference_seed_1"].train.seed == 1
 
 
+def test_round_10_runs_the_mix_and_the_reference_at_four_times_the_steps(tmp_path):
+    bench = load_benchmark()
+    args = round_args(bench, tmp_path, number=10,
+                      mix_files={"teacher_mix": tmp_path / "mix.jsonl", "teacher_mix_chat": tmp_path / "chat.jsonl"})
+    for name in ("mix.jsonl", "chat.jsonl"):
+        (tmp_path / name).write_text('{"text": "a"}\n')
+    assert "reference" in args.ablations and "reference" not in args.defaults  # named for the step-speed call only
+    recipes = {name: bench.recipe_for(name, args) for name in args.defaults}
+    sources = {name: [(Path(s.path).name, s.weight) for s in r.data.train] for name, r in recipes.items()}
+    assert sources == {"chat_and_wiki_teacher_text_4x_tracked": [("valid.txt", 0.25), ("mix.jsonl", 0.375),
+                                                                  ("chat.jsonl", 0.375)],
+                       "reference_4x": [("valid.txt", 0.25), ("mix.jsonl", 0.75)]}
+    assert all(r.train.steps == 1200 for r in recipes.values())
+
+
 def test_piqa_after_a_row_leaves_the_compiled_blocks_compiled(tiny_tokenizer):
     """Scoring PIQA at many batch shapes with the blocks compiled would spend dynamo's recompile limit and leave every
     later row in the process eager: the benchmark scores eager."""
