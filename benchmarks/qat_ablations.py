@@ -36,6 +36,8 @@ own kind of input bring back the teacher's answers on the half the student never
 Round 9 (``--round 9``, report qat_round9): is round 8's chat lift real, and does half of it come at half the cost?
 A third seed of round 8's reference and chat rows, and half the teacher text as conversations beside half as
 continuations of valid.txt lines (recipes/smollm2-gpu-chat.yaml's mix), over three seeds.
+Round 10 (``--round 10``, report qat_round10): that mix and the reference at four times the steps, side by side in one
+call, the mix's PIQA scored along its run.
 ``--deadline`` (Unix seconds) skips the configurations that would not finish before it.
 
     python benchmarks/qat_ablations.py --model /root/m/smol-hf --data .data/wikitext-2 --round 2 \
@@ -917,6 +919,8 @@ def table(report: dict) -> str:
         lines = [f"SmolLM2-135M, {budget} of distillation per configuration on {report['device']}; "
                  f"WikiText-2 test perplexity over {blocks} blocks of {report.get('sequence_length', 512)} tokens; "
                  f"PIQA: lm-eval piqa_local, {'all' if limit < 0 else 'first ' + str(limit)} items.", ""]
+        if report.get("steps_per_config") and any(row.get("steps") != report["steps_per_config"] for row in rows):
+            lines[-1:-1] = ["A row with `steps_factor` trains that many times the steps (its steps column)."]
 
         # a round that splits PIQA (split_piqa) shows each half beside the whole
         halves = ("a", "b") if report.get("original_piqa_b") is not None or any("piqa_b" in r for r in rows) else ()
