@@ -4,11 +4,15 @@ from the reference's mean against the noise of such a difference.
 
 One PIQA score of a 300-step row moves ~1 point from one seed to the next, as much as most changes the rounds
 measured; a change is only read as real once its mean over seeds differs from the reference's by more than that
-noise. Rows are grouped by name with a trailing ``_seed_<n>`` dropped (no suffix is seed 0, the recipe's), and by
-steps; a group needs two seeds or more. Rows of several rounds pool only where the rounds ran on one kind of GPU
-with the same teacher-text seeds (rounds 8 and 9 did).
+noise. Rows are grouped by name with a trailing ``_seed_<n>`` dropped (no suffix is seed 0, the recipe's) and a
+steps marker (``_4x``, ``_tracked``) dropped, and by steps; a group needs two seeds or more. Rows of several rounds
+pool only where the rounds ran on one kind of GPU with the same teacher-text seeds (rounds 8-10 did).
 
-    python benchmarks/seed_pool.py [benchmarks/results/qat_round8.json benchmarks/results/qat_round9.json] \
+Each configuration is also paired with the reference run of the same seed and steps, wherever both ran: the mean of
+those paired PIQA differences, with its standard error, uses every budget at once (round 10's rows at four times
+the steps pair with each other).
+
+    python benchmarks/seed_pool.py [benchmarks/results/qat_round8.json ... qat_round10.json] \
         [--reference reference] [--out benchmarks/results]
 
 Writes OUT/seed_pool.{json,md}. The noise of a difference of two means is the seeds' pooled standard deviation
@@ -30,14 +34,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bitconvert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_ROUNDS = (RESULTS / "qat_round8.json", RESULTS / "qat_round9.json")
+DEFAULT_ROUNDS = tuple(RESULTS / f"qat_round{number}.json" for number in (8, 9, 10))
 SEED_SUFFIX = re.compile(r"_seed_(\d+)$")
+# the steps column says how long a row trained; these name markers only repeat it
+STEPS_MARKERS = re.compile(r"(_\d+x)?(_tracked)?$")
 
 
 def seed_of(name: str) -> tuple[str, int]:
-    """``chat_teacher_text_seed_2`` -> ('chat_teacher_text', 2); no suffix is seed 0."""
+    """``chat_teacher_text_4x_seed_2`` -> ('chat_teacher_text', 2); no suffix is seed 0."""
     match = SEED_SUFFIX.search(name)
-    return (name[:match.start()], int(match.group(1))) if match else (name, 0)
+    base, seed = (name[:match.start()], int(match.group(1))) if match else (name, 0)
+    return STEPS_MARKERS.sub("", base), seed
+
+
+def paired(groups: dict[tuple[str, int], dict[int, dict]], reference: str) -> list[dict]:
+    """Each configuration against the reference run of the same steps and seed: the differences, their mean and
+    the standard error of that mean (where two pairs or more)."""
+    result = []
+    for name in sorted({base for base, _ in groups} - {reference}):
+        pairs = [(steps, seed, runs[seed], groups[(reference, steps)][seed])
+                 for (base, steps), runs in sorted(groups.items()) if base == name
+                 for seed in sorted(runs) if seed in groups.get((reference, steps), {})]
+        if len(pairs) < 2:
+            continue
+        piqa = [run["piqa"] - ref["piqa"] for _, _, run, ref in pairs]
+        result.append({"config": name, "pairs": [{"steps": steps, "seed": seed, "rounds": [run["round"], ref["round"]]}
+                                                 for steps, seed, run, ref in pairs],
+                       "piqa_differences": piqa, "piqa_mean_difference": statistics.mean(piqa),
+                       "piqa_standard_error": statistics.stdev(piqa) / math.sqrt(len(piqa)),
+                       "ppl_ratios": [run["ppl"] / ref["ppl"] for _, _, run, ref in pairs]})
+    return result
 
 
 def pool(reports: list[dict], reference: str = "reference") -> dict:
@@ -83,7 +109,8 @@ def pool(reports: list[dict], reference: str = "reference") -> dict:
     return {"devices": devices, "original_ppl": original_ppl,
             "original_piqa": next((r.get("original_piqa") for r in reports if r.get("original_piqa")), None),
             "reference": reference, "pooled_piqa_sd": sd, "pooled_dof": dof,
-            "groups": sorted(pooled, key=lambda g: (g["config"] != reference, g["config"], g["steps"]))}
+            "groups": sorted(pooled, key=lambda g: (g["config"] != reference, g["config"], g["steps"])),
+            "paired": paired(groups, reference)}
 
 
 def table(result: dict) -> str:
@@ -100,6 +127,16 @@ def table(result: dict) -> str:
         lines.append(f"| {g['config']} | {g['steps']} | {', '.join(map(str, g['seeds']))} | "
                      f"{', '.join(f'{p:.2f}' for p in g['ppl'])} | {g['ppl_mean']:.2f} | {ratio} | "
                      f"{', '.join(f'{a:.3f}' for a in g['piqa'])} | {g['piqa_mean']:.3f} | {versus}")
+    if result.get("paired"):
+        lines += ["", f"Paired with the {result['reference']} run of the same steps and seed:", "",
+                  "| config | pairs (steps/seed) | PIQA difference per pair (points) | mean | standard error | "
+                  "ppl ratio per pair |", "| --- | --- | --- | ---: | ---: | --- |"]
+        for p in result["paired"]:
+            pairs = ", ".join(f"{q['steps']}/{q['seed']}" for q in p["pairs"])
+            lines.append(f"| {p['config']} | {pairs} | "
+                         f"{', '.join(f'{100 * d:+.1f}' for d in p['piqa_differences'])} | "
+                         f"{100 * p['piqa_mean_difference']:+.1f} | {100 * p['piqa_standard_error']:.1f} | "
+                         f"{', '.join(f'{r:.3f}' for r in p['ppl_ratios'])} |")
     return "\n".join(lines)
 
 

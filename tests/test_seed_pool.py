@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,21 @@ def report(number, *rows):
 def test_seed_suffix():
     assert seed_pool.seed_of("chat_teacher_text_seed_2") == ("chat_teacher_text", 2)
     assert seed_pool.seed_of("reference") == ("reference", 0)
+    assert seed_pool.seed_of("chat_4x_tracked") == ("chat", 0)  # the steps column says how long it trained
+    assert seed_pool.seed_of("chat_4x_seed_1") == ("chat", 1)
+
+
+def test_pairs_of_one_seed_and_steps_span_budgets():
+    result = seed_pool.pool([report(8, row("reference", 0.55, 28.0), row("reference_seed_1", 0.57),
+                                    row("chat", 0.56, 28.0), row("chat_seed_1", 0.60), row("chat_seed_2", 0.5)),
+                             report(10, row("chat_4x_tracked", 0.60, 26.0, steps=1200),
+                                    row("reference_4x", 0.57, 26.0, steps=1200))])
+    (pairs,) = result["paired"]  # chat's seed 2 has no reference run to pair with
+    assert [(q["steps"], q["seed"]) for q in pairs["pairs"]] == [(300, 0), (300, 1), (1200, 0)]
+    assert pairs["piqa_differences"] == pytest.approx([0.01, 0.03, 0.03])
+    assert pairs["piqa_mean_difference"] == pytest.approx(0.07 / 3)
+    assert pairs["piqa_standard_error"] == pytest.approx(statistics.stdev([0.01, 0.03, 0.03]) / math.sqrt(3))
+    assert pairs["ppl_ratios"] == pytest.approx([1.0, 1.0, 1.0])
 
 
 def test_groups_pool_over_reports_and_set_against_the_reference():
@@ -60,9 +76,11 @@ def test_a_row_twice_or_different_originals_are_errors():
 
 
 def test_the_committed_rounds_pool(tmp_path):
-    """The script as run from the command line on rounds 8 and 9, as docs/benchmarks.md quotes it."""
+    """The script as run from the command line on rounds 8-10, as docs/benchmarks.md quotes it."""
     subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], check=True, capture_output=True)
     result = json.loads((tmp_path / "seed_pool.json").read_text())
     assert [g["config"] for g in result["groups"]][0] == "reference"
     assert all(len(g["seeds"]) == 3 for g in result["groups"])
+    assert {p["config"]: len(p["pairs"]) for p in result["paired"]} == {"chat_and_wiki_teacher_text": 4,
+                                                                      "chat_teacher_text": 4}
     assert (tmp_path / "seed_pool.md").read_text().startswith("# Ablation rows pooled over seeds")
