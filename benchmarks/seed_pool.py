@@ -40,7 +40,7 @@ SEED_SUFFIX = re.compile(r"_seed_(\d+)$")
 STEPS_MARKERS = re.compile(r"(_\d+x)?(_tracked)?$")
 
 
-def seed_of(name: str) -> tuple[str, int]:
+def config_and_seed(name: str) -> tuple[str, int]:
     """``chat_teacher_text_4x_seed_2`` -> ('chat_teacher_text', 2); no suffix is seed 0."""
     match = SEED_SUFFIX.search(name)
     base, seed = (name[:match.start()], int(match.group(1))) if match else (name, 0)
@@ -78,7 +78,7 @@ def pool(reports: list[dict], reference: str = "reference") -> dict:
         for row in report["configs"]:
             if row.get("piqa_acc") is None or row.get("final_ppl") is None:
                 continue  # skipped or failed
-            base, seed = seed_of(row["name"])
+            base, seed = config_and_seed(row["name"])
             seeds = groups.setdefault((base, row["steps"]), {})
             if seed in seeds:
                 raise ValueError(f"{row['name']} at {row['steps']} steps appears twice (in one report or two)")

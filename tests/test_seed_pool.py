@@ -28,11 +28,11 @@ def report(number, *rows):
     return {"round": number, "device": "GPU", "original_ppl": 25.0, "original_piqa": 0.65, "configs": list(rows)}
 
 
-def test_seed_suffix():
-    assert seed_pool.seed_of("chat_teacher_text_seed_2") == ("chat_teacher_text", 2)
-    assert seed_pool.seed_of("reference") == ("reference", 0)
-    assert seed_pool.seed_of("chat_4x_tracked") == ("chat", 0)  # the steps column says how long it trained
-    assert seed_pool.seed_of("chat_4x_seed_1") == ("chat", 1)
+def test_config_and_seed_from_a_row_name():
+    assert seed_pool.config_and_seed("chat_teacher_text_seed_2") == ("chat_teacher_text", 2)
+    assert seed_pool.config_and_seed("reference") == ("reference", 0)
+    assert seed_pool.config_and_seed("chat_4x_tracked") == ("chat", 0)  # the steps column says how long it trained
+    assert seed_pool.config_and_seed("chat_4x_seed_1") == ("chat", 1)
 
 
 def test_pairs_of_one_seed_and_steps_span_budgets():
