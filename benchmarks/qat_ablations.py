@@ -38,6 +38,7 @@ A third seed of round 8's reference and chat rows, and half the teacher text as 
 continuations of valid.txt lines (recipes/smollm2-gpu-chat.yaml's mix), over three seeds.
 Round 10 (``--round 10``, report qat_round10): that mix and the reference at four times the steps, side by side in one
 call, the mix's PIQA scored along its run.
+Round 11 (``--round 11``, report qat_round11): a fourth seed of the mix beside the reference at 300 steps.
 ``--deadline`` (Unix seconds) skips the configurations that would not finish before it.
 
     python benchmarks/qat_ablations.py --model /root/m/smol-hf --data .data/wikitext-2 --round 2 \
@@ -259,6 +260,14 @@ ROUND10_ABLATIONS: dict[str, dict] = {
     "reference_4x": merge(ROUND4_TEACHER, {"train": {"steps_factor": 4}}),
 }
 
+# Round 11: a fourth seed of the mix beside the reference at 4.9M tokens, after the mix's 10-minute run (a fifth
+# pair for benchmarks/seed_pool.py, which decides whether the mix becomes the default recipe).
+ROUND11_ABLATIONS: dict[str, dict] = {
+    "reference": ROUND4_TEACHER,  # not a row: the step-speed measurement's configuration, as in round 9
+    "reference_seed_3": merge(ROUND4_TEACHER, {"train": {"seed": 3}}),
+    "chat_and_wiki_teacher_text_seed_3": merge(CHAT_AND_WIKI, {"train": {"seed": 3}}),
+}
+
 # What the benchmark changes in every row: budget, logging, no mid-run checkpoints.
 ROW_TRAIN = {"log_every": 5, "save_every": 0, "save_every_minutes": 0}
 
@@ -293,6 +302,7 @@ RECIPE_ROUNDS = {
     8: (ROUND8_ABLATIONS, list(ROUND8_ABLATIONS), "qat_round8"),
     9: (ROUND9_ABLATIONS, rows_but_reference(ROUND9_ABLATIONS), "qat_round9"),
     10: (ROUND10_ABLATIONS, rows_but_reference(ROUND10_ABLATIONS), "qat_round10"),
+    11: (ROUND11_ABLATIONS, rows_but_reference(ROUND11_ABLATIONS), "qat_round11"),
 }
 
 

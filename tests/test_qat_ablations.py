@@ -142,6 +142,17 @@ def test_round_10_runs_the_mix_and_the_reference_at_four_times_the_steps(tmp_pat
     assert all(r.train.steps == 1200 for r in recipes.values())
 
 
+def test_round_11_pairs_the_mix_and_the_reference_on_a_fourth_seed(tmp_path):
+    bench = load_benchmark()
+    args = round_args(bench, tmp_path, number=11,
+                      mix_files={"teacher_mix": tmp_path / "mix.jsonl", "teacher_mix_chat": tmp_path / "chat.jsonl"})
+    for name in ("mix.jsonl", "chat.jsonl"):
+        (tmp_path / name).write_text('{"text": "a"}\n')
+    recipes = {name: bench.recipe_for(name, args) for name in args.defaults}
+    assert sorted(recipes) == ["chat_and_wiki_teacher_text_seed_3", "reference_seed_3"]
+    assert all(r.train.seed == 3 and r.train.steps == 300 for r in recipes.values())
+
+
 def test_piqa_after_a_row_leaves_the_compiled_blocks_compiled(tiny_tokenizer):
     """Scoring PIQA at many batch shapes with the blocks compiled would spend dynamo's recompile limit and leave every
     later row in the process eager: the benchmark scores eager."""
