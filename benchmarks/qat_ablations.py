@@ -35,7 +35,7 @@ half as text (each goal with each of its two solutions, lm-eval's prompt, no lab
 own kind of input bring back the teacher's answers on the half the student never saw?
 Round 9 (``--round 9``, report qat_round9): is round 8's chat lift real, and does half of it come at half the cost?
 A third seed of round 8's reference and chat rows, and half the teacher text as conversations beside half as
-continuations of valid.txt lines (recipes/smollm2-gpu-chat.yaml's mix), over three seeds.
+continuations of valid.txt lines (the mix of recipes/smollm2-gpu.yaml since round 11), over three seeds.
 Round 10 (``--round 10``, report qat_round10): that mix and the reference at four times the steps, side by side in one
 call, the mix's PIQA scored along its run.
 Round 11 (``--round 11``, report qat_round11): a fourth seed of the mix beside the reference at 300 steps.
@@ -238,8 +238,8 @@ ROUND8_ABLATIONS: dict[str, dict] = {
 }
 
 # Round 9: round 8's chat rows read +2 PIQA points over two seeds, ~1.5x the noise of the difference, at +5%
-# perplexity. A third seed of each, and the mix recipes/smollm2-gpu-chat.yaml trains on (conversations for half the
-# teacher text, continuations of valid.txt lines for the other half) over three seeds. Same fresh-text seeds as
+# perplexity. A third seed of each, and the mix recipes/smollm2-gpu.yaml has trained on since round 11 (conversations
+# for half the teacher text, continuations of valid.txt lines for the other half) over three seeds. Same fresh-text seeds as
 # round 8, so its rows join these where both ran on one kind of GPU.
 CHAT_AND_WIKI = {"data": {"teacher_mix": 0.375, "teacher_mix_chat": 0.375}}
 ROUND9_ABLATIONS: dict[str, dict] = {
@@ -261,7 +261,8 @@ ROUND10_ABLATIONS: dict[str, dict] = {
 }
 
 # Round 11: a fourth seed of the mix beside the reference at 4.9M tokens, after the mix's 10-minute run (a fifth
-# pair for benchmarks/seed_pool.py, which decides whether the mix becomes the default recipe).
+# pair for benchmarks/seed_pool.py). The mix then became recipes/smollm2-gpu.yaml's data; "reference" keeps naming
+# continuations only (ROUND4_TEACHER), so that every round's rows still compare with one another.
 ROUND11_ABLATIONS: dict[str, dict] = {
     "reference": ROUND4_TEACHER,  # not a row: the step-speed measurement's configuration, as in round 9
     "reference_seed_3": merge(ROUND4_TEACHER, {"train": {"seed": 3}}),
