@@ -127,12 +127,17 @@ def test_round_7_rows_become_valid_recipes(tmp_path):
     assert recipes["channel_scale_4x"].train.steps == 1200 and recipes["reference_seed_1"].train.seed == 1
 
 
+def mix_round_args(bench, tmp_path, number):
+    """A round whose rows draw on both teacher texts (continuations and conversations), each one line long here."""
+    mix_files = {"teacher_mix": tmp_path / "mix.jsonl", "teacher_mix_chat": tmp_path / "chat.jsonl"}
+    for path in mix_files.values():
+        path.write_text('{"text": "a"}\n')
+    return round_args(bench, tmp_path, number=number, mix_files=mix_files)
+
+
 def test_round_10_runs_the_mix_and_the_reference_at_four_times_the_steps(tmp_path):
     bench = load_benchmark()
-    args = round_args(bench, tmp_path, number=10,
-                      mix_files={"teacher_mix": tmp_path / "mix.jsonl", "teacher_mix_chat": tmp_path / "chat.jsonl"})
-    for name in ("mix.jsonl", "chat.jsonl"):
-        (tmp_path / name).write_text('{"text": "a"}\n')
+    args = mix_round_args(bench, tmp_path, 10)
     assert "reference" in args.ablations and "reference" not in args.defaults  # named for the step-speed call only
     recipes = {name: bench.recipe_for(name, args) for name in args.defaults}
     sources = {name: [(Path(s.path).name, s.weight) for s in r.data.train] for name, r in recipes.items()}
@@ -144,10 +149,7 @@ def test_round_10_runs_the_mix_and_the_reference_at_four_times_the_steps(tmp_pat
 
 def test_round_11_pairs_the_mix_and_the_reference_on_a_fourth_seed(tmp_path):
     bench = load_benchmark()
-    args = round_args(bench, tmp_path, number=11,
-                      mix_files={"teacher_mix": tmp_path / "mix.jsonl", "teacher_mix_chat": tmp_path / "chat.jsonl"})
-    for name in ("mix.jsonl", "chat.jsonl"):
-        (tmp_path / name).write_text('{"text": "a"}\n')
+    args = mix_round_args(bench, tmp_path, 11)
     recipes = {name: bench.recipe_for(name, args) for name in args.defaults}
     assert sorted(recipes) == ["chat_and_wiki_teacher_text_seed_3", "reference_seed_3"]
     assert all(r.train.seed == 3 and r.train.steps == 300 for r in recipes.values())
