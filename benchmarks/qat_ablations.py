@@ -239,8 +239,8 @@ ROUND8_ABLATIONS: dict[str, dict] = {
 
 # Round 9: round 8's chat rows read +2 PIQA points over two seeds, ~1.5x the noise of the difference, at +5%
 # perplexity. A third seed of each, and the mix recipes/smollm2-gpu.yaml has trained on since round 11 (conversations
-# for half the teacher text, continuations of valid.txt lines for the other half) over three seeds. Same fresh-text seeds as
-# round 8, so its rows join these where both ran on one kind of GPU.
+# for half the teacher text, continuations of valid.txt lines for the other half) over three seeds. Same fresh-text
+# seeds as round 8, so its rows join these where both ran on one kind of GPU.
 CHAT_AND_WIKI = {"data": {"teacher_mix": 0.375, "teacher_mix_chat": 0.375}}
 ROUND9_ABLATIONS: dict[str, dict] = {
     "reference": ROUND4_TEACHER,  # round 8 ran it (seed 0); here it names the data that `--set` can reach
