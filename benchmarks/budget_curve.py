@@ -7,7 +7,8 @@ which no distilled student reaches. Here every point is the end of a run whose c
 course: ablation rows of 300 and 1,200 steps and the finished 10-minute runs. A budget's end point is what that
 budget buys, which is the question a larger budget asks.
 
-For each quantizer fit (TWN, absmean), by least squares in logs, with 95% intervals from the t distribution
+For each quantizer fit (TWN, absmean) with WikiText continuations as teacher text, and for TWN with half of that text
+the teacher's conversations (the recipe since ablation round 11), by least squares in logs, with 95% intervals from the t distribution
 (few points, so they are wide):
 
     ln(ppl / teacher) = A * T^-alpha        the student's limit taken to be its teacher
@@ -43,6 +44,7 @@ PPL_GOAL = 1.01  # a ratio to the teacher past the issue's 1.10, to show what th
 FLOORS = (1.0, 1.01, 1.02)  # limits of the student's perplexity, as ratios to the teacher's
 PREDICT_AT = (7.5e8, 7.5e9)  # ~10x and ~100x the tokens of 10 H200-minutes
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
+MIX = "twn + conversations"  # half the teacher text the teacher's own conversations (rounds 9-11, the recipe now)
 # (fit, label, source): a source is ("row", round json, row name) or ("run", lm-eval report, metrics.jsonl)
 END_POINTS = (
     ("twn", "round 5, 300 steps", ("row", "qat_round5.json", "twn_fit")),
@@ -61,6 +63,13 @@ END_POINTS = (
     ("absmean", "round 4, 1,200 steps", ("row", "qat_round4.json", "reference_4x_tracked")),
     ("absmean", "10 minutes", ("run", "eval_smollm2_h200_10min_compiled.json",
                                "smollm2_distill_h200_10min_compiled_metrics.jsonl")),
+    (MIX, "round 9, 300 steps", ("row", "qat_round9.json", "chat_and_wiki_teacher_text")),
+    (MIX, "round 9, 300 steps, seed 1", ("row", "qat_round9.json", "chat_and_wiki_teacher_text_seed_1")),
+    (MIX, "round 9, 300 steps, seed 2", ("row", "qat_round9.json", "chat_and_wiki_teacher_text_seed_2")),
+    (MIX, "round 11, 300 steps, seed 3", ("row", "qat_round11.json", "chat_and_wiki_teacher_text_seed_3")),
+    (MIX, "round 10, 1,200 steps", ("row", "qat_round10.json", "chat_and_wiki_teacher_text_4x_tracked")),
+    (MIX, "10 minutes (H100)", ("run", "eval_smollm2_h100_10min_chat.json",
+                                "smollm2_distill_h100_10min_chat_metrics.jsonl")),
 )
 
 
@@ -194,7 +203,7 @@ def plot(result: dict, path: Path) -> None:
     teacher, original = result["teacher_ppl"], result["original_acc"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     grid = np.geomspace(2e6, 1e11, 200)
-    for color, (name, points) in zip(("C0", "C1"), result["points"].items()):
+    for color, (name, points) in zip(("C0", "C1", "C2"), result["points"].items()):
         fit = result["fits"][name]
         tokens = [p["tokens"] for p in points]
         left.plot(tokens, [p["ppl"] / teacher for p in points], "o", color=color, label=name)
