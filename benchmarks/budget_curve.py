@@ -8,8 +8,8 @@ course: ablation rows of 300 and 1,200 steps and the finished 10-minute runs. A 
 budget buys, which is the question a larger budget asks.
 
 For each quantizer fit (TWN, absmean) with WikiText continuations as teacher text, and for TWN with half of that text
-the teacher's conversations (the recipe since ablation round 11), by least squares in logs, with 95% intervals from the t distribution
-(few points, so they are wide):
+the teacher's conversations (the recipe since ablation round 11), by least squares in logs, with 95% intervals from
+the t distribution (few points, so they are wide):
 
     ln(ppl / teacher) = A * T^-alpha        the student's limit taken to be its teacher
     original - acc    = B * T^-k            PIQA's gap to the original
@@ -203,7 +203,8 @@ def plot(result: dict, path: Path) -> None:
     teacher, original = result["teacher_ppl"], result["original_acc"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     grid = np.geomspace(2e6, 1e11, 200)
-    for color, (name, points) in zip(("C0", "C1", "C2"), result["points"].items()):
+    for index, (name, points) in enumerate(result["points"].items()):
+        color = f"C{index}"  # matplotlib's colour cycle: every series gets one, however many there are
         fit = result["fits"][name]
         tokens = [p["tokens"] for p in points]
         left.plot(tokens, [p["ppl"] / teacher for p in points], "o", color=color, label=name)
