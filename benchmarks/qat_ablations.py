@@ -269,6 +269,17 @@ ROUND11_ABLATIONS: dict[str, dict] = {
     "chat_and_wiki_teacher_text_seed_3": merge(CHAT_AND_WIKI, {"train": {"seed": 3}}),
 }
 
+# Round 12: a second seed of round 10's pair at four times the steps (19.7M tokens), since the mix's PIQA slope
+# against tokens rested on one row there; and a fifth seed of the pair at 4.9M tokens. Both feed seed_pool.py and
+# the mix's series in budget_curve.py. The 4x pair runs first, in the call that samples the teacher text.
+ROUND12_ABLATIONS: dict[str, dict] = {
+    "reference": ROUND4_TEACHER,  # not a row: the step-speed measurement's configuration, as in round 9
+    "chat_and_wiki_teacher_text_4x_seed_1": merge(CHAT_AND_WIKI, {"train": {"steps_factor": 4, "seed": 1}}),
+    "reference_4x_seed_1": merge(ROUND4_TEACHER, {"train": {"steps_factor": 4, "seed": 1}}),
+    "chat_and_wiki_teacher_text_seed_4": merge(CHAT_AND_WIKI, {"train": {"seed": 4}}),
+    "reference_seed_4": merge(ROUND4_TEACHER, {"train": {"seed": 4}}),
+}
+
 # What the benchmark changes in every row: budget, logging, no mid-run checkpoints.
 ROW_TRAIN = {"log_every": 5, "save_every": 0, "save_every_minutes": 0}
 
@@ -304,6 +315,7 @@ RECIPE_ROUNDS = {
     9: (ROUND9_ABLATIONS, rows_but_reference(ROUND9_ABLATIONS), "qat_round9"),
     10: (ROUND10_ABLATIONS, rows_but_reference(ROUND10_ABLATIONS), "qat_round10"),
     11: (ROUND11_ABLATIONS, rows_but_reference(ROUND11_ABLATIONS), "qat_round11"),
+    12: (ROUND12_ABLATIONS, rows_but_reference(ROUND12_ABLATIONS), "qat_round12"),
 }
 
 

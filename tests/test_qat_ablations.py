@@ -156,6 +156,15 @@ def test_round_11_pairs_the_mix_and_the_reference_on_a_fourth_seed(tmp_path):
     assert all(r.train.seed == 3 and r.train.steps == 300 for r in recipes.values())
 
 
+def test_round_12_repeats_the_four_times_pair_and_adds_a_fifth_seed(tmp_path):
+    bench = load_benchmark()
+    args = mix_round_args(bench, tmp_path, 12)
+    recipes = {name: bench.recipe_for(name, args) for name in args.defaults}
+    assert {name: (r.train.seed, r.train.steps) for name, r in recipes.items()} == {
+        "chat_and_wiki_teacher_text_4x_seed_1": (1, 1200), "reference_4x_seed_1": (1, 1200),
+        "chat_and_wiki_teacher_text_seed_4": (4, 300), "reference_seed_4": (4, 300)}
+
+
 def test_piqa_after_a_row_leaves_the_compiled_blocks_compiled(tiny_tokenizer):
     """Scoring PIQA at many batch shapes with the blocks compiled would spend dynamo's recompile limit and leave every
     later row in the process eager: the benchmark scores eager."""
