@@ -67,6 +67,7 @@ END_POINTS = (
     (MIX, "round 9, 300 steps, seed 1", ("row", "qat_round9.json", "chat_and_wiki_teacher_text_seed_1")),
     (MIX, "round 9, 300 steps, seed 2", ("row", "qat_round9.json", "chat_and_wiki_teacher_text_seed_2")),
     (MIX, "round 11, 300 steps, seed 3", ("row", "qat_round11.json", "chat_and_wiki_teacher_text_seed_3")),
+    (MIX, "round 12, 300 steps, seed 4", ("row", "qat_round12.json", "chat_and_wiki_teacher_text_seed_4")),
     (MIX, "round 10, 1,200 steps", ("row", "qat_round10.json", "chat_and_wiki_teacher_text_4x_tracked")),
     (MIX, "10 minutes (H100)", ("run", "eval_smollm2_h100_10min_chat.json",
                                 "smollm2_distill_h100_10min_chat_metrics.jsonl")),

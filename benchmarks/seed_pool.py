@@ -6,13 +6,13 @@ One PIQA score of a 300-step row moves ~1 point from one seed to the next, as mu
 measured; a change is only read as real once its mean over seeds differs from the reference's by more than that
 noise. Rows are grouped by name with a trailing ``_seed_<n>`` dropped (no suffix is seed 0, the recipe's) and a
 steps marker (``_4x``, ``_tracked``) dropped, and by steps; a group needs two seeds or more. Rows of several rounds
-pool only where the rounds ran on one kind of GPU with the same teacher-text seeds (rounds 8-11 did).
+pool only where the rounds ran on one kind of GPU with the same teacher-text seeds (rounds 8-12 did).
 
 Each configuration is also paired with the reference run of the same seed and steps, wherever both ran: the mean of
 those paired PIQA differences, with its standard error, uses every budget at once (round 10's rows at four times
 the steps pair with each other).
 
-    python benchmarks/seed_pool.py [benchmarks/results/qat_round8.json ... qat_round11.json] \
+    python benchmarks/seed_pool.py [benchmarks/results/qat_round8.json ... qat_round12.json] \
         [--reference reference] [--out benchmarks/results]
 
 Writes OUT/seed_pool.{json,md}. The noise of a difference of two means is the seeds' pooled standard deviation
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bitconvert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_ROUNDS = tuple(RESULTS / f"qat_round{number}.json" for number in (8, 9, 10, 11))
+DEFAULT_ROUNDS = tuple(RESULTS / f"qat_round{number}.json" for number in (8, 9, 10, 11, 12))
 SEED_SUFFIX = re.compile(r"_seed_(\d+)$")
 # the steps column says how long a row trained; these name markers only repeat it
 STEPS_MARKERS = re.compile(r"(_\d+x)?(_tracked)?$")

@@ -76,12 +76,12 @@ def test_a_row_twice_or_different_originals_are_errors():
 
 
 def test_the_committed_rounds_pool(tmp_path):
-    """The script as run from the command line on rounds 8-11, as docs/benchmarks.md quotes it."""
+    """The script as run from the command line on rounds 8-12, as docs/benchmarks.md quotes it."""
     subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], check=True, capture_output=True)
     result = json.loads((tmp_path / "seed_pool.json").read_text())
     assert [g["config"] for g in result["groups"]][0] == "reference"
     assert {g["config"]: len(g["seeds"]) for g in result["groups"]} == {
-        "reference": 4, "chat_and_wiki_teacher_text": 4, "chat_teacher_text": 3}
-    assert {p["config"]: len(p["pairs"]) for p in result["paired"]} == {"chat_and_wiki_teacher_text": 5,
+        "reference": 5, "chat_and_wiki_teacher_text": 5, "chat_teacher_text": 3}
+    assert {p["config"]: len(p["pairs"]) for p in result["paired"]} == {"chat_and_wiki_teacher_text": 6,
                                                                       "chat_teacher_text": 4}
     assert (tmp_path / "seed_pool.md").read_text().startswith("# Ablation rows pooled over seeds")
