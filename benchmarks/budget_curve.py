@@ -44,7 +44,7 @@ PPL_GOAL = 1.01  # a ratio to the teacher past the issue's 1.10, to show what th
 FLOORS = (1.0, 1.01, 1.02)  # limits of the student's perplexity, as ratios to the teacher's
 PREDICT_AT = (7.5e8, 7.5e9)  # ~10x and ~100x the tokens of 10 H200-minutes
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
-MIX = "twn + conversations"  # half the teacher text the teacher's own conversations (rounds 9-11, the recipe now)
+MIX = "twn + conversations"  # half the teacher text the teacher's own conversations (rounds 9-12, the recipe now)
 # (fit, label, source): a source is ("row", round json, row name) or ("run", lm-eval report, metrics.jsonl)
 END_POINTS = (
     ("twn", "round 5, 300 steps", ("row", "qat_round5.json", "twn_fit")),

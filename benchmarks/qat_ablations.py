@@ -39,6 +39,7 @@ continuations of valid.txt lines (the mix of recipes/smollm2-gpu.yaml since roun
 Round 10 (``--round 10``, report qat_round10): that mix and the reference at four times the steps, side by side in one
 call, the mix's PIQA scored along its run.
 Round 11 (``--round 11``, report qat_round11): a fourth seed of the mix beside the reference at 300 steps.
+Round 12 (``--round 12``, report qat_round12): a fifth seed of that pair, and a second seed of round 10's.
 ``--deadline`` (Unix seconds) skips the configurations that would not finish before it.
 
     python benchmarks/qat_ablations.py --model /root/m/smol-hf --data .data/wikitext-2 --round 2 \
