@@ -40,6 +40,8 @@ Round 10 (``--round 10``, report qat_round10): that mix and the reference at fou
 call, the mix's PIQA scored along its run.
 Round 11 (``--round 11``, report qat_round11): a fourth seed of the mix beside the reference at 300 steps.
 Round 12 (``--round 12``, report qat_round12): a fifth seed of that pair, and a second seed of round 10's.
+Round 13 (``--round 13``, report qat_round13): a trained step (``convert.ternary_fit: learned``, LSQ's gradient,
+started at TWN's step) against the recipe's fixed TWN step, same seed, same call.
 ``--deadline`` (Unix seconds) skips the configurations that would not finish before it.
 
     python benchmarks/qat_ablations.py --model /root/m/smol-hf --data .data/wikitext-2 --round 2 \
@@ -281,6 +283,19 @@ ROUND12_ABLATIONS: dict[str, dict] = {
     "reference_seed_4": merge(ROUND4_TEACHER, {"train": {"seed": 4}}),
 }
 
+# Round 13: a step the student learns. Every fit so far sets each block's step from its latent weights (absmean, TWN);
+# ParetoQ, the strongest published ternary QAT, trains it instead, by LSQ's gradient. ``ternary_fit: learned`` starts
+# at TWN's step (its least-squares step) and trains its log with the weights. Against the recipe as it is (the mix,
+# groups of 64) with the same seed in the same call; a second seed of the pair when the first reads a difference.
+LEARNED_STEP = {"convert": {"ternary_fit": "learned"}}
+ROUND13_ABLATIONS: dict[str, dict] = {
+    "reference": ROUND4_TEACHER,  # not a row: the step-speed measurement's configuration, as in round 9
+    "chat_and_wiki_teacher_text_same_call": CHAT_AND_WIKI,
+    "learned_step": merge(CHAT_AND_WIKI, LEARNED_STEP),
+    "chat_and_wiki_teacher_text_same_call_seed_1": merge(CHAT_AND_WIKI, {"train": {"seed": 1}}),
+    "learned_step_seed_1": merge(merge(CHAT_AND_WIKI, LEARNED_STEP), {"train": {"seed": 1}}),
+}
+
 # What the benchmark changes in every row: budget, logging, no mid-run checkpoints.
 ROW_TRAIN = {"log_every": 5, "save_every": 0, "save_every_minutes": 0}
 
@@ -317,6 +332,7 @@ RECIPE_ROUNDS = {
     10: (ROUND10_ABLATIONS, rows_but_reference(ROUND10_ABLATIONS), "qat_round10"),
     11: (ROUND11_ABLATIONS, rows_but_reference(ROUND11_ABLATIONS), "qat_round11"),
     12: (ROUND12_ABLATIONS, rows_but_reference(ROUND12_ABLATIONS), "qat_round12"),
+    13: (ROUND13_ABLATIONS, rows_but_reference(ROUND13_ABLATIONS), "qat_round13"),
 }
 
 

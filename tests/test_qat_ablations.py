@@ -165,6 +165,18 @@ def test_round_12_repeats_the_four_times_pair_and_adds_a_fifth_seed(tmp_path):
         "chat_and_wiki_teacher_text_seed_4": (4, 300), "reference_seed_4": (4, 300)}
 
 
+def test_round_13_pairs_a_learned_step_with_the_recipes_fixed_one(tmp_path):
+    bench = load_benchmark()
+    args = mix_round_args(bench, tmp_path, 13)
+    recipes = {name: bench.recipe_for(name, args) for name in args.defaults}
+    fits = {name: (r.convert.ternary_fit, r.train.seed, r.convert.weight_scale) for name, r in recipes.items()}
+    assert fits == {"chat_and_wiki_teacher_text_same_call": ("twn", 0, "group"), "learned_step": ("learned", 0, "group"),
+                    "chat_and_wiki_teacher_text_same_call_seed_1": ("twn", 1, "group"),
+                    "learned_step_seed_1": ("learned", 1, "group")}
+    sources = {tuple((Path(s.path).name, s.weight) for s in r.data.train) for r in recipes.values()}
+    assert sources == {(("valid.txt", 0.25), ("mix.jsonl", 0.375), ("chat.jsonl", 0.375))}
+
+
 def test_piqa_after_a_row_leaves_the_compiled_blocks_compiled(tiny_tokenizer):
     """Scoring PIQA at many batch shapes with the blocks compiled would spend dynamo's recompile limit and leave every
     later row in the process eager: the benchmark scores eager."""

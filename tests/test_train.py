@@ -24,7 +24,7 @@ from bitconvert.train.loop import (
 from bitconvert.utils.io import DiskFullError
 
 
-def make_run(tiny_tokenizer, corpus_file, **train_overrides):
+def make_run(tiny_tokenizer, corpus_file, fit="absmean", **train_overrides):
     from accelerate import Accelerator
 
     from bitconvert.convert import convert_to_bitnet
@@ -33,7 +33,7 @@ def make_run(tiny_tokenizer, corpus_file, **train_overrides):
 
     teacher = build_tiny_model("llama", len(tiny_tokenizer))
     student = build_tiny_model("llama", len(tiny_tokenizer))
-    convert_to_bitnet(student, QuantSpec(weight_scale="channel"))
+    convert_to_bitnet(student, QuantSpec(weight_scale="channel", ternary_fit=fit))
     data = build_training_data(DataConfig(train=[DataSource(path=str(corpus_file))], sequence_length=32,
                                           eval_fraction=0.1), tiny_tokenizer, seed=0, cache_dir=corpus_file.parent)
     cfg = TrainConfig(**{"mode": "distill", "steps": 6, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2,
@@ -298,14 +298,14 @@ def test_teacher_continues_prompts_from_a_file(tmp_path, tiny_tokenizer, corpus_
         GenerateSource(prompts=["a"], prompts_from=str(corpus_file))
 
 
-@pytest.mark.parametrize("mode", [True, "layers"])
-def test_compiled_student_trains_like_eager(tmp_path, tiny_tokenizer, corpus_file, mode):
+@pytest.mark.parametrize("mode, fit", [(True, "absmean"), ("layers", "absmean"), ("layers", "learned")])
+def test_compiled_student_trains_like_eager(tmp_path, tiny_tokenizer, corpus_file, mode, fit):
     """train.compile: torch.compile over BitLinear layers (straight-through quantizers, the quant
-    strength buffer), the whole student (true, as older recipes say: model) or each decoder block,
-    runs a training step and gives the eager loss."""
+    strength buffer, a learned step), the whole student (true, as older recipes say: model) or each decoder
+    block, runs a training step and gives the eager loss."""
     losses = {}
     for compiled in (False, mode):
-        student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file, steps=2, compile=compiled)
+        student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file, fit, steps=2, compile=compiled)
         result = train(student, teacher, data, cfg, tmp_path / str(compiled), accelerator=acc)
         losses[compiled] = [r["loss"] for r in result.metrics if "loss" in r]
         assert result.steps == 2

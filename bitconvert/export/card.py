@@ -29,6 +29,8 @@ def render_card(manifest: dict[str, Any], recipe_yaml: str | None = None, train_
     title, weights = VARIANT_TEXT.get(spec["variant"], VARIANT_TEXT["b1.58"])
     if spec.get("ternary_fit", "absmean") == "twn":
         weights = "weights in {-1, 0, +1} with TWN scales (0 below 0.7 of the mean magnitude)"
+    elif spec.get("ternary_fit") == "learned":
+        weights = "weights in {-1, 0, +1} with scales trained alongside the weights (started at TWN's)"
     bits = 2 if spec["variant"] == "b1.58" else 1
     lines = [
         "---", "library_name: transformers", "tags: [bitnet, ternary, quantized, bitconvert]", "---", "",

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from bitconvert.export.packed import ExportError
-from bitconvert.quant import QuantSpec, dequantize_weight, quantize_weight, unpack_ternary
+from bitconvert.quant import QuantSpec, dequantize_weight, unpack_ternary
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def ternary_weights(model: nn.Module) -> tuple[dict[str, Ternary], dict[str, nn.
         if isinstance(module, BitLinear):
             parts = {"weight": module.ternary}
         elif isinstance(module, BitExperts):
-            parts = {proj: (lambda m=module, p=proj: quantize_weight(getattr(m, p), m.spec))
+            parts = {proj: (lambda m=module, p=proj: m.ternary_of(p))
                      for proj in ("gate_up_proj", "down_proj")}
         elif isinstance(module, PackedExperts):
             parts = {proj: (lambda m=module, p=proj: (unpack_ternary(getattr(m, p)), getattr(m, f"{p}_scale")))

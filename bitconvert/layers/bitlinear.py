@@ -3,7 +3,8 @@
 ``BitLinear`` is an ``nn.Linear`` (same parameter names, so optimizers, FSDP, peft and state dicts
 see a plain linear) whose forward pass uses ternary weights and int8 activations through a
 straight-through estimator. ``BitExperts`` does the same for mixture-of-experts blocks that keep
-all experts in 3-D tensors (Mixtral, Qwen-MoE in transformers 5).
+all experts in 3-D tensors (Mixtral, Qwen-MoE in transformers 5). With ``ternary_fit: learned`` each
+quantized weight ``W`` gets one more parameter, ``W_log_step``: the log of its trained step per scale block.
 """
 
 from __future__ import annotations
@@ -12,7 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitconvert.quant import QuantSpec, fake_quantize_weight, int8_fake_quantize, quantize_weight
+from bitconvert.quant import (
+    QuantSpec,
+    fake_quantize_weight,
+    int8_fake_quantize,
+    learned_step_ste,
+    quantize_weight,
+    scale_shape,
+    ternary_codes_at,
+    ternary_inv_scale,
+)
 from bitconvert.quant.binary import onebit_activation_ste, onebit_init, onebit_weight_ste, sign_codes
 
 
@@ -27,11 +37,30 @@ def activation_ste(x: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
     return x + delta
 
 
-def weight_ste(weight: torch.Tensor, strength: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Fake quantization of a latent weight as ``spec`` says (b1.58 or bitnet1), straight-through gradient."""
+def weight_ste(weight: torch.Tensor, strength: torch.Tensor, spec: QuantSpec,
+               log_step: torch.Tensor | None = None) -> torch.Tensor:
+    """Fake quantization of a latent weight as ``spec`` says (b1.58 or bitnet1), straight-through gradient;
+    ``log_step`` is the trained step of ``ternary_fit: learned``, which gets a gradient too."""
+    if log_step is not None:
+        return learned_step_ste(weight, log_step, strength, spec.weight_scale, spec.group_size)
     with torch.no_grad():
         delta = strength.to(weight.dtype) * (fake_quantize_weight(weight, spec) - weight)
     return weight + delta
+
+
+LOG_STEP_SUFFIX = "_log_step"
+
+
+def initial_log_step(weight: torch.Tensor, spec: QuantSpec) -> nn.Parameter:
+    """The learned fit's starting point: the log of TWN's least-squares step, float32 whatever the weight's dtype."""
+    inv = ternary_inv_scale(weight.detach(), spec.weight_scale, spec.group_size, "twn")
+    return nn.Parameter(-inv.log())
+
+
+def codes_at_log_step(weight: torch.Tensor, log_step: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, inv_scale)`` of ``weight`` at a learned step: what the forward pass used, for export."""
+    inv = (-log_step.detach().float()).exp()
+    return ternary_codes_at(weight.detach(), inv, spec.weight_scale, spec.group_size), inv
 
 
 class RMSNorm(nn.Module):
@@ -77,6 +106,9 @@ class BitLinear(nn.Linear):
         if spec.variant == "onebit":  # OneBit's value vectors; from_linear initialises them by SVID
             self.input_scale = nn.Parameter(torch.ones(in_features, device=device, dtype=dtype))
             self.output_scale = nn.Parameter(torch.ones(out_features, device=device, dtype=dtype))
+        if spec.ternary_fit == "learned":  # from_linear starts it at TWN's step
+            shape = scale_shape((out_features, in_features), spec.weight_scale, spec.group_size)
+            self.weight_log_step = nn.Parameter(torch.zeros(shape, device=device, dtype=torch.float32))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec, use_rms_norm: bool = False) -> "BitLinear":
@@ -89,6 +121,8 @@ class BitLinear(nn.Linear):
         layer.strength = QuantStrength().to(linear.weight.device)
         if spec.variant == "onebit":
             layer.init_onebit()
+        if spec.ternary_fit == "learned":
+            layer.weight_log_step = initial_log_step(linear.weight, spec)
         if use_rms_norm:
             layer.rms_norm = RMSNorm(linear.in_features, spec.rms_norm_eps, device=linear.weight.device,
                                        dtype=linear.weight.dtype)
@@ -116,7 +150,7 @@ class BitLinear(nn.Linear):
         """The quantized weight the forward pass sees (blended during quantization warmup)."""
         if self.spec.variant == "onebit":
             return onebit_weight_ste(self.weight, self.input_scale, self.output_scale, self.strength.value)
-        return weight_ste(self.weight, self.strength.value, self.spec)
+        return weight_ste(self.weight, self.strength.value, self.spec, getattr(self, "weight_log_step", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms_norm is not None:
@@ -132,6 +166,8 @@ class BitLinear(nn.Linear):
         """``(codes, inv_scale)`` of the current latent weight, for export (variant b1.58 only)."""
         if self.spec.variant != "b1.58":
             raise ValueError(f"ternary() needs variant 'b1.58', this layer is {self.spec.variant!r}; use quantized_codes()")
+        if self.spec.ternary_fit == "learned":
+            return codes_at_log_step(self.weight, self.weight_log_step, self.spec)
         return quantize_weight(self.weight, self.spec)
 
     @torch.no_grad()
@@ -142,7 +178,7 @@ class BitLinear(nn.Linear):
         if self.spec.variant == "onebit":
             return sign_codes(self.weight), {"input_scale": self.input_scale.detach().float(),
                                              "output_scale": self.output_scale.detach().float()}
-        codes, inv = quantize_weight(self.weight, self.spec)
+        codes, inv = self.ternary() if self.spec.variant == "b1.58" else quantize_weight(self.weight, self.spec)
         return codes, {"weight_scale": inv}
 
     def extra_repr(self) -> str:
@@ -166,6 +202,9 @@ class BitExperts(nn.Module):
         self.down_proj = experts.down_proj
         self.act_fn = experts.act_fn
         self.strength = QuantStrength().to(self.gate_up_proj.device)
+        if spec.ternary_fit == "learned":
+            self.gate_up_proj_log_step = initial_log_step(self.gate_up_proj, spec)
+            self.down_proj_log_step = initial_log_step(self.down_proj, spec)
 
     @staticmethod
     def supports(module: nn.Module) -> bool:
@@ -174,15 +213,15 @@ class BitExperts(nn.Module):
         return (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.ndim == 3
                 and down.ndim == 3 and hasattr(module, "act_fn") and own == {"gate_up_proj", "down_proj"})
 
-    def _quantized(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight_ste(weight, self.strength.value, self.spec)
+    def _quantized(self, name: str) -> torch.Tensor:
+        return weight_ste(getattr(self, name), self.strength.value, self.spec, getattr(self, name + LOG_STEP_SUFFIX, None))
 
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         return activation_ste(x, self.strength.value)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        gate_up = self._quantized(self.gate_up_proj)
-        down = self._quantized(self.down_proj)
+        gate_up = self._quantized("gate_up_proj")
+        down = self._quantized("down_proj")
         output = torch.zeros_like(hidden_states)
         x = self._act(hidden_states)
         for expert in top_k_index.unique().tolist():
@@ -194,5 +233,11 @@ class BitExperts(nn.Module):
         return output
 
     @torch.no_grad()
+    def ternary_of(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, inv_scale)`` of ``gate_up_proj`` or ``down_proj``, for export."""
+        if self.spec.ternary_fit == "learned":
+            return codes_at_log_step(getattr(self, name), getattr(self, name + LOG_STEP_SUFFIX), self.spec)
+        return quantize_weight(getattr(self, name), self.spec)
+
     def ternary(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {name: quantize_weight(getattr(self, name), self.spec) for name in ("gate_up_proj", "down_proj")}
+        return {name: self.ternary_of(name) for name in ("gate_up_proj", "down_proj")}

@@ -23,8 +23,9 @@ class QuantSpec(BaseModel):
     ``weight_scale`` picks how many absmean scales a weight matrix gets: one (``tensor``, the
     BitNet b1.58 paper and transformers' layout), one per output row (``channel``) or one per
     ``group_size`` inputs of a row (``group``). ``ternary_fit`` picks how ``b1.58`` fits codes and
-    scale to each block: ``absmean`` (the paper's) or ``twn`` (zero below 0.7 mean|w|, least-squares
-    scale; the same codes-and-scale layout in every export format). ``subln`` adds an RMSNorm before the quantized
+    scale to each block: ``absmean`` (the paper's), ``twn`` (zero below 0.7 mean|w|, least-squares
+    scale) or ``learned`` (TWN's step to start with, then trained by LSQ's gradient as a parameter of the
+    layer); the same codes-and-scale layout in every export format. ``subln`` adds an RMSNorm before the quantized
     projections: ``all`` before every converted linear (transformers' ``use_rms_norm``), ``output``
     only before the attention output and MLP down projections (BitDistill's SubLN).
     """
@@ -37,10 +38,10 @@ class QuantSpec(BaseModel):
     weight_scale: Literal["tensor", "channel", "group"] = Field(
         default="tensor", description="one absmean scale per tensor, per output row, or per group of inputs")
     group_size: int = Field(default=128, gt=0, description="inputs per scale when weight_scale is group")
-    ternary_fit: Literal["absmean", "twn"] = Field(
+    ternary_fit: Literal["absmean", "twn", "learned"] = Field(
         default="absmean", description="b1.58 codes and scale per block: absmean = BitNet's (scale mean abs(w), "
                                        "round), twn = Ternary Weight Networks' (0 below 0.7 mean abs(w), scale the "
-                                       "mean abs of the rest)")
+                                       "mean abs of the rest), learned = twn's scale to start, then trained (LSQ)")
     activation_bits: Literal[8] = Field(default=8, description="per-token absmax activation bits")
     subln: Literal["none", "all", "output"] = Field(
         default="none", description="extra RMSNorm before quantized projections: all, or only o_proj/down_proj")

@@ -20,9 +20,16 @@ def _no_onebit(spec: QuantSpec) -> None:
                          "output_scale (see bitconvert.quant.binary's onebit_* functions)")
 
 
+def _fitted(spec: QuantSpec) -> None:
+    if spec.ternary_fit == "learned":
+        raise ValueError("ternary_fit 'learned' has no closed form: its step is a trained parameter of the layer; "
+                         "ask the layer (BitLinear.quantized_codes) or pass the step to ternary_codes_at")
+
+
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, inv_scale)``: int8 codes and the float32 inverse scale, shaped as ``scale_shape`` says."""
     _no_onebit(spec)
+    _fitted(spec)
     if spec.variant == "bitnet1":
         return binary_quantize(weight, spec.weight_scale, spec.group_size)
     return ternary_quantize(weight, spec.weight_scale, spec.group_size, spec.ternary_fit)
@@ -31,6 +38,7 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor
 def fake_quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``weight`` round-tripped through its codes; same dtype, no gradient trick."""
     _no_onebit(spec)
+    _fitted(spec)
     if spec.variant == "bitnet1":
         return binary_fake_quantize(weight, spec.weight_scale, spec.group_size)
     return ternary_fake_quantize(weight, spec.weight_scale, spec.group_size, spec.ternary_fit)

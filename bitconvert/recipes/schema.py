@@ -36,10 +36,11 @@ class ConvertConfig(QuantSpec):
                                        "fit (ablation round 7) and is what GGUF's TQ2_0 holds exactly when a row's "
                                        "inputs are a multiple of 256; tensor is what plain transformers loads")
     group_size: int = Field(default=64, gt=0, description="inputs per scale when weight_scale is group")
-    ternary_fit: Literal["absmean", "twn"] = Field(
+    ternary_fit: Literal["absmean", "twn", "learned"] = Field(
         default="twn", description="b1.58 codes and scale per block: twn = Ternary Weight Networks' (0 below 0.7 "
                                    "mean abs(w), scale the mean abs of the rest; the default, ablation rounds 5-7), "
-                                   "absmean = BitNet's (scale mean abs(w), round); other variants: absmean")
+                                   "absmean = BitNet's (scale mean abs(w), round), learned = twn's scale to start, "
+                                   "then trained with the weights (LSQ, as ParetoQ does); other variants: absmean")
 
     @model_validator(mode="before")
     @classmethod

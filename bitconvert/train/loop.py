@@ -24,6 +24,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from bitconvert.convert import name_matches, set_quant_strength
+from bitconvert.layers.bitlinear import LOG_STEP_SUFFIX
 from bitconvert.mod import calibrate_decisions, capacity_schedule, mod_config, set_mod_capacity
 from bitconvert.recipes.loading import RecipeError
 from bitconvert.recipes.schema import TrainConfig
@@ -361,9 +362,11 @@ def train(student, teacher, data: TrainingData, cfg: TrainConfig, run_dir: str |
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     freeze_parameters(student, cfg.freeze)
-    decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim < 2]
-    # group 0 decays, group 1 (norms, biases) never: the loop sets each group's weight decay by its index
+    trained = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.ndim >= 2 and not n.endswith(LOG_STEP_SUFFIX)]
+    no_decay = [p for n, p in trained if p.ndim < 2 or n.endswith(LOG_STEP_SUFFIX)]
+    # group 0 decays, group 1 (norms, biases, learned steps: decay would pull a log step to 0) never: the
+    # loop sets each group's weight decay by its index
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
