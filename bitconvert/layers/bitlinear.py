@@ -183,7 +183,7 @@ class BitLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, variant={self.spec.variant}, weight_scale={self.spec.weight_scale}, "
-                f"subln={self.rms_norm is not None}")
+                f"fit={self.spec.ternary_fit}, subln={self.rms_norm is not None}")
 
 
 class BitExperts(nn.Module):
