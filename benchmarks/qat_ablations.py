@@ -41,7 +41,8 @@ call, the mix's PIQA scored along its run.
 Round 11 (``--round 11``, report qat_round11): a fourth seed of the mix beside the reference at 300 steps.
 Round 12 (``--round 12``, report qat_round12): a fifth seed of that pair, and a second seed of round 10's.
 Round 13 (``--round 13``, report qat_round13): a trained step (``convert.ternary_fit: learned``, LSQ's gradient,
-started at TWN's step) against the recipe's fixed TWN step, same seed, same call.
+started at TWN's step) against the recipe's fixed TWN step, paired by seed on one machine (three seeds at 300 steps,
+one pair at 1,200).
 ``--deadline`` (Unix seconds) skips the configurations that would not finish before it.
 
     python benchmarks/qat_ablations.py --model /root/m/smol-hf --data .data/wikitext-2 --round 2 \
@@ -285,8 +286,9 @@ ROUND12_ABLATIONS: dict[str, dict] = {
 
 # Round 13: a step the student learns. Every fit so far sets each block's step from its latent weights (absmean, TWN);
 # ParetoQ, the strongest published ternary QAT, trains it instead, by LSQ's gradient. ``ternary_fit: learned`` starts
-# at TWN's step (its least-squares step) and trains its log with the weights. Against the recipe as it is (the mix,
-# groups of 64) with the same seed in the same call; a second seed of the pair when the first reads a difference.
+# at TWN's step (its least-squares step) and trains its log with the weights. Each row is paired with the recipe as it
+# is (the mix, groups of 64, TWN's fixed step) on the same seed and the same teacher text, all on one machine: three
+# seeds at 300 steps and one pair at four times the steps.
 LEARNED_STEP = {"convert": {"ternary_fit": "learned"}}
 ROUND13_ABLATIONS: dict[str, dict] = {
     "reference": ROUND4_TEACHER,  # not a row: the step-speed measurement's configuration, as in round 9
@@ -294,6 +296,10 @@ ROUND13_ABLATIONS: dict[str, dict] = {
     "learned_step": merge(CHAT_AND_WIKI, LEARNED_STEP),
     "chat_and_wiki_teacher_text_same_call_seed_1": merge(CHAT_AND_WIKI, {"train": {"seed": 1}}),
     "learned_step_seed_1": merge(merge(CHAT_AND_WIKI, LEARNED_STEP), {"train": {"seed": 1}}),
+    "chat_and_wiki_teacher_text_same_call_4x": merge(CHAT_AND_WIKI, {"train": {"steps_factor": 4}}),
+    "learned_step_4x": merge(merge(CHAT_AND_WIKI, LEARNED_STEP), {"train": {"steps_factor": 4}}),
+    "chat_and_wiki_teacher_text_same_call_seed_2": merge(CHAT_AND_WIKI, {"train": {"seed": 2}}),
+    "learned_step_seed_2": merge(merge(CHAT_AND_WIKI, LEARNED_STEP), {"train": {"seed": 2}}),
 }
 
 # What the benchmark changes in every row: budget, logging, no mid-run checkpoints.
