@@ -57,10 +57,14 @@ def initial_log_step(weight: torch.Tensor, spec: QuantSpec) -> nn.Parameter:
     return nn.Parameter(-inv.log())
 
 
-def codes_at_log_step(weight: torch.Tensor, log_step: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes, inv_scale)`` of ``weight`` at a learned step: what the forward pass used, for export."""
-    inv = (-log_step.detach().float()).exp()
-    return ternary_codes_at(weight.detach(), inv, spec.weight_scale, spec.group_size), inv
+@torch.no_grad()
+def weight_codes(weight: torch.Tensor, spec: QuantSpec, log_step: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, inv_scale)`` of a latent weight as the forward pass quantizes it (at ``log_step`` when learned),
+    for export."""
+    if log_step is None:
+        return quantize_weight(weight, spec)
+    inv = (-log_step.float()).exp()
+    return ternary_codes_at(weight, inv, spec.weight_scale, spec.group_size), inv
 
 
 class RMSNorm(nn.Module):
@@ -166,9 +170,7 @@ class BitLinear(nn.Linear):
         """``(codes, inv_scale)`` of the current latent weight, for export (variant b1.58 only)."""
         if self.spec.variant != "b1.58":
             raise ValueError(f"ternary() needs variant 'b1.58', this layer is {self.spec.variant!r}; use quantized_codes()")
-        if self.spec.ternary_fit == "learned":
-            return codes_at_log_step(self.weight, self.weight_log_step, self.spec)
-        return quantize_weight(self.weight, self.spec)
+        return weight_codes(self.weight, self.spec, getattr(self, "weight_log_step", None))
 
     @torch.no_grad()
     def quantized_codes(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -178,7 +180,7 @@ class BitLinear(nn.Linear):
         if self.spec.variant == "onebit":
             return sign_codes(self.weight), {"input_scale": self.input_scale.detach().float(),
                                              "output_scale": self.output_scale.detach().float()}
-        codes, inv = self.ternary() if self.spec.variant == "b1.58" else quantize_weight(self.weight, self.spec)
+        codes, inv = weight_codes(self.weight, self.spec, getattr(self, "weight_log_step", None))
         return codes, {"weight_scale": inv}
 
     def extra_repr(self) -> str:
@@ -232,12 +234,9 @@ class BitExperts(nn.Module):
             output.index_add_(0, token_idx, h.to(output.dtype))
         return output
 
-    @torch.no_grad()
     def ternary_of(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(codes, inv_scale)`` of ``gate_up_proj`` or ``down_proj``, for export."""
-        if self.spec.ternary_fit == "learned":
-            return codes_at_log_step(getattr(self, name), getattr(self, name + LOG_STEP_SUFFIX), self.spec)
-        return quantize_weight(getattr(self, name), self.spec)
+        return weight_codes(getattr(self, name), self.spec, getattr(self, name + LOG_STEP_SUFFIX, None))
 
     def ternary(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {name: self.ternary_of(name) for name in ("gate_up_proj", "down_proj")}
