@@ -289,17 +289,17 @@ ROUND12_ABLATIONS: dict[str, dict] = {
 # at TWN's step (its least-squares step) and trains its log with the weights. Each row is paired with the recipe as it
 # is (the mix, groups of 64, TWN's fixed step) on the same seed and the same teacher text, all on one machine: three
 # seeds at 300 steps and one pair at four times the steps.
-LEARNED_STEP = {"convert": {"ternary_fit": "learned"}}
+LEARNED_STEP = merge(CHAT_AND_WIKI, {"convert": {"ternary_fit": "learned"}})
 ROUND13_ABLATIONS: dict[str, dict] = {
     "reference": ROUND4_TEACHER,  # not a row: the step-speed measurement's configuration, as in round 9
     "chat_and_wiki_teacher_text_same_call": CHAT_AND_WIKI,
-    "learned_step": merge(CHAT_AND_WIKI, LEARNED_STEP),
+    "learned_step": LEARNED_STEP,
     "chat_and_wiki_teacher_text_same_call_seed_1": merge(CHAT_AND_WIKI, {"train": {"seed": 1}}),
-    "learned_step_seed_1": merge(merge(CHAT_AND_WIKI, LEARNED_STEP), {"train": {"seed": 1}}),
+    "learned_step_seed_1": merge(LEARNED_STEP, {"train": {"seed": 1}}),
     "chat_and_wiki_teacher_text_same_call_4x": merge(CHAT_AND_WIKI, {"train": {"steps_factor": 4}}),
-    "learned_step_4x": merge(merge(CHAT_AND_WIKI, LEARNED_STEP), {"train": {"steps_factor": 4}}),
+    "learned_step_4x": merge(LEARNED_STEP, {"train": {"steps_factor": 4}}),
     "chat_and_wiki_teacher_text_same_call_seed_2": merge(CHAT_AND_WIKI, {"train": {"seed": 2}}),
-    "learned_step_seed_2": merge(merge(CHAT_AND_WIKI, LEARNED_STEP), {"train": {"seed": 2}}),
+    "learned_step_seed_2": merge(LEARNED_STEP, {"train": {"seed": 2}}),
 }
 
 # What the benchmark changes in every row: budget, logging, no mid-run checkpoints.

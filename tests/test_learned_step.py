@@ -1,13 +1,11 @@
 """The learned fit (``ternary_fit: learned``): LSQ's gradient, TWN's start, and an export of the trained step."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader, quants
 
-from bitconvert.convert import convert_to_bitnet, quantized_modules
+from bitconvert.convert import convert_to_bitnet
 from bitconvert.export.card import render_card
 from bitconvert.export.gguf import export_gguf, ternary_weights
 from bitconvert.export.packed import export_ternary, load_ternary, read_manifest
@@ -148,39 +146,3 @@ def test_experts_train_and_export_their_steps(tmp_path, tiny_tokenizer):
     loaded, _ = load_ternary(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_training_moves_the_steps_without_weight_decay(tmp_path, tiny_tokenizer, corpus_file, monkeypatch):
-    from accelerate import Accelerator
-
-    from bitconvert.recipes.schema import DataConfig, DataSource, TrainConfig
-    from bitconvert.train import loop
-    from bitconvert.train.data import build_training_data
-
-    groups = []
-    real_adamw = torch.optim.AdamW
-
-    def recording_adamw(param_groups, **kwargs):
-        groups.extend(param_groups)
-        return real_adamw(param_groups, **kwargs)
-
-    monkeypatch.setattr(loop.torch.optim, "AdamW", recording_adamw)
-    teacher = build_tiny_model("llama", len(tiny_tokenizer))
-    student = build_tiny_model("llama", len(tiny_tokenizer))
-    convert_to_bitnet(student, LEARNED)
-    steps = {n: p.detach().clone() for n, p in student.named_parameters() if n.endswith("_log_step")}
-    assert len(steps) == len(quantized_modules(student))
-    data = build_training_data(DataConfig(train=[DataSource(path=str(corpus_file))], sequence_length=32,
-                                          eval_fraction=0.1), tiny_tokenizer, seed=0, cache_dir=corpus_file.parent)
-    cfg = TrainConfig(mode="distill", steps=4, batch_size=4, lr=3e-3, warmup_steps=1, quant_warmup_steps=1,
-                      log_every=1, save_every=0, mixed_precision="no", weight_decay=0.1)
-    loop.train(student, teacher, data, cfg, tmp_path, accelerator=Accelerator(cpu=True))
-
-    decayed = {id(p) for p in groups[0]["params"]}
-    named = dict(student.named_parameters())
-    assert not any(id(named[n]) in decayed for n in steps)
-    assert id(named["model.layers.0.mlp.down_proj.weight"]) in decayed
-    moved = [n for n, before in steps.items() if not torch.equal(named[n].detach(), before)]
-    assert len(moved) == len(steps)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)

@@ -298,6 +298,33 @@ def test_teacher_continues_prompts_from_a_file(tmp_path, tiny_tokenizer, corpus_
         GenerateSource(prompts=["a"], prompts_from=str(corpus_file))
 
 
+def test_learned_steps_train_without_weight_decay(tmp_path, tiny_tokenizer, corpus_file, monkeypatch):
+    """``ternary_fit: learned``: every log step moves, and none is in the optimizer's decayed group."""
+    from bitconvert.convert import quantized_modules
+
+    groups = []
+    real_adamw = torch.optim.AdamW
+
+    def recording_adamw(param_groups, **kwargs):
+        groups.extend(param_groups)
+        return real_adamw(param_groups, **kwargs)
+
+    monkeypatch.setattr(loop_module.torch.optim, "AdamW", recording_adamw)
+    student, teacher, data, cfg, acc = make_run(tiny_tokenizer, corpus_file, "learned", steps=4, weight_decay=0.1)
+    steps = {n: p.detach().clone() for n, p in student.named_parameters() if n.endswith("_log_step")}
+    assert len(steps) == len(quantized_modules(student))
+    train(student, teacher, data, cfg, tmp_path, accelerator=acc)
+
+    decayed = {id(p) for p in groups[0]["params"]}
+    named = dict(student.named_parameters())
+    assert not any(id(named[n]) in decayed for n in steps)
+    assert id(named["model.layers.0.mlp.down_proj.weight"]) in decayed
+    moved = [n for n, before in steps.items() if not torch.equal(named[n].detach(), before)]
+    assert len(moved) == len(steps)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
 @pytest.mark.parametrize("mode, fit", [(True, "absmean"), ("layers", "absmean"), ("layers", "learned")])
 def test_compiled_student_trains_like_eager(tmp_path, tiny_tokenizer, corpus_file, mode, fit):
     """train.compile: torch.compile over BitLinear layers (straight-through quantizers, the quant
