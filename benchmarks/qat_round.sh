@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6, an ablation round (ROUND=2, the default, up to 13), in one GPU call of at most BUDGET_SECONDS
+# Issue 6, an ablation round (ROUND=2, the default, up to 14), in one GPU call of at most BUDGET_SECONDS
 # (default 560) in all:
 #   1. the SmolLM2 GGUF becomes an HF folder (skipped when it is there already);
 #   2. benchmarks/qat_ablations.py --round $ROUND: the original's scores, teacher-sampling throughput

@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -165,18 +167,20 @@ def test_round_12_repeats_the_four_times_pair_and_adds_a_fifth_seed(tmp_path):
         "chat_and_wiki_teacher_text_seed_4": (4, 300), "reference_seed_4": (4, 300)}
 
 
-def test_round_13_pairs_a_learned_step_with_the_recipes_fixed_one(tmp_path):
+@pytest.mark.parametrize("number, pair_count, seeds, steps", [(13, 4, {0, 1, 2}, {300, 1200}), (14, 2, {1, 2}, {1200})])
+def test_rounds_13_and_14_pair_a_learned_step_with_the_recipes_fixed_one(tmp_path, number, pair_count, seeds, steps):
     bench = load_benchmark()
-    args = mix_round_args(bench, tmp_path, 13)
+    args = mix_round_args(bench, tmp_path, number)
     recipes = {name: bench.recipe_for(name, args) for name in args.defaults}
-    fits = {name: (r.convert.ternary_fit, r.train.seed, r.convert.weight_scale) for name, r in recipes.items()}
+    fits = {name: (r.convert.ternary_fit, r.train.seed, r.train.steps, r.convert.weight_scale)
+            for name, r in recipes.items()}
     pairs = {name: (fits[name], fits[name.replace("chat_and_wiki_teacher_text_same_call", "learned_step")])
              for name in fits if name.startswith("chat_and_wiki")}
-    assert len(pairs) == 4 and len(fits) == 8
+    assert len(pairs) == pair_count and len(fits) == 2 * pair_count
     for (fixed_fit, *fixed_rest), (learned_fit, *learned_rest) in pairs.values():
-        assert (fixed_fit, learned_fit) == ("twn", "learned") and fixed_rest == learned_rest  # same seed, same scales
-    assert {fits[name][1] for name in fits} == {0, 1, 2}
-    assert recipes["learned_step_4x"].train.steps == 1200 and recipes["learned_step"].train.steps == 300
+        # same seed, same steps, same scales
+        assert (fixed_fit, learned_fit) == ("twn", "learned") and fixed_rest == learned_rest
+    assert {fit[1] for fit in fits.values()} == seeds and {fit[2] for fit in fits.values()} == steps
     sources = {tuple((Path(s.path).name, s.weight) for s in r.data.train) for r in recipes.values()}
     assert sources == {(("valid.txt", 0.25), ("mix.jsonl", 0.375), ("chat.jsonl", 0.375))}
 
