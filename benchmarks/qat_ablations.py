@@ -43,7 +43,8 @@ Round 12 (``--round 12``, report qat_round12): a fifth seed of that pair, and a 
 Round 13 (``--round 13``, report qat_round13): a trained step (``convert.ternary_fit: learned``, LSQ's gradient,
 started at TWN's step) against the recipe's fixed TWN step, paired by seed on one machine (three seeds at 300 steps,
 one pair at 1,200).
-Round 14 (``--round 14``, report qat_round14): two more seeds of round 13's pair at 1,200 steps (19.7M tokens).
+Round 14 (``--round 14``, report qat_round14): two more seeds of round 13's pair at 1,200 steps (19.7M tokens), and a
+fourth at 300 steps.
 ``--deadline`` (Unix seconds) skips the configurations that would not finish before it.
 
     python benchmarks/qat_ablations.py --model /root/m/smol-hf --data .data/wikitext-2 --round 2 \
@@ -305,13 +306,16 @@ ROUND13_ABLATIONS: dict[str, dict] = {
 
 # Round 14: round 13's one pair at four times the steps, with two more seeds. A 10-minute run of the learned step would
 # settle the recipe, but it did not fit the device time left; three pairs at 19.7M tokens say whether the gain holds
-# beyond 4.9M tokens at all. Call 1 runs seed 1 (and samples the mix), call 2 seed 2 (REUSE_MIX=1).
+# beyond 4.9M tokens at all. Call 1 runs seed 1 (and samples the mix), call 2 seed 2 (REUSE_MIX=1). A fourth seed at 300
+# steps fits a call when the device time left does not allow a pair at 1,200.
 ROUND14_ABLATIONS: dict[str, dict] = {
     "reference": ROUND4_TEACHER,  # not a row: the step-speed measurement's configuration, as in round 9
     "chat_and_wiki_teacher_text_same_call_4x_seed_1": merge(CHAT_AND_WIKI, {"train": {"steps_factor": 4, "seed": 1}}),
     "learned_step_4x_seed_1": merge(LEARNED_STEP, {"train": {"steps_factor": 4, "seed": 1}}),
     "chat_and_wiki_teacher_text_same_call_4x_seed_2": merge(CHAT_AND_WIKI, {"train": {"steps_factor": 4, "seed": 2}}),
     "learned_step_4x_seed_2": merge(LEARNED_STEP, {"train": {"steps_factor": 4, "seed": 2}}),
+    "chat_and_wiki_teacher_text_same_call_seed_3": merge(CHAT_AND_WIKI, {"train": {"seed": 3}}),
+    "learned_step_seed_3": merge(LEARNED_STEP, {"train": {"seed": 3}}),
 }
 
 # What the benchmark changes in every row: budget, logging, no mid-run checkpoints.
