@@ -167,7 +167,8 @@ def test_round_12_repeats_the_four_times_pair_and_adds_a_fifth_seed(tmp_path):
         "chat_and_wiki_teacher_text_seed_4": (4, 300), "reference_seed_4": (4, 300)}
 
 
-@pytest.mark.parametrize("number, pair_count, seeds, steps", [(13, 4, {0, 1, 2}, {300, 1200}), (14, 3, {1, 2, 3}, {300, 1200})])
+@pytest.mark.parametrize("number, pair_count, seeds, steps",
+                         [(13, 4, {0, 1, 2}, {300, 1200}), (14, 3, {1, 2, 3}, {300, 1200})])
 def test_rounds_13_and_14_pair_a_learned_step_with_the_recipes_fixed_one(tmp_path, number, pair_count, seeds, steps):
     bench = load_benchmark()
     args = mix_round_args(bench, tmp_path, number)
