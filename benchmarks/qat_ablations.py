@@ -292,16 +292,21 @@ ROUND12_ABLATIONS: dict[str, dict] = {
 # is (the mix, groups of 64, TWN's fixed step) on the same seed and the same teacher text, all on one machine: three
 # seeds at 300 steps and one pair at four times the steps.
 LEARNED_STEP = merge(CHAT_AND_WIKI, {"convert": {"ternary_fit": "learned"}})
+
+
+def fixed_and_learned_step(suffix: str, train: dict | None = None) -> dict[str, dict]:
+    """One pair of rows that differ only in the fit: the recipe's fixed TWN step, then the learned one."""
+    change = {"train": train} if train else {}
+    return {f"chat_and_wiki_teacher_text_same_call{suffix}": merge(CHAT_AND_WIKI, change),
+            f"learned_step{suffix}": merge(LEARNED_STEP, change)}
+
+
 ROUND13_ABLATIONS: dict[str, dict] = {
     "reference": ROUND4_TEACHER,  # not a row: the step-speed measurement's configuration, as in round 9
-    "chat_and_wiki_teacher_text_same_call": CHAT_AND_WIKI,
-    "learned_step": LEARNED_STEP,
-    "chat_and_wiki_teacher_text_same_call_seed_1": merge(CHAT_AND_WIKI, {"train": {"seed": 1}}),
-    "learned_step_seed_1": merge(LEARNED_STEP, {"train": {"seed": 1}}),
-    "chat_and_wiki_teacher_text_same_call_4x": merge(CHAT_AND_WIKI, {"train": {"steps_factor": 4}}),
-    "learned_step_4x": merge(LEARNED_STEP, {"train": {"steps_factor": 4}}),
-    "chat_and_wiki_teacher_text_same_call_seed_2": merge(CHAT_AND_WIKI, {"train": {"seed": 2}}),
-    "learned_step_seed_2": merge(LEARNED_STEP, {"train": {"seed": 2}}),
+    **fixed_and_learned_step(""),
+    **fixed_and_learned_step("_seed_1", {"seed": 1}),
+    **fixed_and_learned_step("_4x", {"steps_factor": 4}),
+    **fixed_and_learned_step("_seed_2", {"seed": 2}),
 }
 
 # Round 14: round 13's one pair at four times the steps, with two more seeds. A 10-minute run of the learned step would
@@ -310,12 +315,9 @@ ROUND13_ABLATIONS: dict[str, dict] = {
 # steps fits a call when the device time left does not allow a pair at 1,200.
 ROUND14_ABLATIONS: dict[str, dict] = {
     "reference": ROUND4_TEACHER,  # not a row: the step-speed measurement's configuration, as in round 9
-    "chat_and_wiki_teacher_text_same_call_4x_seed_1": merge(CHAT_AND_WIKI, {"train": {"steps_factor": 4, "seed": 1}}),
-    "learned_step_4x_seed_1": merge(LEARNED_STEP, {"train": {"steps_factor": 4, "seed": 1}}),
-    "chat_and_wiki_teacher_text_same_call_4x_seed_2": merge(CHAT_AND_WIKI, {"train": {"steps_factor": 4, "seed": 2}}),
-    "learned_step_4x_seed_2": merge(LEARNED_STEP, {"train": {"steps_factor": 4, "seed": 2}}),
-    "chat_and_wiki_teacher_text_same_call_seed_3": merge(CHAT_AND_WIKI, {"train": {"seed": 3}}),
-    "learned_step_seed_3": merge(LEARNED_STEP, {"train": {"seed": 3}}),
+    **fixed_and_learned_step("_4x_seed_1", {"steps_factor": 4, "seed": 1}),
+    **fixed_and_learned_step("_4x_seed_2", {"steps_factor": 4, "seed": 2}),
+    **fixed_and_learned_step("_seed_3", {"seed": 3}),
 }
 
 # What the benchmark changes in every row: budget, logging, no mid-run checkpoints.

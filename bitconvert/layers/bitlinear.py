@@ -58,7 +58,8 @@ def initial_log_step(weight: torch.Tensor, spec: QuantSpec) -> nn.Parameter:
 
 
 @torch.no_grad()
-def weight_codes(weight: torch.Tensor, spec: QuantSpec, log_step: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_codes(weight: torch.Tensor, spec: QuantSpec,
+                 log_step: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, inv_scale)`` of a latent weight as the forward pass quantizes it (at ``log_step`` when learned),
     for export."""
     if log_step is None:
