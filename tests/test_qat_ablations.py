@@ -182,6 +182,7 @@ def test_rounds_13_and_14_pair_a_learned_step_with_the_recipes_fixed_one(tmp_pat
         # same seed, same steps, same scales
         assert (fixed_fit, learned_fit) == ("twn", "learned") and fixed_rest == learned_rest
     assert {fit[1] for fit in fits.values()} == seeds and {fit[2] for fit in fits.values()} == steps
+    assert all(fit[2] == (1200 if "_4x" in name else 300) for name, fit in fits.items())  # 4x rows: 4x steps
     sources = {tuple((Path(s.path).name, s.weight) for s in r.data.train) for r in recipes.values()}
     assert sources == {(("valid.txt", 0.25), ("mix.jsonl", 0.375), ("chat.jsonl", 0.375))}
 
